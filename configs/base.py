@@ -1,0 +1,277 @@
+"""Every run-config key, declared once, with the paper's 7B recipe as the default value.
+
+Mode files (sft.py, grpo.py, eval.py) start from `base_config()` and apply one variant with `apply_variant`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# Pixel limits in the reference are written as k * 784: one merged 2x2 block of 14-px patches (28 x 28 px).
+PIX = 28 * 28
+VARIANTS = ("tiny", "3b", "7b")
+# Hugging Face ids each 7B mode starts from (reference §1); informative, the run loads `model.checkpoint`.
+HF_IDS_7B = {
+    "sft": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "grpo": "TIGER-Lab/PixelReasoner-WarmStart",  # RL starts from its checkpoint-246 (§1)
+    "eval": "TIGER-Lab/PixelReasoner-RL-v1",
+}
+HF_ID_3B = "Qwen/Qwen2.5-VL-3B-Instruct"  # no 3B Pixel Reasoner release exists: every 3b mode starts here
+
+
+def _str():
+    """An optional string: None until set, and still overridable from the command line."""
+    return config_dict.placeholder(str)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with the 7B GRPO recipe (reference §3.1, §5, §8.2, §9, §10) as their values.
+
+    Section numbers in the comments refer to /work/shared/reference/pixel_reasoner.md; paper symbols
+    (G, alpha, H, beta, N, eps) are named where they exist.
+    """
+    c = ml_collections.ConfigDict()
+    c.mode = "grpo"  # "sft" | "grpo" | "eval"; set by the mode file
+    c.variant = "7b"  # "tiny" | "3b" | "7b"; set by the mode file
+    c.seed = 42  # parameter init (tiny), sampling and dropout-free RNG streams
+    c.workdir = _str()  # the --workdir flag wins over this
+
+    c.model = m = ml_collections.ConfigDict()
+    m.checkpoint = _str()  # local HF folder; unset + variant tiny = generate one under workdir/tiny_ckpt
+    m.hf_id = HF_IDS_7B["grpo"]
+    m.dtype = "bfloat16"  # compute dtype: "float32" | "bfloat16"
+    # Master weights stay float32 (DeepSpeed bf16 keeps fp32 masters, §8.2): an update of lr 1e-6 is far
+    # below bf16's relative precision (~4e-3) and would round to nothing on bf16 weights.
+    m.param_dtype = "float32"
+    m.remat = "full"  # "none" | "full" | "dots"; the original trains with gradient checkpointing (§8)
+    m.freeze_vision = False  # §8.2 does not freeze; SFT does (§8.1)
+    m.attention = "cudnn"  # "dense" (masked reference, CPU) | "cudnn" (jax.nn.dot_product_attention)
+    m.logprob_chunk = 1024  # tokens per chunk of the scanned log-prob/entropy pass (never B x T x V logits)
+
+    c.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = 1  # -1 = the rest of the devices (at most one axis)
+    mesh.fsdp = -1  # ZeRO-3-like parameter sharding (the original actor uses DeepSpeed ZeRO-3, §8.2)
+    mesh.tensor = 1
+    mesh.rollout_tensor = 1  # tensor parallelism of the in-process sampler (vLLM tp 1 in §8.2)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.sft_path = _str()  # PixelReasoner-SFT-Data JSON list / JSONL (§7.1)
+    d.rl_path = _str()  # PixelReasoner-RL-Data rows as JSONL (§7.2)
+    d.eval_path = _str()  # benchmark rows, same schema (§7.3)
+    d.data_root = _str()  # relative image/video paths resolve against this
+    d.seed = 49  # data order (`data_seed` 49 of sft.sh, §8.1)
+    d.synthetic = False  # generate a synthetic data folder under workdir/synthetic instead of the paths
+    d.num_sft = 64
+    d.num_rl = 64
+    d.num_eval = 32
+    d.image_size = 896  # synthetic canvas side in pixels
+    d.synthetic_seed = 0
+    d.sft_loss_mask = "final_turns"  # the original's positional rule (§8.1) | "per_turn" (record flags)
+    d.num_video_frames = 16  # frames per video query (§4.2, §6)
+    d.image_min_pixels = 4 * PIX  # originals in training rollouts (§5)
+    d.image_max_pixels = 2000 * PIX
+    d.eval_image_min_pixels = 256 * PIX  # originals in eval (§5, `eval_maxpixel` 8000, issue #32)
+    d.eval_image_max_pixels = 8000 * PIX
+    d.video_frame_max_pixels = 512 * PIX  # per frame, train and eval (§5)
+    d.sft_image_min_pixels = 3136  # SFT processor (§5): min 3136, max 5120*784
+    d.sft_image_max_pixels = 5120 * PIX
+    d.sft_video_frame_max_pixels = 420 * 360  # qwen_module resets video frames to 151,200 px (§7.1)
+    # Training sequences: rollouts stop above 12088 tokens (§3.1); SFT does not truncate (§8.1).
+    d.max_seq_len = 12288
+    d.seq_buckets = (2048, 4096, 8192, 12288)
+    d.patch_buckets = (4096, 8192, 16384, 32768, 65536)  # total patches per sample, padded up
+    d.num_workers = 8
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-6  # `${lr}e-7` with lr=10 (§8.2)
+    o.warmup_ratio = 0.03  # warmup ceil(3% of max_steps) (§8.2)
+    o.min_lr_ratio = 0.5  # cosine_with_min_lr, min_lr 0.5*lr (§8.2)
+    o.schedule = "cosine"  # "cosine" | "linear" | "constant" (after warmup)
+    o.weight_decay = 0.0
+    o.b1 = 0.9  # Adam betas (0.9, 0.95) (§8.2)
+    o.b2 = 0.95
+    o.eps = 1e-8  # DeepSpeed Adam default
+    o.grad_clip = 1.0  # global grad-norm clip; 0 = off
+
+    c.sft = s = ml_collections.ConfigDict()
+    # sft mode: -1 = epochs * ceil(records / batch_size); grpo mode: warm-start steps, 0 = none.
+    s.steps = 0
+    s.batch_size = 16  # per-device 1 x grad-accum 2 x 8 GPUs (§8.1)
+    s.micro_batches = 2  # gradient-accumulation steps
+    s.epochs = 5  # sft.sh (§8.1)
+    s.checkpoint_every = 0  # steps; 0 = once per epoch (HF save_strategy "epoch", §8.1)
+    s.keep_checkpoints = 5  # every epoch's checkpoint (HF Trainer keeps all 5)
+
+    c.rollout = r = ml_collections.ConfigDict()
+    r.backend = "jax"  # "jax" (in-process sampler) | "sglang" (external servers, the original's vLLM role)
+    r.sglang_urls = _str()  # comma-separated http://host:port of SGLang servers
+    r.launch_local_server = False  # start the in-repo SGLang-compatible server for this run
+    r.template = "vcot"  # user-turn template: "vcot" (tools) | "notool" (textual baseline) (§2.3)
+    r.temperature = 1.0  # first turn (§8.2)
+    r.temperature_after_tool = 0.9  # turns after a tool result (§8.2)
+    r.top_p = 0.95
+    r.top_k = 40  # -1 = off
+    r.max_new_tokens = 2048  # per turn (`--max_out_tokens`, §3.1)
+    r.prompt_max_len = 2048  # `--prompt_max_len` (§3.1)
+    r.max_total_tokens = 12088  # force stop when prompt + output > 12*1024 - 200 (§3.1)
+    r.max_tool_calls = 3  # a call requested after more than 3 calls stops the episode (<= 4 executed)
+    r.max_images = 16  # force stop above 16 images (`max_imgnum`, §3.1)
+    r.crop_min_pixels = 4 * PIX  # crops resized into [4, 1000]*784 (§4.1, §5)
+    r.crop_max_pixels = 1000 * PIX
+    r.select_min_pixels = 4 * PIX  # selected frames resized into [4, 400]*784 (§4.2, §5)
+    r.select_max_pixels = 400 * PIX
+    r.crop_padding = "capped"  # "capped" min(0.1, 600/side) (released) | "fixed" 0.1 (current code) (§4.1)
+    r.max_frames = 8  # frames per select_frames call (§4.2)
+    r.min_crop_side = 28  # a crop must be > 28 px per side (§4.1)
+    # What the model sees: the original's vLLM re-resize (MIN_PIXELS default, README MAX_PIXELS, §5). The
+    # trainer tokenizes with the same limits, so sampler and trainer agree (pitfall §12.8).
+    r.model_min_pixels = 256 * PIX
+    r.model_max_pixels = 4014080
+    r.request_timeout_s = 600.0
+    r.retries = 3
+    r.batch_size = 128  # episodes decoded together (memory-bound choice, not in the reference)
+    r.decode_bucket = 128  # decode lengths round up to a multiple (fewer compiled shapes)
+
+    c.grpo = g = ml_collections.ConfigDict()
+    g.steps = -1  # -1 = num_episodes * (prompts * G // train_batch_size) (§8.2 max_steps)
+    g.num_episodes = 3  # passes over the prompts (`nepoch=3`, §8.2)
+    g.group_size = 8  # G (`--n_samples_per_prompt`, §8.2)
+    g.prompts_per_rollout = 512  # `rbuffer` (§8.2) => 4096 samples, 16 optimizer steps per rollout
+    g.train_batch_size = 256  # samples per optimizer step (`bsz`, §8.2)
+    # Accumulation steps: the original's per-GPU micro batch is 4 samples (multi-node); on 8 devices that
+    # is 256 / (8 * 4) = 8 micro-batches.
+    g.micro_batches = 8
+    g.eps_low = 0.2  # eps_low / eps_high of the clipped ratio ("according to DAPO", §8.2)
+    g.eps_high = 0.35
+    g.kl_coef = 0.0  # no reference model, no KL (§8.2)
+    g.entropy_coef = 0.0
+    g.tis_cap = 0.0  # truncated importance weight against the sampler's log-probs; 0 = off
+    # The original divides by a constant 200 (bug §12.5); token-mean is what it meant.
+    g.loss_agg = "token-mean"
+    g.advantage = "mean"  # r - group mean, no std division (`group`, §8.2)
+    g.filter = "refill"  # `--filter True` (§9.3) | "ssr" | "none"
+    g.uniform_tol = 0.01  # a group is uniform if mean |r - mean r| < 0.01 (§9.3)
+    g.replay_capacity = 4096  # SSR deque maxlen = buffer size (512 prompts x 8, §9.3)
+    g.epochs_per_rollout = 1  # `max_epochs 1` (§8.2)
+    g.max_staleness = 0  # rollout batches a sample may lag the policy; 0 = synchronous (the original)
+
+    c.reward = rw = ml_collections.ConfigDict()
+    rw.form = "paper"  # "paper" | "code" (§9.2; code form means alpha 0.25)
+    rw.curiosity = True
+    rw.penalty = True
+    rw.alpha = 0.5  # alpha (§9.2)
+    rw.H = 0.3  # H: target RaPR
+    rw.beta = 0.05  # beta
+    rw.N = 1  # N: free visual operations
+    rw.require_boxed = True  # what the original meant (bug §12.2 made it False)
+    rw.zero_after_failed_call = True  # a correct answer right after a failed call scores 0 (§9.1)
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.benchmarks = "vstar,tallyqa,infovqa,mvbench"  # §10
+    e.every = 64  # optimizer steps between evals in grpo mode: every 4 rollouts x 16 steps (§8.2); 0 = off
+    e.greedy = True  # T 0, top_p 1, top_k -1 (§8.2 eval sampling)
+    e.temperature = 0.6  # `val_temperature`, only when greedy is False
+    e.num_samples = 1  # samples per query (pass@k needs greedy False)
+    e.max_new_tokens = 8192  # `generate_max_len` (§3.1)
+    e.prompt_max_len = 10000
+    e.batch_size = 64  # `eval_bsz` (§10)
+    e.crop_min_pixels = 256 * PIX  # eval crops [256, 5120]*784 (§5)
+    e.crop_max_pixels = 5120 * PIX
+    e.resize_selected = False  # selected frames are not resized in eval (§5)
+    e.model_min_pixels = 401408  # eval MIN_PIXELS / MAX_PIXELS (§5, §10)
+    e.model_max_pixels = 4014080
+
+    c.log = lg = ml_collections.ConfigDict()
+    lg.every = 1  # optimizer steps between metric lines
+    lg.plots_every = 50  # steps between PNG plot refreshes; 0 = only at the end
+    lg.tensorboard = True
+    lg.checkpoint_every = 16  # grpo: every rollout = 16 optimizer steps (§8.2)
+    lg.keep_checkpoints = 3
+    lg.progress = True
+    return c
+
+
+def parse_variant(arg: str | None) -> str:
+    """Returns the variant named by the text after the colon of `--config=configs/x.py:<arg>`."""
+    variant = (arg or "7b").strip().lower()
+    if variant not in VARIANTS:
+        raise ValueError(f"config variant {arg!r} is unknown; expected one of {VARIANTS}")
+    return variant
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
+    """Applies the mode-independent part of a variant in place (the mode files add their own parts)."""
+    c.variant = variant
+    if variant == "3b":
+        c.model.hf_id = HF_ID_3B
+    elif variant == "tiny":
+        _apply_tiny(c)
+
+
+def _apply_tiny(c: ml_collections.ConfigDict) -> None:
+    """CPU-sized run: generated tiny checkpoint, synthetic data, small images and short turns."""
+    c.seed = 0
+    c.model.hf_id = "tiny (generated)"
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"
+    c.model.attention = "dense"
+    c.model.logprob_chunk = 128
+    # data = -1 makes the same file run on one CPU device and on the 8 fake devices of the tests.
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rollout_tensor = 1
+
+    d = c.data
+    d.synthetic = True
+    d.num_sft = 32
+    d.num_rl = 32
+    d.num_eval = 8
+    d.image_size = 224
+    d.synthetic_seed = 0
+    d.num_video_frames = 16
+    # Small images keep the vision tower cheap: at most 16 * 784 px = 64 patches = 16 tokens per image.
+    d.image_min_pixels = 4 * PIX
+    d.image_max_pixels = 16 * PIX
+    d.eval_image_min_pixels = 4 * PIX
+    d.eval_image_max_pixels = 16 * PIX
+    d.video_frame_max_pixels = 4 * PIX
+    d.sft_image_min_pixels = 4 * PIX
+    d.sft_image_max_pixels = 16 * PIX
+    d.sft_video_frame_max_pixels = 4 * PIX
+    # The system prompt with the tool block is about 350 tokens; 1024 leaves room for a few turns.
+    d.max_seq_len = 1024
+    d.seq_buckets = (512, 1024)
+    d.patch_buckets = (256, 1024, 4096)
+    d.num_workers = 0
+
+    c.optim.lr = 1e-4
+    c.optim.warmup_ratio = 0.1
+
+    c.rollout.max_new_tokens = 24
+    c.rollout.prompt_max_len = 768
+    c.rollout.max_total_tokens = 1024
+    c.rollout.crop_min_pixels = 4 * PIX
+    c.rollout.crop_max_pixels = 16 * PIX
+    c.rollout.select_min_pixels = 4 * PIX
+    c.rollout.select_max_pixels = 8 * PIX
+    c.rollout.model_min_pixels = 4 * PIX
+    c.rollout.model_max_pixels = 16 * PIX
+    c.rollout.request_timeout_s = 120.0
+    c.rollout.batch_size = 16
+    c.rollout.decode_bucket = 8
+
+    e = c.eval
+    e.benchmarks = "synthetic"
+    e.every = 0
+    e.max_new_tokens = 24
+    e.prompt_max_len = 768
+    e.batch_size = 8
+    e.crop_min_pixels = 4 * PIX
+    e.crop_max_pixels = 16 * PIX
+    e.model_min_pixels = 4 * PIX
+    e.model_max_pixels = 16 * PIX
+
+    c.log.plots_every = 4
+    c.log.checkpoint_every = 4
+    c.log.keep_checkpoints = 2
