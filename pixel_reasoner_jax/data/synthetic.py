@@ -1,0 +1,452 @@
+"""Synthetic PixelReasoner data folders: the scenes of synthetic_tasks.py, template SFT trajectories that call
+the real tools, and rl/sft/eval JSONL in the published schemas; `generate()` and the CLI.
+
+Everything is a function of the seed: record i of a split draws from its own generator (seed, split, i).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from pixel_reasoner_jax.data.synthetic_tasks import Task, image_task, video_task
+from pixel_reasoner_jax.tools import ops
+from pixel_reasoner_jax.tools.prompts import system_prompt, user_text
+
+_SPLITS = {"sft": 1, "rl": 2, "eval": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """Knobs of the generator. Mixes are (kind, weight) pairs; kinds of SFT trajectories:
+
+    image: single (one crop on target), recrop1 / recrop2 (one / two off-target crops marked `loss: false`,
+    then the right one), zoom2 (a coarse crop, then a crop of the crop); video: select, reselect (a wrong
+    selection first); textual: no tool call, on an image whose target is large.
+    """
+
+    image_size: int = 448
+    video_size: int = 224
+    num_frames: int = 16
+    textual_fraction: float = 0.25
+    video_fraction: float = 0.2
+    image_mix: tuple[tuple[str, float], ...] = (
+        ("single", 0.3),
+        ("recrop1", 0.2),
+        ("recrop2", 0.2),
+        ("zoom2", 0.3),
+    )
+    video_mix: tuple[tuple[str, float], ...] = (("select", 0.9), ("reselect", 0.1))
+    choice_fraction: float = 0.3
+    ops_config: ops.OpsConfig = dataclasses.field(default_factory=ops.OpsConfig)
+
+    def __post_init__(self):
+        if self.image_size < 224 or self.video_size < 112:
+            raise ValueError(
+                f"image_size must be >= 224 and video_size >= 112, got {self.image_size}, {self.video_size}"
+            )
+        if self.video_size % 2:
+            raise ValueError(f"video_size must be even (yuv420p), got {self.video_size}")
+        if self.num_frames < 8:
+            raise ValueError(f"num_frames must be >= 8, got {self.num_frames}")
+        if not (
+            0 <= self.textual_fraction
+            and 0 <= self.video_fraction
+            and self.textual_fraction + self.video_fraction <= 1
+        ):
+            raise ValueError(
+                "textual_fraction + video_fraction must lie in [0, 1], got "
+                f"{self.textual_fraction}, {self.video_fraction}"
+            )
+
+    def kind_weights(self) -> dict[str, float]:
+        """Share of each SFT trajectory kind among all SFT records."""
+        image_share = 1.0 - self.textual_fraction - self.video_fraction
+        out = {"textual": self.textual_fraction}
+        for mix, share in ((self.image_mix, image_share), (self.video_mix, self.video_fraction)):
+            total = sum(w for _, w in mix)
+            out.update({k: share * w / total for k, w in mix})
+        return out
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _SPLITS[split], index])
+
+
+# --------------------------------------------------------------------------------------- trajectories
+
+
+def _norm_box(box, size) -> list[float]:
+    """Pixel box -> fractions rounded outward to 3 decimals (so it still covers the target), all < 1."""
+    w, h = size
+    x1, y1, x2, y2 = box
+    return [
+        float(np.floor(x1 / w * 1000) / 1000),
+        float(np.floor(y1 / h * 1000) / 1000),
+        min(0.999, float(np.ceil(x2 / w * 1000) / 1000)),
+        min(0.999, float(np.ceil(y2 / h * 1000) / 1000)),
+    ]
+
+
+def _call(name: str, arguments: dict) -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
+
+
+def _off_target(rng, target: list[float], pad: float, avoid: list[list[float]]) -> list[float]:
+    """A box of the target's size whose padded crop misses the target (and differs from `avoid`)."""
+    bw, bh = target[2] - target[0], target[3] - target[1]
+    for _ in range(500):
+        x, y = float(rng.uniform(0.03, 0.97 - bw)), float(rng.uniform(0.03, 0.97 - bh))
+        cand = [round(x, 3), round(y, 3), round(x + bw, 3), round(y + bh, 3)]
+        padded = (cand[0] - pad, cand[1] - pad, cand[2] + pad, cand[3] + pad)
+        misses = (
+            padded[2] < target[0] or padded[0] > target[2] or padded[3] < target[1] or padded[1] > target[3]
+        )
+        if misses and cand not in avoid:
+            return cand
+    raise RuntimeError(f"no off-target box found for target {target}; use a larger image_size")
+
+
+class _Writer:
+    """Writes media under the data root and returns paths relative to it (as the published data does)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def image(self, img: Image.Image, rel: str) -> str:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, compress_level=1)
+        return rel
+
+    def video(self, frames: list[Image.Image], qid: str) -> tuple[list[str], str]:
+        rels = [self.image(f, f"videos/{qid}/frame_{i + 1:02d}.png") for i, f in enumerate(frames)]
+        mp4 = f"videos/{qid}.mp4"
+        with av.open(str(self.root / mp4), "w") as container:
+            stream = container.add_stream("libx264", rate=2)
+            stream.width, stream.height = frames[0].size
+            stream.pix_fmt = "yuv420p"
+            # No lookahead/mb-tree: with them x264 output varied run to run on widths like 224 (seen with
+            # PyAV 18), which would break byte-identical data for a seed.
+            stream.options = {"crf": "10", "x264-params": "rc-lookahead=0:mbtree=0"}
+            stream.codec_context.thread_count = 1  # one thread: byte-identical files for a seed
+            for i, f in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(np.asarray(f), format="rgb24")
+                frame.pts = i  # explicit timestamps: unset ones leave the encoder to guess
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        return rels, mp4
+
+
+def _check(result: ops.ToolResult, qid: str) -> None:
+    if not result.ok:  # a template bug, not bad data: the generator controls every argument
+        raise RuntimeError(f"template tool call of {qid} failed: {result.error}")
+
+
+def _observe(messages, result: ops.ToolResult, rels: list[str]) -> None:
+    content = [{"type": "text", "text": result.text}]
+    content += [{"type": "image", "image": r} for r in rels]
+    messages.append({"role": "user", "content": content})
+
+
+def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer: _Writer, cfg: SynthConfig):
+    size = task.image.size
+    target = _norm_box(task.box, size)
+    state = ops.VisualState.for_images([task.image])
+    user = {
+        "role": "user",
+        "content": [{"type": "image", "image": img_rel}, {"type": "text", "text": user_text(task.question)}],
+    }
+    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt()}]}, user]
+    final = {
+        "role": "assistant",
+        "content": [
+            {
+                "type": "text",
+                "text": f"Looking at it, {task.explain}. The answer is \\boxed{{{task.answer}}}.",
+            }
+        ],
+    }
+    if kind == "textual":
+        return [*messages, final]
+    # The crop tool's padding plus a pixel of slack for its rounding of the box.
+    pad = (0.1 if cfg.ops_config.padding == "fixed" else min(0.1, 600 / min(size))) + 2 / min(size)
+    n_crops = 0
+
+    def crop(box, t, text, loss=True):
+        nonlocal state, n_crops
+        turn = {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "text",
+                    "text": text + "\n" + _call("crop_image", {"bbox_2d": box, "target_image": t}),
+                }
+            ],
+        }
+        if not loss:
+            turn["loss"] = False  # the erroneous operation of a self-correction trajectory
+        messages.append(turn)
+        result = ops.crop_image(state, box, t, cfg.ops_config)
+        _check(result, qid)
+        n_crops += 1
+        _observe(messages, result, [writer.image(result.new_images[0], f"crops/{qid}_{n_crops}.png")])
+        state = ops.apply_result(state, result)
+
+    ask = f"The {task.desc} is too small to make out in the full image, so I will zoom in on it."
+    if kind in ("recrop1", "recrop2"):
+        wrong = [_off_target(rng, target, pad, [])]
+        if kind == "recrop2":
+            wrong.append(_off_target(rng, target, pad, wrong))
+        crop(wrong[0], 1, ask, loss=False)
+        for box in wrong[1:]:
+            crop(
+                box,
+                1,
+                f"The cropped region does not show the {task.desc}. Let me try another area.",
+                loss=False,
+            )
+        cx, cy = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
+        again = (
+            "This crop misses it as well"
+            if kind == "recrop2"
+            else f"The cropped region does not show the {task.desc}"
+        )
+        crop(
+            target,
+            1,
+            f"{again}. Looking again, it is near ({cx:.2f}, {cy:.2f}) of the original image, "
+            "so I will crop there.",
+        )
+    elif kind == "zoom2":
+        # Wide enough that the crop of the crop (target + padding of this crop) stays above 28 px.
+        side = min(
+            0.9, max(0.3, 3 * (target[2] - target[0]), 3 * (target[3] - target[1]), 150 / min(size) - 0.2)
+        )
+        cx, cy = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
+        x0 = min(max(cx - side / 2, 0.01), 0.98 - side)
+        y0 = min(max(cy - side / 2, 0.01), 0.98 - side)
+        coarse = [round(v, 3) for v in (x0, y0, x0 + side, y0 + side)]
+        crop(coarse, 1, f"I first zoom in on the area around the {task.desc}.")
+        # The second box is the target in fractions of the first crop; resizing keeps fractions.
+        bx1, by1, bx2, by2 = ops.crop_box(tuple(coarse), size, padding=cfg.ops_config.padding)
+        inner = (task.box[0] - bx1, task.box[1] - by1, task.box[2] - bx1, task.box[3] - by1)
+        crop(
+            _norm_box(inner, (bx2 - bx1, by2 - by1)),
+            2,
+            f"The {task.desc} is in view but still small. I zoom in further on this crop.",
+        )
+    elif kind == "single":
+        crop(target, 1, ask)
+    else:
+        raise ValueError(f"unknown image trajectory kind {kind!r}")
+    final["content"][0]["text"] = f"Now it is clear: {task.explain}. The answer is \\boxed{{{task.answer}}}."
+    return [*messages, final]
+
+
+def _video_trajectory(
+    rng, task: Task, kind: str, qid: str, frame_rels: list[str], writer: _Writer, cfg: SynthConfig
+):
+    n = len(task.frames)
+    state = ops.VisualState.for_video(task.frames)
+    user = {
+        "role": "user",
+        "content": [
+            {"type": "video", "video": frame_rels},
+            {"type": "text", "text": user_text(task.question)},
+        ],
+    }
+    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt()}]}, user]
+    start, stop = task.window
+    right = list(range(max(1, start), min(n, stop + 1) + 1))  # 1-based window, one frame of margin each side
+
+    def select(frames, text, loss=True):
+        nonlocal state
+        turn = {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": text + "\n" + _call("select_frames", {"target_frames": frames})}
+            ],
+        }
+        if not loss:
+            turn["loss"] = False
+        messages.append(turn)
+        result = ops.select_frames(state, frames, cfg.ops_config)
+        _check(result, qid)
+        rels = []
+        for f, img in zip(frames, result.new_images):
+            same = img.size == task.frames[f - 1].size  # an unresized frame is the stored frame file
+            rels.append(
+                frame_rels[f - 1]
+                if same
+                else writer.image(img, f"selected/{qid}_{state.n_returned + len(rels) + 1}.png")
+            )
+        _observe(messages, result, rels)
+        state = ops.apply_result(state, result)
+
+    span = f"frames {right[0]} to {right[-1]}"
+    ask = f"The {task.desc.removeprefix('small ')} appears only briefly. Let me look closely at {span}."
+    if kind == "reselect":
+        k = min(len(right), 4)  # short enough that a disjoint run of frames always exists
+        starts = [s for s in range(1, n - k + 2) if s + k - 1 < right[0] or s > right[-1]]
+        s0 = int(rng.choice(starts))
+        select(
+            list(range(s0, s0 + k)),
+            "The target may appear only in a few frames. Let me look closely at some of them.",
+            loss=False,
+        )
+        ask = f"These frames do not show it. It should be around {span}; let me select those."
+    elif kind != "select":
+        raise ValueError(f"unknown video trajectory kind {kind!r}")
+    select(right, ask)
+    answer = f"In the selected frames {task.explain}. The answer is \\boxed{{{task.answer}}}."
+    return [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+def allocate_kinds(n: int, seed: int, cfg: SynthConfig) -> list[str]:
+    """Exactly the configured mix (largest remainder quotas), shuffled by the seed."""
+    weights = cfg.kind_weights()
+    quotas = {k: int(np.floor(n * w)) for k, w in weights.items()}
+    by_remainder = sorted(weights, key=lambda k: (-(n * weights[k] - quotas[k]), k))
+    for k in by_remainder[: n - sum(quotas.values())]:
+        quotas[k] += 1
+    kinds = [k for k in weights for _ in range(quotas[k])]
+    order = np.random.default_rng([seed, 0]).permutation(n)
+    return [kinds[i] for i in order]
+
+
+def _task_row(task: Task, qid: str, writer: _Writer) -> tuple[dict, list[str]]:
+    row = {
+        "qid": qid,
+        "question": task.question,
+        "answer": task.answer,
+        "task": task.task,
+        "target_box": list(task.box),
+        "target_color": task.color,
+    }
+    if task.frames is not None:
+        rels, mp4 = writer.video(task.frames, qid)
+        row.update(
+            image=rels,
+            is_video=True,
+            video_file=mp4,
+            target_frames=list(range(task.window[0] + 1, task.window[1] + 1)),
+        )
+    else:
+        rels = [writer.image(task.image, f"images/{qid}.png")]
+        row.update(image=rels, is_video=False)
+    return row, rels
+
+
+def _query_rows(split: str, n: int, seed: int, cfg: SynthConfig, writer: _Writer) -> list[dict]:
+    kinds = np.random.default_rng([seed, 10 + _SPLITS[split]]).random(n) < cfg.video_fraction
+    rows = []
+    for i in range(n):
+        rng = _rng(seed, split, i)
+        task = (
+            video_task(rng, cfg.video_size, cfg.num_frames, cfg.choice_fraction)
+            if kinds[i]
+            else image_task(rng, cfg.image_size, cfg.choice_fraction)
+        )
+        rows.append(_task_row(task, f"synth{'video' if kinds[i] else 'image'}-{split}-{i:06d}", writer)[0])
+    return rows
+
+
+def _sft_rows(n: int, seed: int, cfg: SynthConfig, writer: _Writer) -> list[dict]:
+    rows = []
+    for i, kind in enumerate(allocate_kinds(n, seed, cfg)):
+        rng = _rng(seed, "sft", i)
+        video = kind in dict(cfg.video_mix)
+        task = (
+            video_task(rng, cfg.video_size, cfg.num_frames, cfg.choice_fraction)
+            if video
+            else image_task(rng, cfg.image_size, cfg.choice_fraction, 3.0 if kind == "textual" else 1.0)
+        )
+        qid = f"synth{'video' if video else 'image'}-sft-{i:06d}"
+        row, rels = _task_row(task, qid, writer)
+        build = _video_trajectory if video else _image_trajectory
+        messages = build(rng, task, kind, qid, rels if video else rels[0], writer, cfg)
+        meta = {
+            k: row[k] for k in ("task", "answer", "target_box", "target_color", "target_frames") if k in row
+        }
+        rows.append({"qid": qid, "kind": kind, **meta, "message_list": messages})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def generate(
+    out_dir: str | os.PathLike,
+    *,
+    num_sft: int = 32,
+    num_rl: int = 32,
+    num_eval: int = 16,
+    image_size: int = 448,
+    seed: int = 0,
+    config: SynthConfig | None = None,
+) -> dict[str, Path]:
+    """Writes a synthetic data folder and returns {"root", "sft", "rl", "eval"} paths.
+
+    Layout: images/<qid>.png, videos/<qid>/frame_NN.png + videos/<qid>.mp4, crops/<qid>_<k>.png (tool
+    outputs of the SFT trajectories), selected/ (only for resized selected frames), and the three JSONL
+    files whose media paths are relative to `out_dir`.
+
+    Args:
+      out_dir: created if missing; files of a previous run with the same names are overwritten.
+      num_sft, num_rl, num_eval: record counts.
+      image_size: canvas width in pixels (overrides config.image_size).
+      seed: everything is a function of it.
+      config: other knobs; None = defaults.
+    """
+    if min(num_sft, num_rl, num_eval) < 0:
+        raise ValueError(f"record counts must be >= 0, got sft={num_sft} rl={num_rl} eval={num_eval}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (numpy seed sequences), got {seed}")
+    cfg = dataclasses.replace(config or SynthConfig(), image_size=image_size)
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    writer = _Writer(root)
+    paths = {"root": root, "sft": root / "sft.jsonl", "rl": root / "rl.jsonl", "eval": root / "eval.jsonl"}
+    _write_jsonl(paths["sft"], _sft_rows(num_sft, seed, cfg, writer))
+    _write_jsonl(paths["rl"], _query_rows("rl", num_rl, seed, cfg, writer))
+    _write_jsonl(paths["eval"], _query_rows("eval", num_eval, seed, cfg, writer))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-sft", type=int, default=32)
+    parser.add_argument("--num-rl", type=int, default=32)
+    parser.add_argument("--num-eval", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--video-size", type=int, default=224)
+    args = parser.parse_args(argv)
+    paths = generate(
+        args.out,
+        num_sft=args.num_sft,
+        num_rl=args.num_rl,
+        num_eval=args.num_eval,
+        image_size=args.image_size,
+        seed=args.seed,
+        config=SynthConfig(video_size=args.video_size),
+    )
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return paths
+
+
+if __name__ == "__main__":
+    main()
