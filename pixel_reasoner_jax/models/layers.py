@@ -1,0 +1,208 @@
+"""Shared building blocks: logically-annotated Linear / RMSNorm / Embed, rotary helpers, segment attention.
+
+Everything here is layout-agnostic about a leading stacked-layer axis: parameters are created with it
+(`num_layers=L`) and used without it inside `lax.scan`, where each step sees one layer's slice.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pixel_reasoner_jax.sharding import constrain
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "REMAT_POLICIES",
+    "Embed",
+    "Linear",
+    "RMSNorm",
+    "apply_rotary",
+    "attention",
+    "constrain",
+    "remat",
+    "rotate_half",
+]
+
+Names = tuple[str | None, ...]
+ATTENTION_IMPLS = ("dense", "cudnn", "xla")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def _normal(stddev: float) -> Callable:
+    def init(key, shape, dtype):
+        return (stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return init
+
+
+def _stack(shape: tuple[int, ...], names: Names, num_layers: int | None) -> tuple[tuple[int, ...], Names]:
+    if num_layers is None:
+        return shape, names
+    return (num_layers, *shape), ("layers", *names)
+
+
+class Linear(nnx.Module):
+    """y = x . W (+ b) contracting the trailing `in_shape` axes of x; kernel (in..., out...) as in Flax.
+
+    Attributes:
+      kernel: (L?, *in_shape, *out_shape), logical names `names` (prefixed by "layers" when stacked).
+      bias: (L?, *out_shape) when `bias_names` is given.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        *,
+        names: Names,
+        bias_names: Names | None = None,
+        num_layers: int | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        init_std: float = 0.02,
+        rngs: nnx.Rngs,
+    ):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        if len(names) != len(in_shape) + len(out_shape):
+            raise ValueError(f"Linear names {names} do not match kernel shape {in_shape + out_shape}")
+        self.n_in = len(in_shape)
+        self.dtype = dtype
+        shape, full_names = _stack(in_shape + out_shape, names, num_layers)
+        self.kernel = nnx.Param(_normal(init_std)(rngs.params(), shape, param_dtype), out_sharding=full_names)
+        if bias_names is not None:
+            shape, full_names = _stack(out_shape, bias_names, num_layers)
+            self.bias = nnx.Param(_normal(init_std)(rngs.params(), shape, param_dtype), out_sharding=full_names)
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.n_in)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, normalised in float32 and cast back before the scale (HF Qwen2RMSNorm order)."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float,
+        names: Names,
+        num_layers: int | None = None,
+        param_dtype=jnp.float32,
+    ):
+        self.eps = eps
+        shape, full_names = _stack((dim,), names, num_layers)
+        self.scale = nnx.Param(jnp.ones(shape, param_dtype), out_sharding=full_names)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table (V, D); `attend` gives tied-embedding logits in float32."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = nnx.Param(
+            _normal(0.02)(rngs.params(), (vocab, dim), param_dtype), out_sharding=("vocab", "embed")
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------- rotary
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin in the dtype of cos/sin; cos/sin broadcast over the head axis."""
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------- attention
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_segments: jax.Array,
+    kv_segments: jax.Array,
+    causal: bool,
+    impl: str = "dense",
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+) -> jax.Array:
+    """Softmax attention where query i sees key j iff their segment ids are equal (and j <= i if causal).
+
+    One code path for every mask in the model: block-diagonal vision windows / frames, text padding,
+    KV-cache validity. A query always sees at least itself under the conventions of the callers (padding
+    shares a segment with padding), so no row is fully masked.
+
+    Args:
+      q: (B, T, N, H); k, v: (B, S, K, H) with N a multiple of K (grouped-query attention, query head n
+        uses kv head n // (N // K), as HF `repeat_kv`).
+      q_segments: (B, T) int; kv_segments: (B, S) int.
+      causal: also mask keys whose position is after the query's.
+      impl: "dense" (masked softmax in float32, the CPU reference), "cudnn" or "xla"
+        (`jax.nn.dot_product_attention` with a boolean mask).
+      q_positions, kv_positions: (B, T) / (B, S) slot indices for the causal test; default arange.
+
+    Returns:
+      (B, T, N, H) in q's dtype.
+    """
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if n % kh:
+        raise ValueError(f"attention: {n} query heads is not a multiple of {kh} kv heads")
+    mask = q_segments[:, :, None] == kv_segments[:, None, :]  # (B, T, S)
+    if causal:
+        if q_positions is None:
+            q_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if kv_positions is None:
+            kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+        mask = mask & (kv_positions[:, None, :] <= q_positions[:, :, None])
+    scale = 1.0 / math.sqrt(h)
+    if impl == "dense":
+        g = n // kh
+        q_btkgh = q.reshape(b, t, kh, g, h)
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+        return out.reshape(b, t, n, h)
+    if impl in ("cudnn", "xla"):
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], scale=scale, implementation=impl
+        ).astype(q.dtype)
+    raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+# ------------------------------------------------------------------------------------------ remat
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """Wraps a scan body in jax.checkpoint by policy name: "none", "full" (save nothing), "dots"."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")

@@ -1,0 +1,216 @@
+"""The full Qwen2.5-VL (HF Qwen2_5_VLForConditionalGeneration): vision -> splice -> decoder -> logits.
+
+Also the chunked token log-probabilities and entropies used by every loss, which never materialise the
+(B, T, V) logits: sequence chunks run under `lax.scan` with a rematerialised body.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixel_reasoner_jax.models.config import ModelConfig
+from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, Linear, constrain
+from pixel_reasoner_jax.models.text import KVCache, Qwen2Decoder, init_cache
+from pixel_reasoner_jax.models.vision import Qwen25VisionTower, VisionInputs, prepare_vision
+
+__all__ = [
+    "KVCache",
+    "Qwen25VL",
+    "check_vision_tokens",
+    "VisionInputs",
+    "init_cache",
+    "prepare_vision",
+    "splice_vision",
+    "token_logprobs",
+]
+
+
+def splice_vision(
+    embeds: jax.Array, input_ids: jax.Array, merged: jax.Array, image_token_id: int, video_token_id: int
+) -> jax.Array:
+    """Image / video pad positions take the merged vision rows in flat (row-major over B, T) order.
+
+    A cumulative count over the pad mask gives each pad its row; no Python loop, any number of pads.
+    The caller guarantees the pad count equals the number of real merged rows (see `check_vision_tokens`).
+
+    Args:
+      embeds: (B, T, D); input_ids: (B, T); merged: (M, D) rows in placeholder order.
+    """
+    b, t, d = embeds.shape
+    is_pad = ((input_ids == image_token_id) | (input_ids == video_token_id)).reshape(-1)
+    row = jnp.clip(jnp.cumsum(is_pad) - 1, 0, merged.shape[0] - 1)
+    rows = jnp.take(merged.astype(embeds.dtype), row, axis=0)
+    return jnp.where(is_pad[:, None], rows, embeds.reshape(-1, d)).reshape(b, t, d)
+
+
+def check_vision_tokens(input_ids, vision_inputs: VisionInputs | None, cfg: ModelConfig) -> None:
+    """Host check that the image + video pad count equals the merged rows; raises ValueError otherwise."""
+    ids = np.asarray(input_ids)
+    n_pad = int(((ids == cfg.image_token_id) | (ids == cfg.video_token_id)).sum())
+    n_rows = 0 if vision_inputs is None else int(vision_inputs.num_merged)
+    if n_pad != n_rows:
+        raise ValueError(f"input_ids hold {n_pad} image/video pad tokens but the vision inputs give {n_rows} rows")
+
+
+class Qwen25VL(nnx.Module):
+    """Qwen2.5-VL: `visual` tower, `model` decoder, `lm_head` (absent when embeddings are tied).
+
+    Args:
+      cfg: architecture.
+      dtype: compute dtype (float32 | bfloat16); norms, softmax and logits stay float32.
+      param_dtype: parameter storage dtype.
+      remat: "none" | "full" | "dots" rematerialisation of each scanned layer.
+      attention: "dense" (CPU reference) | "cudnn" | "xla".
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: str = "none",
+        attention: str = "dense",
+        rngs: nnx.Rngs,
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+        if attention == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"cudnn attention needs a bfloat16 or float16 compute dtype, got {jnp.dtype(dtype)}")
+        self.cfg = cfg
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, rngs=rngs)
+        self.visual = Qwen25VisionTower(cfg.vision, cfg.text.hidden_size, **kw)
+        self.model = Qwen2Decoder(cfg.text, **kw)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(
+                (cfg.text.hidden_size,),
+                (cfg.text.vocab_size,),
+                names=("embed", "vocab"),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+
+    # ------------------------------------------------------------------------------ pieces
+
+    def encode_vision(self, pixel_values: jax.Array, vision_inputs: VisionInputs) -> jax.Array:
+        """Merged vision rows (Mb, D) in placeholder order (rows past `num_merged` are padding)."""
+        return self.visual(pixel_values, vision_inputs)
+
+    def embed(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        vision_inputs: VisionInputs | None = None,
+    ) -> jax.Array:
+        """Token embeddings (B, T, D) with the vision rows spliced into the pad positions."""
+        x = self.model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            if vision_inputs is None:
+                raise ValueError("embed: pixel_values given without vision_inputs")
+            merged = self.encode_vision(pixel_values, vision_inputs)
+            x = splice_vision(x, input_ids, merged, self.cfg.image_token_id, self.cfg.video_token_id)
+        return x
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        pixel_values: jax.Array | None = None,
+        vision_inputs: VisionInputs | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states (B, T, D) and the updated cache (None when `cache` is None).
+
+        Args:
+          input_ids: (B, T) ids (ignored when `inputs_embeds` is given).
+          positions: (3, B, T) M-RoPE positions from `processing.rope` (decode: p + rope_delta).
+          attention_mask: (B, T) 1 real / 0 padding.
+          pixel_values, vision_inputs: vision rows of every image / video in flat placeholder order.
+          cache, cache_index: see `Qwen2Decoder.__call__`.
+          inputs_embeds: precomputed `embed(...)` output (the sampler's separate splice jit).
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values, vision_inputs)
+        return self.model(inputs_embeds, positions, attention_mask, cache=cache, cache_index=cache_index)
+
+    def lm_kernel(self) -> jax.Array:
+        """(D, V) output projection (the embedding table transposed when tied)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """(B, T, V) float32 logits. Materialises the vocabulary axis: tests and decoding only."""
+        w = self.lm_kernel().astype(self.dtype)
+        return jnp.einsum("BTD,DV->BTV", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, positions, attention_mask, pixel_values=None, vision_inputs=None):
+        """Full-sequence logits (B, T, V) float32 (convenience for tests)."""
+        hidden, _ = self.hidden_states(input_ids, positions, attention_mask, pixel_values, vision_inputs)
+        return self.logits(hidden)
+
+
+def token_logprobs(
+    model: Qwen25VL,
+    hidden: jax.Array,
+    targets: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """log p(target) and the entropy of the tempered next-token distribution at every position.
+
+    Sequence chunks of `chunk` tokens are processed under `lax.scan` with a `jax.checkpoint` body, so the
+    live logits are (B, chunk, V) float32 in the forward pass and again in the backward pass (recomputed),
+    never (B, T, V).
+
+    Args:
+      model: the (merged) model whose output projection is used.
+      hidden: (B, T, D) final hidden states (position t predicts `targets[:, t]`).
+      targets: (B, T) int token ids (any value where masked; the caller masks).
+      temperature: logits are divided by it (the sampler's temperature).
+      chunk: tokens per chunk; T is padded up to a multiple.
+
+    Returns:
+      logprobs (B, T) float32, entropy (B, T) float32.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    b, t, d = hidden.shape
+    chunk = max(1, min(chunk, t))
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    w = model.lm_kernel().astype(model.dtype)
+    h = jnp.pad(hidden.astype(model.dtype), ((0, 0), (0, pad), (0, 0)))
+    y = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad)))
+    h = h.reshape(b, n, chunk, d).swapaxes(0, 1)
+    y = y.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(h_c, y_c):
+        logits = jnp.einsum("BTD,DV->BTV", h_c, w, preferred_element_type=jnp.float32) / temperature
+        logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        lp = jnp.take_along_axis(logp, y_c[..., None], axis=-1)[..., 0]
+        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        return lp, ent
+
+    def body(_, xs):
+        return None, one(*xs)
+
+    _, (lp, ent) = jax.lax.scan(body, None, (h, y))
+    lp = lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    ent = ent.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    return lp, ent
+

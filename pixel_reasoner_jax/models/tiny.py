@@ -1,0 +1,88 @@
+"""Writes a tiny random Qwen2.5-VL checkpoint folder in the Hugging Face layout (CPU tests, demos).
+
+Weights come from our own model (export_hf, the one name table); tokenizer and processor are the real ones.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from pixel_reasoner_jax.models.config import PRESETS, ModelConfig
+from pixel_reasoner_jax.models.hf_io import export_hf
+from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
+from pixel_reasoner_jax.processing.tokenizer import ADDED_TOKENS, write_tokenizer_files
+from pixel_reasoner_jax.processing.vision import write_processor_files
+from pixel_reasoner_jax.sharding import make_mesh, use_mesh
+
+# 56*56: the Hub value (4 visual tokens at least).
+TINY_MIN_PIXELS = 56 * 56
+# 448*448 = 256*784: at most 16x16 = 256 visual tokens per image, which keeps CPU rollouts with several
+# crops per episode in the seconds range, yet is large enough that crops really change the token count.
+TINY_MAX_PIXELS = 448 * 448
+
+GENERATION_CONFIG = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
+
+
+def write_tiny_assets(
+    out_dir: str | os.PathLike,
+    min_pixels: int = TINY_MIN_PIXELS,
+    max_pixels: int = TINY_MAX_PIXELS,
+) -> Path:
+    """Writes every non-weight file of a checkpoint folder: tokenizer files, chat template,
+    preprocessor_config.json and generation_config.json. Returns the folder."""
+    out = write_tokenizer_files(out_dir)
+    write_processor_files(out, min_pixels=min_pixels, max_pixels=max_pixels)
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    return out
+
+
+def write_tiny_checkpoint(
+    out_dir: str | os.PathLike, seed: int = 0, config: ModelConfig | None = None
+) -> Path:
+    """Writes a random-init checkpoint folder loadable by transformers and by `hf_io.load_model`.
+
+    Files: config.json, model.safetensors (Hub tensor names, float32), tokenizer.json,
+    tokenizer_config.json, vocab.json, merges.txt, chat_template.json, preprocessor_config.json,
+    generation_config.json. An existing folder at `out_dir` is replaced.
+
+    Args:
+      out_dir: destination folder.
+      seed: parameter initialisation seed (same seed, same weights).
+      config: architecture; defaults to PRESETS["tiny"].
+
+    Raises:
+      ValueError: the config's vocabulary does not cover the tokenizer's ids.
+    """
+    cfg = (config or PRESETS["tiny"]).validate()
+    max_id = max(tid for tid, _, _ in ADDED_TOKENS)
+    if cfg.text.vocab_size <= max_id:
+        raise ValueError(
+            f"config vocab_size {cfg.text.vocab_size} does not cover the tokenizer's ids (need > {max_id})"
+        )
+    with tempfile.TemporaryDirectory(prefix="tiny_assets_") as staging:
+        write_tiny_assets(staging)
+        # Parameters carry logical sharding names, so construction needs a mesh; the host build uses one
+        # device (export gathers to NumPy anyway).
+        with use_mesh(make_mesh(devices=jax.devices()[:1])):
+            model = Qwen25VL(cfg, rngs=nnx.Rngs(seed))
+        out = export_hf(model, cfg, out_dir, extra_files_from=staging)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="checkpoint folder to write (replaced if it exists)")
+    parser.add_argument("--seed", type=int, default=0, help="parameter initialisation seed")
+    args = parser.parse_args(argv)
+    path = write_tiny_checkpoint(args.out, seed=args.seed)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Qwen2.5-VL vision tower (HF Qwen2_5_VisionTransformerPretrainedModel) and its host-side input builder.
+
+`prepare_vision` turns grids into static-shape index arrays once on the host (window permutation, 2-D
+rotary ids, window / frame segments, padding to a patch bucket); the jitted tower only gathers and masks.
+Window blocks attend inside gathered (windows, 64) batches, so their cost is O(P * 64), not O(P^2).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixel_reasoner_jax.models.config import VisionConfig
+from pixel_reasoner_jax.models.layers import Linear, RMSNorm, apply_rotary, attention, constrain, remat
+
+__all__ = ["Qwen25VisionTower", "VisionInputs", "prepare_vision", "vision_rotary"]
+
+VISION_NORM_EPS = 1e-6  # hard-coded in HF for every vision norm, independent of the text rms_norm_eps
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionInputs:
+    """Static-shape index arrays for one vision-tower call (all NumPy on the host, jit arguments later).
+
+    Rows are "patch rows" of `pixel_values` (C = 1176 values each), P = real patches, Pb = bucket.
+    "Window order" is HF's window permutation; padding rows sit after the real ones.
+
+    Attributes:
+      perm: (Pb,) window-order row -> input row.
+      pos_hw: (Pb, 2) 2-D rotary (h, w) ids in window order (0 for padding).
+      full_segments: (Pb,) frame-slice id in window order (1-based; 0 = padding, its own segment).
+      window_gather: (W, Lw) window-order row gathered into each window slot (Lw = 64 patches).
+      window_segments: (W, Lw) 1 for a filled slot, 0 for an empty one.
+      window_scatter: (Pb,) flat slot (window * Lw + j) holding each window-order row.
+      merge_unpermute: (Mb,) merged row in placeholder order -> merged row in window order.
+      valid: (Pb,) True for real rows, in input-row order.
+      num_patches, num_merged: () real patch rows P and merged rows M = P / merge^2.
+    """
+
+    perm: np.ndarray
+    pos_hw: np.ndarray
+    full_segments: np.ndarray
+    window_gather: np.ndarray
+    window_segments: np.ndarray
+    window_scatter: np.ndarray
+    merge_unpermute: np.ndarray
+    valid: np.ndarray
+    num_patches: np.ndarray
+    num_merged: np.ndarray
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def prepare_vision(
+    grid_thw,
+    cfg: VisionConfig,
+    *,
+    patch_bucket: int | None = None,
+    window_bucket: int | None = None,
+) -> VisionInputs:
+    """Index arrays of one tower call over the vision items `grid_thw` (images and videos alike).
+
+    Args:
+      grid_thw: (I, 3) (t, h, w) patch grids, in the order their rows appear in `pixel_values` and their
+        placeholders in the (flattened) token sequence.
+      cfg: the vision config.
+      patch_bucket: pad the patch rows to this many (>= P, a multiple of merge^2); None = exactly P.
+      window_bucket: number of attention windows to pad to; None = the next power of two of the need.
+
+    Raises:
+      ValueError: malformed grids or buckets too small.
+    """
+    grids = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    m = cfg.spatial_merge_size
+    mu = m * m
+    vws = cfg.window_size // m // cfg.patch_size  # window side in merged units
+    lw_slots = vws * vws * mu
+    if (grids <= 0).any() or (grids[:, 1:] % m).any():
+        raise ValueError(f"grid_thw must be positive with h, w multiples of {m}, got {grids.tolist()}")
+    units, win_sizes, pos, segs = [], [], [], []
+    unit_off = 0
+    slice_id = 0
+    for gt, gh, gw in grids.tolist():
+        lh, lw = gh // m, gw // m
+        nwh, nww = -(-lh // vws), -(-lw // vws)
+        padded = np.full((gt, nwh * vws, nww * vws), -1, np.int64)
+        padded[:, :lh, :lw] = np.arange(gt * lh * lw).reshape(gt, lh, lw)
+        windows = padded.reshape(gt, nwh, vws, nww, vws).transpose(0, 1, 3, 2, 4).reshape(-1, vws * vws)
+        counts = (windows >= 0).sum(1)
+        flat = windows.reshape(-1)
+        units.append(flat[flat >= 0] + unit_off)
+        win_sizes.extend((counts[counts > 0] * mu).tolist())
+        # Rows arrive merge-block-major: blocks in raster order, the m x m patches of a block in raster.
+        hh, ww = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+        hh = hh.reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
+        ww = ww.reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
+        pos.append(np.tile(np.stack([hh, ww], -1), (gt, 1)))
+        segs.append(np.repeat(np.arange(slice_id + 1, slice_id + gt + 1), gh * gw))
+        slice_id += gt
+        unit_off += gt * lh * lw
+    unit_perm = np.concatenate(units) if units else np.zeros((0,), np.int64)
+    n_p = int(unit_perm.size * mu)
+    pb = n_p if patch_bucket is None else int(patch_bucket)
+    if pb < n_p or pb % mu:
+        raise ValueError(f"patch_bucket {patch_bucket} must be >= {n_p} patches and a multiple of {mu}")
+    perm = np.concatenate([(unit_perm[:, None] * mu + np.arange(mu)).reshape(-1), np.arange(n_p, pb)])
+    pos_all = np.concatenate(pos + [np.zeros((pb - n_p, 2), np.int64)])[perm]
+    seg_all = np.concatenate(segs + [np.zeros((pb - n_p,), np.int64)])[perm]
+    # Padding rows fill their own windows (never mixed with real rows).
+    pad_windows = -(-(pb - n_p) // lw_slots)
+    sizes = win_sizes + [lw_slots] * (pad_windows - 1) + ([pb - n_p - lw_slots * (pad_windows - 1)] if pad_windows else [])
+    need = max(1, len(sizes))
+    nw = _next_pow2(need) if window_bucket is None else int(window_bucket)
+    if nw < need:
+        raise ValueError(f"window_bucket {window_bucket} is smaller than the {need} windows needed")
+    gather = np.zeros((nw, lw_slots), np.int64)
+    wseg = np.zeros((nw, lw_slots), np.int64)
+    scatter = np.zeros((pb,), np.int64)
+    start = 0
+    for i, s in enumerate(sizes):
+        gather[i, :s] = start + np.arange(s)
+        wseg[i, :s] = 1
+        scatter[start : start + s] = i * lw_slots + np.arange(s)
+        start += s
+    mb = pb // mu
+    unpermute = np.concatenate([np.argsort(unit_perm, kind="stable"), np.arange(unit_perm.size, mb)])
+    valid = np.arange(pb) < n_p
+    i32 = lambda a: np.asarray(a, np.int32)
+    return VisionInputs(
+        perm=i32(perm),
+        pos_hw=i32(pos_all),
+        full_segments=i32(seg_all),
+        window_gather=i32(gather),
+        window_segments=i32(wseg),
+        window_scatter=i32(scatter),
+        merge_unpermute=i32(unpermute),
+        valid=valid,
+        num_patches=np.asarray(n_p, np.int32),
+        num_merged=np.asarray(n_p // mu, np.int32),
+    )
+
+
+def vision_rotary(pos_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin (P, head_dim) float32 of the axial 2-D rotary: [h freqs, w freqs] duplicated."""
+    quarter = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter))
+    angles = pos_hw.astype(jnp.float32)[:, :, None] * inv_freq  # (P, 2, head_dim / 4)
+    angles = angles.reshape(angles.shape[0], -1)  # [h..., w...]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _act(name: str):
+    if name != "silu":
+        raise ValueError(f"unsupported hidden_act {name!r}: Qwen2.5-VL uses 'silu'")
+    return jax.nn.silu
+
+
+class PatchEmbed(nnx.Module):
+    """HF Qwen2_5_VisionPatchEmbed: the stride = kernel Conv3d as one matmul over flattened patch rows."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.proj = Linear(
+            (cfg.patch_dim,),
+            (cfg.hidden_size,),
+            names=("vit_patch", "vit_embed"),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+
+class VisionAttention(nnx.Module):
+    """HF Qwen2_5_VLVisionAttention (stacked over blocks): fused qkv, 2-D rotary, block-diagonal softmax."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, n = cfg.hidden_size, cfg.depth
+        kw = dict(num_layers=n, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = Linear((e,), (3 * e,), names=("vit_embed", "vit_qkv"), bias_names=("vit_qkv",), **kw)
+        self.proj = Linear((e,), (e,), names=("vit_heads_out", "vit_embed"), bias_names=("vit_embed",), **kw)
+        self.num_heads = cfg.num_heads
+
+
+class VisionMLP(nnx.Module):
+    """HF Qwen2_5_VLMLP with bias: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(num_layers=cfg.depth, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear((e,), (f,), names=("vit_embed", "vit_mlp"), bias_names=("vit_mlp",), **kw)
+        self.up_proj = Linear((e,), (f,), names=("vit_embed", "vit_mlp"), bias_names=("vit_mlp",), **kw)
+        self.down_proj = Linear((f,), (e,), names=("vit_mlp", "vit_embed"), bias_names=("vit_embed",), **kw)
+        self.act = _act(cfg.hidden_act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlocks(nnx.Module):
+    """All HF Qwen2_5_VLVisionBlock layers, parameters stacked on a leading `layers` axis."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e = cfg.hidden_size
+        kw = dict(eps=VISION_NORM_EPS, names=("vit_embed",), num_layers=cfg.depth, param_dtype=param_dtype)
+        self.norm1 = RMSNorm(e, **kw)
+        self.norm2 = RMSNorm(e, **kw)
+        self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def layer(self, x, cos, sin, vi: VisionInputs, is_full, impl: str):
+        """One block (called on a single layer's slice inside the scan)."""
+        pb, e = x.shape
+        n = self.attn.num_heads
+        qkv = self.attn.qkv(self.norm1(x)).reshape(pb, 3, n, e // n)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        # HF applies the vision rotary in float32 and casts back.
+        q = apply_rotary(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+
+        def full(q, k, v):
+            seg = vi.full_segments[None]
+            return attention(q[None], k[None], v[None], q_segments=seg, kv_segments=seg, causal=False, impl=impl)[0]
+
+        def windowed(q, k, v):
+            g = vi.window_gather
+            seg = vi.window_segments
+            out = attention(q[g], k[g], v[g], q_segments=seg, kv_segments=seg, causal=False, impl=impl)
+            return out.reshape(-1, *out.shape[2:])[vi.window_scatter]
+
+        out = jax.lax.cond(is_full, full, windowed, q, k, v)
+        x = x + self.attn.proj(out.reshape(pb, e))
+        x = x + self.mlp(self.norm2(x))
+        return constrain(x, ("act_patches", "act_embed"))
+
+
+class PatchMerger(nnx.Module):
+    """HF Qwen2_5_VLPatchMerger: RMSNorm per patch, 2x2 patches concatenated, Linear-GELU-Linear."""
+
+    def __init__(self, cfg: VisionConfig, out_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e4 = cfg.hidden_size * cfg.merge_unit
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln_q = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS, names=("vit_embed",), param_dtype=param_dtype)
+        self.mlp_0 = Linear(
+            (e4,), (e4,), names=("vit_merge", "vit_merge_out"), bias_names=("vit_merge_out",), **kw
+        )
+        self.mlp_2 = Linear((e4,), (out_dim,), names=("vit_merge_out", "embed"), bias_names=("embed",), **kw)
+        self.unit = cfg.merge_unit
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x).reshape(x.shape[0] // self.unit, -1)
+        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+
+
+class Qwen25VisionTower(nnx.Module):
+    """HF Qwen2_5_VisionTransformerPretrainedModel: pixel patch rows -> one row per LLM visual token."""
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        out_dim: int,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: str = "none",
+        attention: str = "dense",
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        self.remat = remat
+        self.attention = attention
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(cfg, **kw)
+        self.blocks = VisionBlocks(cfg, **kw)
+        self.merger = PatchMerger(cfg, out_dim, **kw)
+        self.full_flags = tuple(i in cfg.fullatt_block_indexes for i in range(cfg.depth))
+
+    def __call__(self, pixel_values: jax.Array, vi: VisionInputs) -> jax.Array:
+        """Merged rows (Mb, out_dim) in placeholder order; rows past `vi.num_merged` are padding.
+
+        Args:
+          pixel_values: (Pb, C) patch rows (padding rows arbitrary, e.g. zeros).
+          vi: `prepare_vision` output for the same grids and bucket.
+        """
+        cfg = self.cfg
+        x = self.patch_embed.proj(pixel_values[vi.perm])
+        x = constrain(x, ("act_patches", "act_embed"))
+        cos, sin = vision_rotary(vi.pos_hw, cfg.head_dim, cfg.rope_theta)
+        graphdef, state = nnx.split(self.blocks)
+        impl = self.attention
+
+        def body(x, xs):
+            layer_state, is_full = xs
+            return nnx.merge(graphdef, layer_state).layer(x, cos, sin, vi, is_full, impl), None
+
+        flags = jnp.asarray(self.full_flags)
+        x, _ = jax.lax.scan(remat(body, self.remat), x, (state, flags))
+        merged = self.merger(x)
+        return merged[vi.merge_unpermute]

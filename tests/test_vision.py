@@ -1,0 +1,139 @@
+"""Vision tower: host index arrays vs transformers' helpers, tower output vs HF, buckets, kernels, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from test_model_parity import CFG, build_hf_reference
+from transformers import vision_utils
+
+from pixel_reasoner_jax.models import hf_io
+from pixel_reasoner_jax.models.vision import prepare_vision, vision_rotary
+
+VC = CFG.vision
+GRID_SETS = {
+    "one_image": [(1, 4, 6)],
+    "partial_windows": [(1, 10, 14), (1, 4, 8), (1, 12, 6)],
+    "exact_windows": [(1, 16, 8)],  # llm 8x4: divisible, HF pads a whole empty window row (dropped)
+    "video_and_image": [(3, 6, 10), (1, 10, 14)],
+}
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("hf_vision")
+    hf = build_hf_reference(ckpt, seed=1)
+    with nnx.use_eager_sharding(False):
+        dense = hf_io.load_model(ckpt)
+        xla = hf_io.load_model(ckpt, attention="xla")
+
+    def jitted(model):
+        graphdef, params = nnx.split(model.visual)
+        fn = jax.jit(lambda p, x, vi: nnx.merge(graphdef, p)(x, vi))
+        return lambda x, vi: np.asarray(fn(params, x, vi))
+
+    return hf, jitted(dense), jitted(xla)
+
+
+@pytest.mark.parametrize("name", list(GRID_SETS))
+def test_index_arrays_match_transformers(name):
+    grid = torch.tensor(GRID_SETS[name])
+    vi = prepare_vision(grid.numpy(), VC)
+    window_index, cu_window = vision_utils.get_vision_window_index(
+        grid, spatial_merge_size=2, window_size=VC.window_size, patch_size=VC.patch_size
+    )
+    # Patch-level permutation keeps the 4 patches of each merge unit together, in HF's window order.
+    perm = vi.perm.reshape(-1, 4)
+    np.testing.assert_array_equal(perm, perm[:, :1] + np.arange(4))
+    np.testing.assert_array_equal(perm[:, 0] // 4, window_index.numpy())
+    sizes = vi.window_segments.sum(1)
+    np.testing.assert_array_equal(np.concatenate([[0], np.cumsum(sizes[sizes > 0])]), cu_window.numpy())
+    # Window slots gather consecutive window-order rows and scatter back to the same rows.
+    flat_gather = vi.window_gather.reshape(-1)
+    np.testing.assert_array_equal(flat_gather[vi.window_scatter], np.arange(vi.perm.size))
+    pos = vision_utils.get_vision_position_ids(grid, 2).numpy()
+    np.testing.assert_array_equal(vi.pos_hw, pos[vi.perm])
+    cu = vision_utils.get_vision_cu_seqlens(grid).numpy()
+    seg = vi.full_segments
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(seg)) + 1, [seg.size]])
+    np.testing.assert_array_equal(bounds, cu)
+    np.testing.assert_array_equal(np.argsort(window_index.numpy()), vi.merge_unpermute)
+    assert vi.window_gather.shape[1] == 64  # (112 / 14)^2 patches per window: O(P * 64) attention
+
+
+def test_rotary_matches_transformers():
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
+
+    hf_cfg = build_hf_config().vision_config
+    emb = Qwen2_5_VLVisionRotaryEmbedding(hf_cfg)
+    pos = torch.tensor(np.random.default_rng(0).integers(0, 200, (37, 2)))
+    cos_ref, sin_ref = emb(torch.zeros(1), pos)
+    cos, sin = vision_rotary(jnp.asarray(pos.numpy()), VC.head_dim, VC.rope_theta)
+    np.testing.assert_allclose(np.asarray(cos), cos_ref.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(sin), sin_ref.numpy(), atol=1e-5, rtol=0)
+
+
+def build_hf_config():
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig.from_dict(CFG.to_hf_dict())
+
+
+@pytest.mark.parametrize("name", list(GRID_SETS))
+def test_tower_matches_transformers(tower, name):
+    hf, run, _ = tower
+    grid = np.array(GRID_SETS[name])
+    p = int(grid.prod(-1).sum())
+    pix = np.random.default_rng(0).standard_normal((p, VC.patch_dim)).astype(np.float32)
+    with torch.no_grad():
+        want = hf.model.visual(torch.tensor(pix), grid_thw=torch.tensor(grid)).pooler_output.numpy()
+    vi = prepare_vision(grid, VC, patch_bucket=512, window_bucket=16)
+    padded = np.zeros((512, VC.patch_dim), np.float32)
+    padded[:p] = pix
+    got = run(jnp.asarray(padded), vi)
+    assert got.shape == (128, CFG.text.hidden_size)
+    np.testing.assert_allclose(got[: p // 4], want, atol=1e-5, rtol=0)
+
+
+def test_bucket_padding_does_not_change_rows(tower):
+    _, run, _ = tower
+    grid = np.array(GRID_SETS["partial_windows"])
+    p = int(grid.prod(-1).sum())
+    pix = np.random.default_rng(1).standard_normal((p, VC.patch_dim)).astype(np.float32)
+    exact = run(jnp.asarray(pix), prepare_vision(grid, VC))
+    padded = np.full((512, VC.patch_dim), 7.0, np.float32)  # garbage padding must not leak into real rows
+    padded[:p] = pix
+    bucketed = run(jnp.asarray(padded), prepare_vision(grid, VC, patch_bucket=512, window_bucket=32))
+    np.testing.assert_allclose(bucketed[: p // 4], exact, atol=1e-6, rtol=0)
+
+
+def test_xla_attention_kernel_matches_dense(tower):
+    _, dense, xla = tower
+    grid = np.array(GRID_SETS["video_and_image"])
+    p = int(grid.prod(-1).sum())
+    pix = np.random.default_rng(2).standard_normal((p, VC.patch_dim)).astype(np.float32)
+    vi = prepare_vision(grid, VC)
+    np.testing.assert_allclose(xla(jnp.asarray(pix), vi), dense(jnp.asarray(pix), vi), atol=1e-5, rtol=0)
+
+
+def test_prepare_vision_errors():
+    with pytest.raises(ValueError, match="multiples of 2"):
+        prepare_vision([[1, 5, 6]], VC)
+    with pytest.raises(ValueError, match="positive"):
+        prepare_vision([[0, 4, 6]], VC)
+    with pytest.raises(ValueError, match="patch_bucket 16 must be >= 24"):
+        prepare_vision([[1, 4, 6]], VC, patch_bucket=16)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        prepare_vision([[1, 4, 6]], VC, patch_bucket=26)
+    with pytest.raises(ValueError, match="window_bucket 1 is smaller than the 4 windows"):
+        prepare_vision([[1, 10, 14]], VC, window_bucket=1)
+
+
+def test_window_bucket_default_is_power_of_two():
+    vi = prepare_vision([[1, 10, 14], [1, 4, 6]], VC, patch_bucket=256)
+    # 4 + 1 real windows + 2 padding windows (256 - 164 = 92 rows, 64 per window) = 7 -> 8
+    assert vi.window_gather.shape == (8, 64)
+    assert int(vi.num_patches) == 164 and int(vi.num_merged) == 41
+    assert vi.valid.sum() == 164 and vi.perm.shape == (256,)
