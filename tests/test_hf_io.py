@@ -127,12 +127,12 @@ def test_load_onto_mesh(ckpt):
     ours, _, _, _ = batch_inputs([[("image", (1, 10, 14))], [("image", (1, 4, 6))]], np.random.default_rng(0))
     args = (ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
     want = forward(nnx.split(model), *args)
-    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     with sharding.use_mesh(mesh, "train"):
         sharded = hf_io.load_model(src, mesh=mesh, rules="train")
         q = sharded.model.layers.self_attn.q_proj.kernel[...]
         assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-        assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 2, 16)
+        assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 32, 2, 16)
         graphdef, params = nnx.split(sharded)
         got = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))(params, *args)
     mine = hf_io._flat(nnx.state(model, nnx.Param))
@@ -151,6 +151,10 @@ def test_7b_abstract_parameter_count():
     vision = jax.tree.leaves(nnx.state(abstract.visual, nnx.Param))
     assert sum(int(np.prod(x.shape)) for x in vision) == 676_550_144
     assert len(hf_io.hf_names(cfg)) == 729  # 32 * 12 + 6 vision + 28 * 12 + 3 text tensors
+    state = nnx.state(abstract, nnx.Param)
+    assert sharding.check_divisible(state, {"data": 1, "fsdp": 8, "tensor": 1}, "train") == []
+    # The rule table really shards: a 5-way FSDP axis must be reported on the 3584-wide embed dims.
+    assert any("embed_tokens" in bad for bad in sharding.check_divisible(state, {"fsdp": 5}, "train"))
 
 
 def _write(folder, arrays, src):

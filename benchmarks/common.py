@@ -1,0 +1,50 @@
+"""Shared helpers of the benchmarks: thread pinning, wall-clock timing, the side-by-side ratio line.
+
+Every benchmark runs our JAX code and its peer (transformers / PyTorch) on the same machine in the same run
+and ends with one line whose last token is the speedup written as `N.NNx`.
+"""
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+
+def pin_threads(threads: int | None = None) -> int:
+    """Gives JAX (XLA) and torch the same number of threads before either is imported; returns it.
+
+    Call first thing in a benchmark's main, before importing jax or torch: XLA reads its flags once.
+    """
+    n = int(threads or os.environ.get("BENCH_THREADS", "0") or os.cpu_count() or 1)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "intra_op_parallelism_threads" not in flags and os.environ["JAX_PLATFORMS"] == "cpu":
+        flags += f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}"
+        flags += f" intra_op_parallelism_threads={n}"
+    os.environ["XLA_FLAGS"] = flags.strip()
+    import torch
+
+    torch.set_num_threads(n)
+    return n
+
+
+def time_calls(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> list[float]:
+    """Wall seconds of `repeats` calls of `fn` after `warmup` untimed ones; `fn` must block until done."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def ratio_line(what: str, ours: float, peer: float, unit: str, *, higher_is_better: bool) -> str:
+    """`<what>: jax <ours> <unit> | torch <peer> <unit> | speedup N.NNx` (speedup > 1 means JAX is faster)."""
+    speedup = ours / peer if higher_is_better else peer / ours
+    return f"{what}: jax {ours:.2f} {unit} | torch {peer:.2f} {unit} | speedup {speedup:.2f}x"
