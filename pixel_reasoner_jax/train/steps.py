@@ -1,0 +1,468 @@
+"""Jitted, sharded training steps: micro-batch stacking, batch placement, the SFT and GRPO updates and
+the no-grad log-probs used for old / reference policies.
+
+One step = `lax.scan` over a leading micro-batch axis accumulating exact (sum, denominator) gradients
+(`state.accumulate`), then one optimizer update; the state is donated and keeps its shardings.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pixel_reasoner_jax import sharding
+from pixel_reasoner_jax.config import GRPOConfig
+from pixel_reasoner_jax.models.config import VisionConfig
+from pixel_reasoner_jax.models.qwen25vl import token_logprobs
+from pixel_reasoner_jax.models.vision import prepare_vision
+from pixel_reasoner_jax.processing.batch import Batch, Example, collate, pick_bucket, truncate_example
+from pixel_reasoner_jax.train import losses
+from pixel_reasoner_jax.train import state as st
+
+# Keys of a stacked micro-batch pytree whose second axis (after the micro axis) is the batch axis B.
+_TOKEN_KEYS = ("input_ids", "targets", "attention_mask", "loss_mask", "sampler_logprobs", "old_logprobs")
+_MEDIA_KEYS = ("pixel_values", "vision_inputs")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side: micro-batches with common buckets, stacked along a leading axis
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fit(ex: Example, limit: int | None, truncate: bool) -> tuple[Example, bool]:
+    if limit is None or ex.length <= limit:
+        return ex, False
+    if not truncate:
+        raise ValueError(
+            f"sample {ex.qid!r} has {ex.length} tokens, more than the largest sequence bucket {limit}; "
+            "pass truncate=True to cut it"
+        )
+    return truncate_example(ex, limit), True
+
+
+def micro_batches(
+    examples: Sequence[Example],
+    n_micro: int,
+    *,
+    pad_id: int,
+    vision_cfg: VisionConfig,
+    seq_buckets: Sequence[int] | None,
+    patch_buckets: Sequence[int] | None,
+    truncate: bool = True,
+) -> list[Batch]:
+    """`n_micro` contiguous equal groups of `examples`, collated to ONE sequence, patch and window bucket.
+
+    Sharing the buckets makes the batches stackable (`stack`), so one compiled step body serves them all.
+    Examples longer than the largest sequence bucket are cut by `truncate_example` (or raise without
+    `truncate`) before the buckets are chosen, since a cut drops vision items and their patch rows.
+
+    Raises:
+      ValueError: `len(examples)` not a multiple of `n_micro`; a sequence too long without truncate; more
+        patch rows in a group than the largest patch bucket; some groups with vision items and some without.
+    """
+    if not isinstance(n_micro, int) or n_micro < 1:
+        raise ValueError(f"n_micro must be an int >= 1, got {n_micro!r}")
+    if not examples or len(examples) % n_micro:
+        raise ValueError(
+            f"{len(examples)} examples do not split into {n_micro} equal micro-batches "
+            f"(len(examples) must be a positive multiple of n_micro)"
+        )
+    limit = None if seq_buckets is None else max(seq_buckets)
+    fitted = [_fit(ex, limit, truncate) for ex in examples]
+    exs = [ex for ex, _ in fitted]
+    cut = np.array([c for _, c in fitted], bool)
+    size = len(exs) // n_micro
+    groups = [exs[i * size : (i + 1) * size] for i in range(n_micro)]
+
+    t = pick_bucket(max(ex.length for ex in exs), seq_buckets)
+    patches = [sum(ex.num_patches for ex in g) for g in groups]
+    if any(patches) and not all(patches):
+        raise ValueError(
+            f"micro-batches must all have vision items or none (they stack into one array); patch rows per "
+            f"micro-batch: {patches}"
+        )
+    pb = window = None
+    if all(patches):
+        pb = pick_bucket(max(patches), patch_buckets)
+        if pb is None:
+            raise ValueError(
+                f"a micro-batch has {max(patches)} patch rows, more than the largest patch bucket "
+                f"{max(patch_buckets)} (per micro-batch: {patches})"
+            )
+        # The window count depends on the grids; the largest need (a power of two) fits every group.
+        grids = [np.concatenate([ex.grid_thw for ex in g]).reshape(-1, 3) for g in groups]
+        window = max(prepare_vision(gr, vision_cfg, patch_bucket=pb).window_gather.shape[0] for gr in grids)
+    out = []
+    for i, g in enumerate(groups):
+        b = collate(
+            g,
+            pad_id=pad_id,
+            vision_cfg=vision_cfg,
+            seq_buckets=(t,),
+            patch_buckets=None if pb is None else (pb,),
+            window_bucket=window,
+        )
+        out.append(dataclasses.replace(b, truncated=cut[i * size : (i + 1) * size]))
+    return out
+
+
+def stack(batches: Sequence[Batch]) -> dict[str, Any]:
+    """NumPy pytree with a leading micro axis: the token arrays (n, B, T), positions (n, 3, B, T),
+    advantages (n, B), ref_logprobs (n, B, T) zeros, and pixel_values (n, Pb, C) + vision_inputs when the
+    batches hold vision items (the keys are absent otherwise).
+
+    Raises:
+      ValueError: no batches; shapes that differ between batches (naming the field); vision items in some
+        batches only.
+    """
+    if not batches:
+        raise ValueError("stack needs at least one Batch, got none")
+    has_media = [b.pixel_values is not None for b in batches]
+    if any(has_media) and not all(has_media):
+        raise ValueError(
+            f"batches must all have vision items or none; has pixel_values per batch: {has_media}"
+        )
+    fields = _TOKEN_KEYS + ("positions", "advantages") + (_MEDIA_KEYS if all(has_media) else ())
+    out: dict[str, Any] = {}
+    for name in fields:
+        values = [getattr(b, name) for b in batches]
+        shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(values[0])]
+        for i, v in enumerate(values[1:], 1):
+            other = [tuple(np.shape(x)) for x in jax.tree.leaves(v)]
+            if other != shapes:
+                raise ValueError(
+                    f"stack: field {name!r} of batch {i} has shapes {other}, batch 0 has {shapes}; collate "
+                    "micro-batches to common buckets (steps.micro_batches)"
+                )
+        out[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *values)
+    out["ref_logprobs"] = np.zeros_like(out["old_logprobs"])
+    return out
+
+
+def _batch_axis(name: str) -> int:
+    """Axis of B in a stacked micro pytree entry (None for media entries, which are not per sample)."""
+    return {"positions": 2}.get(name, 1)
+
+
+def shard_batch(micro: dict[str, Any], mesh: Mesh, rules: sharding.Rules | str = "train") -> dict[str, Any]:
+    """Places a stacked micro pytree on `mesh`: the batch axis over the rules' `act_batch` mesh axes
+    ("data", "fsdp" for training), vision rows and index arrays replicated (they are not per sample).
+
+    Host NumPy arrays are assumed to be the full global batch on every process (multi-host: each process
+    places its addressable shards); jax.Arrays are resharded.
+
+    Raises:
+      ValueError: a missing token key, or a batch size that does not divide over the data-parallel devices.
+    """
+    missing = [k for k in _TOKEN_KEYS + ("positions", "advantages") if k not in micro]
+    if missing:
+        raise ValueError(f"shard_batch: micro is missing {missing} (build it with steps.stack)")
+    batch_axes = sharding.logical_to_spec(("act_batch",), sharding.RULES.get(rules, rules))[0]
+    names = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
+    dp = int(np.prod([mesh.shape[a] for a in names if a is not None]))
+    out = {}
+    for key, value in micro.items():
+        if key in _MEDIA_KEYS:
+            specs = jax.tree.map(lambda _: P(), value)
+        else:
+            axis = _batch_axis(key)
+            b = np.shape(value)[axis]
+            if b % dp:
+                raise ValueError(
+                    f"shard_batch: {key!r} has batch size {b}, which does not divide over the {dp} "
+                    f"data-parallel devices (mesh axes {names})"
+                )
+            spec = [None] * np.ndim(value)
+            spec[axis] = batch_axes
+            specs = P(*spec)
+        out[key] = jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), value, specs)
+    return out
+
+
+def _place(x, sh: NamedSharding) -> jax.Array:
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, sh)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss settings
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOLossSettings:
+    """The GRPO objective's knobs as a step sees them (static under jit).
+
+    Attributes:
+      eps_low, eps_high: ratio clip range [1 - eps_low, 1 + eps_high].
+      loss_agg: a key of `losses.LOSS_AGG`.
+      kl_coef: weight of the k3 KL to `micro["ref_logprobs"]` (0 = no reference needed).
+      entropy_coef: weight of the entropy bonus (subtracted from the loss, aggregated like it).
+      tis_cap: truncation of the importance weight against `micro["sampler_logprobs"]`; None = off.
+      max_len: per-sequence divisor of "seq-mean-token-sum-norm".
+      temperature: the sampler's temperature; log-probs are of the tempered distribution so that the ratio
+        against the sampler's log-probs compares like with like.
+    """
+
+    eps_low: float
+    eps_high: float
+    loss_agg: str
+    kl_coef: float
+    entropy_coef: float
+    tis_cap: float | None
+    max_len: int
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        checks = [
+            ("eps_low", self.eps_low >= 0, ">= 0"),
+            ("eps_high", self.eps_high >= 0, ">= 0"),
+            ("loss_agg", self.loss_agg in losses.LOSS_AGG, f"one of {sorted(losses.LOSS_AGG)}"),
+            ("kl_coef", self.kl_coef >= 0, ">= 0"),
+            ("entropy_coef", self.entropy_coef >= 0, ">= 0"),
+            ("tis_cap", self.tis_cap is None or self.tis_cap > 0, "None or > 0"),
+            ("max_len", isinstance(self.max_len, int) and self.max_len >= 1, "an int >= 1"),
+            ("temperature", self.temperature > 0, "> 0"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"GRPOLossSettings.{name} must be {want}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(
+        cls, grpo_cfg: GRPOConfig, max_len: int, *, temperature: float = 1.0
+    ) -> "GRPOLossSettings":
+        """From the run config; `grpo.tis_cap` 0 means TIS off."""
+        return cls(
+            eps_low=float(grpo_cfg.eps_low),
+            eps_high=float(grpo_cfg.eps_high),
+            loss_agg=grpo_cfg.loss_agg,
+            kl_coef=float(grpo_cfg.kl_coef),
+            entropy_coef=float(grpo_cfg.entropy_coef),
+            tis_cap=float(grpo_cfg.tis_cap) if grpo_cfg.tis_cap > 0 else None,
+            max_len=int(max_len),
+            temperature=float(temperature),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device side: the jitted steps
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFns:
+    """The jitted functions of one (graphdef, optimizer, mesh); call them with stacked micro pytrees
+    (NumPy from `stack`, or already placed by `shard_batch`).
+
+    Attributes:
+      sft_step: (state, micro) -> (state, metrics); the state is donated.
+      grpo_step: (state, micro) -> (state, metrics); None when built without GRPO settings.
+      logprobs: (params, micro) -> (n_micro, B, T) float32 log-probs of the targets, replicated.
+      grads: (state, micro, kind) -> `state.Accumulated` of the step's loss, kind "sft" | "grpo": exactly
+        what the step feeds the optimizer (for tests, gradient checks and debugging); nothing is donated.
+    """
+
+    sft_step: Callable[[st.TrainState, dict], tuple[st.TrainState, dict]]
+    grpo_step: Callable[[st.TrainState, dict], tuple[st.TrainState, dict]] | None
+    logprobs: Callable[[Any, dict], jax.Array]
+    grads: Callable[[st.TrainState, dict, str], st.Accumulated]
+
+
+def _vision_args(mb: dict):
+    return mb.get("pixel_values"), mb.get("vision_inputs")
+
+
+def _safe_div(a, b):
+    return a / jnp.where(b > 0, b, 1.0)
+
+
+def make_train_fns(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    state_shardings: st.TrainState,
+    mesh: Mesh,
+    *,
+    logprob_chunk: int = 256,
+    grpo: GRPOLossSettings | None = None,
+    rules: sharding.Rules | str = "train",
+    schedule: Callable[[jax.Array], jax.Array] | None = None,
+    frozen: Callable[[str], bool] | None = None,
+    buffers: Any = None,
+) -> TrainFns:
+    """Builds the jitted SFT / GRPO steps and the log-prob function.
+
+    Args:
+      graphdef: the model's graph definition (from `create_train_state`).
+      optimizer: the optimizer of the state (`state.make_optimizer`).
+      state_shardings: TrainState of NamedShardings (from `create_train_state`), the out shardings.
+      mesh: the training mesh; the batch is sharded over its `act_batch` axes.
+      logprob_chunk: sequence chunk of `token_logprobs` (live logits are (B, chunk, V)).
+      grpo: GRPO objective settings; None builds no `grpo_step`.
+      rules: logical-axis rules used while tracing (model constraints) and for the batch axis.
+      schedule: the optimizer's learning-rate schedule; when given, metrics carry `lr` = schedule(step).
+      frozen: the optimizer's frozen-parameter predicate; frozen parameters get no gradient computed (the
+        backward pass skips them) and `grad_norm` is the clipping norm over trainable parameters only.
+      buffers: the state's non-parameter variables for `logprobs(params, micro)` (the model has none).
+    """
+    if logprob_chunk < 1:
+        raise ValueError(f"logprob_chunk must be >= 1, got {logprob_chunk}")
+    temperature = 1.0 if grpo is None else grpo.temperature
+    replicated = NamedSharding(mesh, P())
+
+    def stop_frozen(params):
+        if frozen is None:
+            return params
+
+        def one(keypath, var):
+            return jax.lax.stop_gradient(var) if frozen(st.path_str(keypath)) else var
+
+        return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def forward(params, bufs, mb):
+        """Log-probs and entropies (B, T) of the targets of one micro-batch."""
+        model = nnx.merge(graphdef, params, bufs) if bufs is not None else nnx.merge(graphdef, params)
+        pixel_values, vision_inputs = _vision_args(mb)
+        hidden, _ = model.hidden_states(
+            mb["input_ids"], mb["positions"], mb["attention_mask"], pixel_values, vision_inputs
+        )
+        return token_logprobs(model, hidden, mb["targets"], temperature=temperature, chunk=logprob_chunk)
+
+    def sft_loss_fn(bufs):
+        def loss_fn(params, mb):
+            lp, ent = forward(stop_frozen(params), bufs, mb)
+            nll_sum, count = losses.sft_loss(lp, mb["loss_mask"])
+            valid = mb["loss_mask"] != 0
+            ent_sum = jnp.sum(jnp.where(valid, jax.lax.stop_gradient(ent), 0.0))
+            return nll_sum, count, {"entropy": ent_sum, "tokens": count}
+
+        return loss_fn
+
+    def grpo_loss_fn(bufs):
+        g = grpo
+        agg = losses.LOSS_AGG[g.loss_agg]
+
+        def loss_fn(params, mb):
+            lp, ent = forward(stop_frozen(params), bufs, mb)
+            use_ref = g.kl_coef > 0
+            loss_sum, denom, m = losses.grpo_loss(
+                lp,
+                mb["old_logprobs"],
+                mb["advantages"],
+                mb["loss_mask"],
+                eps_low=g.eps_low,
+                eps_high=g.eps_high,
+                agg=g.loss_agg,
+                kl_coef=g.kl_coef,
+                ref_logprobs=mb["ref_logprobs"] if use_ref else None,
+                sampler_logprobs=mb["sampler_logprobs"] if g.tis_cap is not None else None,
+                tis_cap=g.tis_cap,
+                max_len=g.max_len,
+            )
+            valid = (mb["loss_mask"] != 0).astype(jnp.float32)
+            # Every aggregation is linear in the per-token loss, so aggregating the KL and entropy terms
+            # alone with the same denominator splits the total exactly.
+            pg_sum = loss_sum
+            if use_ref:
+                kl_bt = jnp.where(valid > 0, losses.kl_k3(jax.lax.stop_gradient(lp), mb["ref_logprobs"]), 0.0)
+                pg_sum = pg_sum - g.kl_coef * agg(kl_bt, valid, g.max_len)[0]
+            total = loss_sum
+            ent_masked = jnp.where(valid > 0, ent, 0.0)
+            if g.entropy_coef > 0:
+                total = total - g.entropy_coef * agg(ent_masked, valid, g.max_len)[0]
+            m = dict(
+                m, entropy=jnp.sum(jax.lax.stop_gradient(ent_masked)), pg_sum=jax.lax.stop_gradient(pg_sum)
+            )
+            return total, denom, m
+
+        return loss_fn
+
+    def lr_metric(state):
+        return {} if schedule is None else {"lr": jnp.asarray(schedule(state.step), jnp.float32)}
+
+    def update(state, acc):
+        grad_norm = st.global_norm(acc.grads, frozen)
+        new = st.apply_gradients(state, acc.grads, optimizer)
+        metrics = {
+            "loss": acc.loss,
+            "grad_norm": grad_norm,
+            "update_norm": st.update_norm(state.params, new.params),
+            **lr_metric(state),
+        }
+        return new, metrics
+
+    loss_fns = {"sft": sft_loss_fn, "grpo": grpo_loss_fn}
+
+    def accumulated(state, micro, kind):
+        if kind == "grpo" and grpo is None:
+            raise ValueError("grpo loss requested but make_train_fns was built with grpo=None")
+        fn = loss_fns[kind](state.buffers)
+        return st.accumulate(fn, state.params, micro, grad_shardings=state_shardings.params)
+
+    def sft_step(state, micro):
+        acc = accumulated(state, micro, "sft")
+        new, metrics = update(state, acc)
+        tokens = acc.aux["tokens"]
+        metrics.update(tokens=tokens, entropy=_safe_div(acc.aux["entropy"], tokens))
+        return new, metrics
+
+    def grpo_step(state, micro):
+        acc = accumulated(state, micro, "grpo")
+        new, metrics = update(state, acc)
+        a, n = acc.aux, acc.aux["n_tokens"]
+        metrics.update(
+            pg_loss=_safe_div(a["pg_sum"], acc.denom),
+            kl=_safe_div(a["kl"], n),
+            entropy=_safe_div(a["entropy"], n),
+            clip_low=_safe_div(a["clip_low"], n),
+            clip_high=_safe_div(a["clip_high"], n),
+            ratio=_safe_div(a["ratio"], n),
+            tis_weight=_safe_div(a["tis_weight"], n),
+            tis_truncated=_safe_div(a["tis_truncated"], n),
+            tokens=n,
+        )
+        return new, metrics
+
+    def logprobs_fn(params, bufs, micro):
+        def body(_, mb):
+            return None, forward(params, bufs, mb)[0]
+
+        return jax.lax.scan(body, None, micro)[1]
+
+    step_kw = dict(donate_argnums=0, out_shardings=(state_shardings, replicated))
+    sft_jit = jax.jit(sft_step, **step_kw)
+    grpo_jit = jax.jit(grpo_step, **step_kw) if grpo is not None else None
+    lp_jit = jax.jit(logprobs_fn, out_shardings=replicated)
+    grads_jit = jax.jit(accumulated, static_argnums=2)
+
+    def under_mesh(fn):
+        def call(first, micro, *static):
+            with sharding.use_mesh(mesh, rules):
+                return fn(first, shard_batch(micro, mesh, rules), *static)
+
+        return call
+
+    def logprobs(params, micro):
+        with sharding.use_mesh(mesh, rules):
+            return lp_jit(params, buffers, shard_batch(micro, mesh, rules))
+
+    def grads(state, micro, kind="sft"):
+        if kind not in loss_fns:
+            raise ValueError(f"kind must be one of {sorted(loss_fns)}, got {kind!r}")
+        return under_mesh(grads_jit)(state, micro, kind)
+
+    return TrainFns(
+        sft_step=under_mesh(sft_jit),
+        grpo_step=None if grpo_jit is None else under_mesh(grpo_jit),
+        logprobs=logprobs,
+        grads=grads,
+    )
