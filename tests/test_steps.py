@@ -2,6 +2,7 @@
 single-device, frozen vision; on a small-vocabulary Qwen2.5-VL with images in every sample.
 """
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,12 @@ PATCH_BUCKETS = (64, 128, 256)
 GRPO = steps.GRPOLossSettings(
     eps_low=0.2, eps_high=0.28, loss_agg="token-mean", kl_coef=0.05, entropy_coef=0.0, tis_cap=2.0, max_len=96
 )
-OPTIM = st.OptimConfig(lr=1e-3, total_steps=10, warmup_steps=0, schedule="constant", grad_clip=1.0)
+# Unoptimised XLA code compiles 2-3x faster on CPU; every comparison below is between programs built alike.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# eps 1e-6, not 1e-8: the k_proj bias gradient is zero in exact arithmetic (softmax is shift invariant), so
+# Adam with a tiny eps turns its float32 rounding noise into full-size updates that differ between two
+# equally valid summation orders (1 vs 8 devices); a larger eps keeps that noise below 1e-6.
+OPTIM = st.OptimConfig(lr=1e-3, total_steps=10, warmup_steps=0, schedule="constant", grad_clip=1.0, eps=1e-6)
 
 
 def make_example(rng: np.random.Generator, n_answer: int, qid: str) -> Example:
@@ -119,11 +125,37 @@ def stacked(examples, n_micro) -> dict:
     )
 
 
+def host_params(seed: int = 0):
+    """(graphdef, NumPy params) of a randomly initialised model.
+
+    Filled on the host: the model's own initialisers run op by op and take ~20 s on a loaded CPU.
+    Norm scales near 1, small kernels and biases, unit embeddings give O(1) activations.
+    """
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Qwen25VL(CFG, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    rng = np.random.default_rng(seed)
+
+    def init(keypath, var):
+        name = st.path_str(keypath).rsplit("/", 1)[-1]
+        shape = var.shape
+        if name == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name == "embedding":
+            value = rng.standard_normal(shape)
+        else:  # kernels and biases
+            value = 0.1 * rng.standard_normal(shape)
+        return var.replace(np.asarray(value, np.float32))
+
+    params = jax.tree_util.tree_map_with_path(init, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, params
+
+
 class Setup:
     """A model's host parameters and the train functions of one mesh; `state()` is a fresh TrainState."""
 
-    def __init__(self, mesh, graphdef, host_params, frozen=None):
-        self.mesh, self.graphdef, self.host_params = mesh, graphdef, host_params
+    def __init__(self, mesh, graphdef, params, frozen=None):
+        self.mesh, self.graphdef, self.params = mesh, graphdef, params
         self.optimizer = st.make_optimizer(OPTIM, frozen)
         _, _, self.shardings = st.create_train_state(self.model(), self.optimizer, mesh)
         self.fns = steps.make_train_fns(
@@ -135,48 +167,342 @@ class Setup:
             grpo=GRPO,
             schedule=st.make_schedule(OPTIM),
             frozen=frozen,
+            compiler_options=FAST_COMPILE,
         )
 
     def model(self):
         # Fresh device buffers each time: the steps donate the state.
         with sharding.use_mesh(self.mesh):
-            return nnx.merge(self.graphdef, jax.tree.map(jnp.array, self.host_params))
+            return nnx.merge(self.graphdef, jax.tree.map(jnp.array, self.params))
 
     def state(self) -> st.TrainState:
         return st.create_train_state(self.model(), self.optimizer, self.mesh)[1]
 
 
 @pytest.fixture(scope="module")
-def model_parts():
-    with sharding.use_mesh(sharding.make_mesh(devices=jax.devices()[:1])):
-        model = Qwen25VL(CFG, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, jax.tree.map(np.asarray, params)
+def parts():
+    return host_params()
 
 
 @pytest.fixture(scope="module")
-def one(model_parts):
-    return Setup(sharding.make_mesh(devices=jax.devices()[:1]), *model_parts)
+def one(parts):
+    return Setup(sharding.make_mesh(devices=jax.devices()[:1]), *parts)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return make_examples(8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def big(examples):
+    """The 8 examples as one micro-batch of 8 (the shape most tests share, so they share compiles)."""
+    return stacked(examples, 1)
 
 
 def host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def test_sft_step_smoke(one):
-    micro = stacked(make_examples(4, seed=0), 2)
-    assert micro["input_ids"].shape == (2, 2, 64) and micro["pixel_values"].shape[:2] == (2, 64)
+def flat(tree) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def rel_err(a, b) -> float:
+    """Largest per-leaf ||a - b|| / ||b|| of two pytrees of the same structure."""
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    return max(float(np.linalg.norm(fa[k] - fb[k]) / max(np.linalg.norm(fb[k]), 1e-30)) for k in fa)
+
+
+def test_sft_step_smoke(one, big):
+    assert big["input_ids"].shape == (1, 8, 64) and big["pixel_values"].shape == (1, 256, PATCH_DIM)
     state = one.state()
     before = host(state.params)
-    state, metrics = one.fns.sft_step(state, micro)
+    state, metrics = one.fns.sft_step(state, big)
     m = {k: float(v) for k, v in metrics.items()}
-    assert set(m) >= {"loss", "grad_norm", "update_norm", "lr", "tokens", "entropy"}
+    assert set(m) == {"loss", "grad_norm", "update_norm", "lr", "tokens", "entropy"}
     assert int(state.step) == 1 and m["lr"] == pytest.approx(1e-3)
-    assert m["tokens"] == micro["loss_mask"].sum()
-    # A random model over 320 tokens: the NLL and entropy are near log(320) = 5.77.
-    assert 4.0 < m["loss"] < 8.0 and 4.0 < m["entropy"] < 6.0
+    assert m["tokens"] == big["loss_mask"].sum()
+    # A random model over 320 tokens: NLL and entropy of order log(320) = 5.77.
+    assert 3.0 < m["loss"] < 12.0 and 2.0 < m["entropy"] < 5.8
     assert m["grad_norm"] > 0 and m["update_norm"] > 0
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, host(state.params))
-    assert all(jax.tree.leaves(changed))
-    state, metrics = one.fns.sft_step(state, micro)
-    assert float(metrics["loss"]) < m["loss"]  # same batch again: one Adam step lowered its loss
+    assert all(jax.tree.leaves(changed)), "every parameter (vision tower included) takes an update"
+    state, metrics = one.fns.sft_step(state, big)
+    assert float(metrics["loss"]) < m["loss"]  # the same batch again: one Adam step lowered its loss
+
+
+# ------------------------------------------------------------------------------------------ host side
+
+
+def test_micro_batches_share_buckets_and_stack(examples):
+    batches = steps.micro_batches(
+        examples, 4, pad_id=PAD, vision_cfg=CFG.vision, seq_buckets=SEQ_BUCKETS, patch_buckets=PATCH_BUCKETS
+    )
+    assert len(batches) == 4 and all(b.input_ids.shape == (2, 64) for b in batches)
+    assert {b.pixel_values.shape for b in batches} == {(64, PATCH_DIM)}
+    assert len({b.vision_inputs.window_gather.shape for b in batches}) == 1
+    micro = steps.stack(batches)
+    assert micro["positions"].shape == (4, 3, 2, 64) and micro["advantages"].shape == (4, 2)
+    assert micro["vision_inputs"].perm.shape == (4, 64)
+    np.testing.assert_array_equal(micro["ref_logprobs"], 0.0)
+    # Contiguous groups: micro-batch k holds examples 2k, 2k + 1.
+    for k, b in enumerate(batches):
+        np.testing.assert_array_equal(b.lengths, [examples[2 * k].length, examples[2 * k + 1].length])
+    # Trained targets are exactly the assistant tokens after the first (prediction alignment).
+    n_trained = sum(int(ex.loss_mask[1:].sum()) for ex in examples)
+    assert micro["loss_mask"].sum() == n_trained
+
+    with pytest.raises(ValueError, match="8 examples do not split into 3"):
+        steps.micro_batches(
+            examples, 3, pad_id=PAD, vision_cfg=CFG.vision, seq_buckets=None, patch_buckets=None
+        )
+    no_media = dataclasses.replace(batches[1], pixel_values=None, vision_inputs=None)
+    with pytest.raises(ValueError, match="all have vision items or none"):
+        steps.stack([batches[0], no_media])
+    with pytest.raises(ValueError, match="does not divide over the 8 data-parallel devices"):
+        steps.shard_batch(micro, sharding.make_mesh(2, 4, 1))
+
+
+def test_micro_batches_truncate_to_largest_bucket(examples):
+    batches = steps.micro_batches(
+        examples, 2, pad_id=PAD, vision_cfg=CFG.vision, seq_buckets=(32,), patch_buckets=PATCH_BUCKETS
+    )
+    cut = np.concatenate([b.truncated for b in batches])
+    np.testing.assert_array_equal(cut, [ex.length > 32 for ex in examples])
+    assert all(b.input_ids.shape == (4, 32) for b in batches)
+    with pytest.raises(ValueError, match="pass truncate=True"):
+        steps.micro_batches(
+            examples,
+            2,
+            pad_id=PAD,
+            vision_cfg=CFG.vision,
+            seq_buckets=(32,),
+            patch_buckets=None,
+            truncate=False,
+        )
+
+
+def test_grpo_settings_from_config():
+    from pixel_reasoner_jax.config import GRPOConfig
+
+    fields = {f.name: 1 for f in dataclasses.fields(GRPOConfig)}
+    cfg = GRPOConfig(
+        **(
+            fields
+            | dict(
+                eps_low=0.2,
+                eps_high=0.3,
+                kl_coef=0.0,
+                entropy_coef=0.01,
+                tis_cap=0.0,
+                loss_agg="seq-mean-token-mean",
+            )
+        )
+    )
+    s = steps.GRPOLossSettings.from_config(cfg, 512, temperature=0.7)
+    assert (s.eps_low, s.eps_high, s.tis_cap, s.max_len, s.temperature) == (0.2, 0.3, None, 512, 0.7)
+    assert steps.GRPOLossSettings.from_config(dataclasses.replace(cfg, tis_cap=2.0), 8).tis_cap == 2.0
+    with pytest.raises(ValueError, match="loss_agg"):
+        steps.GRPOLossSettings.from_config(dataclasses.replace(cfg, loss_agg="mean"), 8)
+
+
+# ------------------------------------------------------------------------------------------ device side
+
+
+def grpo_inputs(micro, lp0, seed):
+    """Old / sampler / reference log-probs near the current ones, and random advantages."""
+    rng = np.random.default_rng(seed)
+    out = dict(micro)
+    old = lp0 + 0.1 * rng.standard_normal(lp0.shape)
+    out["old_logprobs"] = old.astype(np.float32)
+    out["sampler_logprobs"] = (old + 0.4 * rng.standard_normal(lp0.shape)).astype(np.float32)
+    out["ref_logprobs"] = (lp0 + 0.2 * rng.standard_normal(lp0.shape)).astype(np.float32)
+    out["advantages"] = rng.standard_normal(micro["advantages"].shape).astype(np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lp0(one, big):
+    """Current log-probs of the targets of `big` under the initial parameters, (1, 8, T)."""
+    lp = np.asarray(one.fns.logprobs(one.state().params, big))
+    assert lp.shape == big["targets"].shape and lp.dtype == np.float32
+    return lp
+
+
+def test_masked_tokens_get_zero_gradient(one, big, lp0):
+    """System, user, tool-observation and masked assistant tokens (and padding): changing what is there
+    (targets, old / sampler / reference log-probs) leaves the gradient bit-identical."""
+    state = one.state()
+    rng = np.random.default_rng(1)
+    free = big["loss_mask"] == 0
+    micro = grpo_inputs(big, lp0, seed=2)
+    other = dict(micro)
+    other["targets"] = np.where(free, rng.integers(0, TEXT_IDS, free.shape), micro["targets"]).astype(
+        np.int32
+    )
+    for key in ("old_logprobs", "sampler_logprobs", "ref_logprobs"):
+        other[key] = np.where(free, micro[key] - 3.0, micro[key]).astype(np.float32)
+    assert (other["targets"] != micro["targets"]).sum() > 100
+    for kind in ("sft", "grpo"):
+        a, b = one.fns.grads(state, micro, kind), one.fns.grads(state, other, kind)
+        assert float(a.loss) == float(b.loss) and float(a.denom) == float(b.denom)
+        for x, y in zip(jax.tree.leaves(host(a.grads)), jax.tree.leaves(host(b.grads))):
+            np.testing.assert_array_equal(x, y)
+    # The check has teeth: changing one trained target changes the gradient.
+    t = tuple(np.argwhere(~free)[0])
+    third = dict(micro, targets=micro["targets"].copy())
+    third["targets"][t] = (third["targets"][t] + 1) % TEXT_IDS
+    a, c = one.fns.grads(state, micro, "sft"), one.fns.grads(state, third, "sft")
+    assert rel_err(c.grads, a.grads) > 1e-6
+
+
+def test_exact_accumulation(one, big, lp0, examples):
+    """4 micro-batches of 2 (uneven real lengths and trained-token counts) = one batch of 8."""
+    small = stacked(examples, 4)
+    state = one.state()
+    for kind in ("sft", "grpo"):
+        b = grpo_inputs(big, lp0, seed=3)
+        s = dict(small)
+        for key in ("old_logprobs", "sampler_logprobs", "ref_logprobs", "advantages"):
+            # Same T bucket, contiguous groups: the small layout is a reshape of the big one.
+            s[key] = b[key].reshape(small[key].shape)
+        np.testing.assert_array_equal(s["loss_mask"].reshape(big["loss_mask"].shape), big["loss_mask"])
+        assert len(set(s["loss_mask"].sum(axis=(1, 2)).tolist())) > 1, "micro-batches should be uneven"
+        acc_small, acc_big = one.fns.grads(state, s, kind), one.fns.grads(state, b, kind)
+        np.testing.assert_allclose(float(acc_small.loss), float(acc_big.loss), rtol=1e-6)
+        assert float(acc_small.denom) == float(acc_big.denom) == big["loss_mask"].sum()
+        assert rel_err(acc_small.grads, acc_big.grads) < 1e-6, kind
+
+
+def test_grpo_gradient_of_a_group_by_hand(one, big, lp0):
+    """Rows 0 and 1 form a group (advantages +1, -1), the other rows are masked out. Per row i the ratio
+    r_i = exp(logp - old) and the TIS weight w_i = min(exp(old - sampler), cap) are constants, and the
+    reference equals the current policy (the k3 gradient vanishes there), so with n = n_0 + n_1 trained
+    tokens the token-mean loss is -(1/n) sum_i A_i w_i r_i n_i when unclipped and its gradient is
+    -(1/n) sum_i A_i w_i r_i sum_t dlogp_t = (1/n) sum_i A_i w_i r_i n_i G_i, where
+    G_i = -(1/n_i) sum_t dlogp_t is the SFT (mean NLL) gradient of row i alone; a clipped row adds 0."""
+    state = one.state()
+    mask = big["loss_mask"].copy()
+    mask[:, 2:] = 0
+    sft_g, n_i = [], []
+    for i in (0, 1):
+        only = np.zeros_like(mask)
+        only[:, i] = mask[:, i]
+        acc = one.fns.grads(state, dict(big, loss_mask=only), "sft")
+        sft_g.append(host(acc.grads))
+        n_i.append(float(acc.denom))
+    n = sum(n_i)
+    adv = np.array([1.0, -1.0])
+    gap = np.array([0.2, 1.0])  # old - sampler per row: w = [e^0.2, min(e^1, cap 2) = 2]
+    w = np.minimum(np.exp(gap), GRPO.tis_cap)
+
+    def run(delta):
+        """GRPO accumulation with old = lp0 - delta_i on row i (ratio e^delta_i)."""
+        old = lp0.copy()
+        old[:, :2] -= np.asarray(delta)[None, :, None]
+        sampler = old.copy()
+        sampler[:, :2] -= gap[None, :, None]
+        a = np.zeros_like(big["advantages"])
+        a[:, :2] = adv
+        micro = dict(
+            big,
+            loss_mask=mask,
+            old_logprobs=old.astype(np.float32),
+            sampler_logprobs=sampler.astype(np.float32),
+            ref_logprobs=lp0,
+            advantages=a,
+        )
+        return one.fns.grads(state, micro, "grpo")
+
+    def expected(delta, clipped):
+        coef = [0.0 if c else adv[i] * w[i] * np.exp(delta[i]) * n_i[i] / n for i, c in enumerate(clipped)]
+        grads = jax.tree.map(lambda g0, g1: coef[0] * g0 + coef[1] * g1, sft_g[0], sft_g[1])
+        return grads, -sum(coef)
+
+    # Inside the clip range [0.8, 1.28]: ratios 1.105 and 0.951.
+    delta = [0.1, -0.05]
+    acc = run(delta)
+    grads, loss = expected(delta, [False, False])
+    assert float(acc.denom) == n
+    np.testing.assert_allclose(float(acc.loss), loss, rtol=1e-5)
+    assert rel_err(acc.grads, grads) < 1e-5
+    assert float(acc.aux["clip_low"]) == float(acc.aux["clip_high"]) == 0.0
+    np.testing.assert_allclose(float(acc.aux["tis_truncated"]), n_i[1])  # row 1's weight hit the cap
+    unclipped_norm = np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(host(acc.grads))))
+
+    # Row 0 (A > 0) at ratio e > 1 + eps_high is clipped: only row 1 pulls.
+    delta = [1.0, -0.05]
+    acc = run(delta)
+    grads, loss = expected(delta, [True, False])
+    assert rel_err(acc.grads, grads) < 1e-5
+    assert float(acc.aux["clip_high"]) == n_i[0] and float(acc.aux["clip_low"]) == 0.0
+
+    # Both clipped (row 1, A < 0, at ratio 1/e < 1 - eps_low): no gradient. What remains is the k3 term at
+    # ref = old policy, whose gradient (1 - exp(ref - logp)) is float32 rounding (~1e-7) times kl_coef.
+    acc = run([1.0, -1.0])
+    assert float(acc.aux["clip_high"]) == n_i[0] and float(acc.aux["clip_low"]) == n_i[1]
+    clipped_norm = np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(host(acc.grads))))
+    assert clipped_norm < 1e-6 * unclipped_norm
+
+
+@pytest.fixture(scope="module")
+def eight(parts):
+    return Setup(sharding.make_mesh(2, 4, 1), *parts)
+
+
+def test_sharded_steps_equal_single_device(one, eight, big, lp0):
+    """SFT and GRPO steps on a data 2 x fsdp 4 mesh give the one-device parameters (images in the batch)."""
+    placed = steps.shard_batch(big, eight.mesh)
+    assert placed["input_ids"].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None)
+    assert placed["positions"].sharding.spec[2] == ("data", "fsdp")
+    s8 = eight.state()
+    emb = s8.params["model"]["embed_tokens"]["embedding"]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")  # FSDP-sharded weights
+    np.testing.assert_allclose(np.asarray(eight.fns.logprobs(s8.params, big)), lp0, atol=1e-5)
+
+    micro = grpo_inputs(big, lp0, seed=4)
+    for step in ("sft_step", "grpo_step"):
+        s1, m1 = getattr(one.fns, step)(one.state(), micro)
+        s8, m8 = getattr(eight.fns, step)(eight.state(), micro)
+        assert set(m1) == set(m8)
+        for k in m1:
+            np.testing.assert_allclose(
+                float(m8[k]), float(m1[k]), rtol=1e-5, atol=1e-7, err_msg=f"{step} {k}"
+            )
+        for a, b in zip(jax.tree.leaves(host(s8.params)), jax.tree.leaves(host(s1.params))):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        assert int(s8.step) == 1
+    assert float(m8["clip_low"]) + float(m8["clip_high"]) > 0 and float(m8["kl"]) > 0
+
+
+def test_frozen_vision_tower(parts, one, big):
+    """With the vision tower frozen, its parameters stay bit-identical and get no gradient; the rest moves,
+    and grad_norm is the norm of the trainable gradients only."""
+    frozen = st.freeze_prefixes(st.VISION_TOWER)
+    setup = Setup(one.mesh, *parts, frozen=frozen)
+    state = setup.state()
+    before = flat(host(state.params))
+    acc = setup.fns.grads(state, big, "sft")
+    full = flat(host(one.fns.grads(one.state(), big, "sft").grads))
+    for k, g in flat(host(acc.grads)).items():
+        if "'visual'" in k:
+            np.testing.assert_array_equal(g, 0.0, err_msg=k)
+        else:  # the same gradient from a different program (no vision backward): rounding differs
+            assert np.linalg.norm(g - full[k]) <= 1e-5 * np.linalg.norm(full[k]), k
+    state, metrics = setup.fns.sft_step(state, big)
+    trainable = [v for k, v in full.items() if "'visual'" not in k]
+    np.testing.assert_allclose(
+        float(metrics["grad_norm"]), np.sqrt(sum(np.sum(g**2) for g in trainable)), rtol=1e-5
+    )
+    after = flat(host(state.params))
+    n_vision = 0
+    for k in before:
+        if "'visual'" in k:
+            n_vision += 1
+            np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+        else:
+            assert not np.array_equal(after[k], before[k]), k
+    assert n_vision == 18  # every vision-tower parameter was checked
