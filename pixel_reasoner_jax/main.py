@@ -1,0 +1,189 @@
+"""Entry point: `python -m pixel_reasoner_jax.main --config=configs/grpo.py:tiny [--workdir DIR]`.
+
+Owns the run's start: config -> frozen RunConfig -> validation, jax.distributed, generated tiny assets, dispatch.
+"""
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import sys
+import uuid
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pixel_reasoner_jax.config import ConfigError, RunConfig, from_config_dict, validate
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "run config file[:variant], e.g. configs/grpo.py:tiny"
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "run folder; default runs/<mode>_<variant>, so the same command resumes the same run"
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator",
+    os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "host:port of the jax.distributed coordinator (env JAX_COORDINATOR_ADDRESS); unset = one process",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None, "processes of a multi-host run"
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")) if "JAX_PROCESS_ID" in os.environ else None,
+    "this process's index in a multi-host run",
+)  # fmt: skip
+
+TINY_CKPT_DIR = "tiny_ckpt"
+SYNTHETIC_DIR = "synthetic"
+EXIT_CONFIG = 2
+
+
+def default_workdir(mode: str, variant: str) -> str:
+    """runs/<mode>_<variant>: deterministic, so rerunning the same command resumes the same run."""
+    return os.path.join("runs", f"{mode}_{variant}")
+
+
+def build_config(config_dict, workdir_flag: str | None) -> RunConfig:
+    """The frozen RunConfig with the workdir resolved (flag > config.workdir > default), not yet validated.
+
+    Raises:
+      ConfigError: a key is unknown or missing, or a value has the wrong type.
+    """
+    cfg = from_config_dict(config_dict)
+    workdir = workdir_flag or cfg.workdir or default_workdir(cfg.mode, cfg.variant)
+    return dataclasses.replace(cfg, workdir=os.path.abspath(workdir))
+
+
+def _atomic_dir(final: pathlib.Path, write) -> None:
+    """Runs `write(tmp)` into a sibling temp folder, then renames it to `final`: a kill leaves no half folder."""
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sync(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def prepare_assets(cfg: RunConfig) -> RunConfig:
+    """Generates what the config asks for under the workdir when absent (process 0 writes, others wait):
+    the tiny checkpoint (variant tiny without model.checkpoint) and the synthetic data (data.synthetic).
+
+    Returns the config with model.checkpoint and the data paths pointing at them.
+    """
+    import jax
+
+    workdir = pathlib.Path(cfg.workdir)
+    main_process = jax.process_index() == 0
+    if main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+    model, data = cfg.model, cfg.data
+    if not model.checkpoint and cfg.variant == "tiny":
+        ckpt = workdir / TINY_CKPT_DIR
+        if main_process and not (ckpt / "config.json").is_file():
+            from pixel_reasoner_jax.models import tiny
+
+            logging.info("writing the tiny checkpoint to %s", ckpt)
+            tiny.write_tiny_checkpoint(ckpt, seed=cfg.seed)  # export_hf renames into place: atomic
+        model = dataclasses.replace(model, checkpoint=str(ckpt))
+    if data.synthetic:
+        root = workdir / SYNTHETIC_DIR
+        if main_process and not root.is_dir():
+            from pixel_reasoner_jax.data import synthetic
+
+            logging.info("writing synthetic data to %s", root)
+            # The JSONL files name media relative to the folder, so it can be renamed after writing.
+            _atomic_dir(
+                root,
+                lambda tmp: synthetic.generate(
+                    tmp,
+                    num_sft=data.num_sft,
+                    num_rl=data.num_rl,
+                    num_eval=data.num_eval,
+                    image_size=data.image_size,
+                    seed=data.synthetic_seed,
+                ),
+            )
+        data = dataclasses.replace(
+            data,
+            sft_path=str(root / "sft.jsonl"),
+            rl_path=str(root / "rl.jsonl"),
+            eval_path=str(root / "eval.jsonl"),
+            data_root=str(root),
+        )
+    _sync("pixel_reasoner_assets")
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
+def _init_distributed() -> None:
+    import jax
+
+    if _COORDINATOR.value is None:
+        return
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+        raise ConfigError(
+            "--num_processes/--process_id",
+            f"a multi-host run with coordinator {_COORDINATOR.value} needs both flags (or env "
+            "JAX_NUM_PROCESSES / JAX_PROCESS_ID)",
+        )
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+
+
+def run(cfg: RunConfig) -> None:
+    """Dispatches on cfg.mode (validated config with assets prepared)."""
+    if cfg.mode == "sft":
+        from pixel_reasoner_jax.train import sft
+
+        sft.run(cfg)
+    elif cfg.mode == "grpo":
+        from pixel_reasoner_jax.train import grpo
+
+        grpo.run(cfg)
+    else:
+        raise ConfigError("mode", f"mode {cfg.mode!r} has no training loop here; expected 'sft' or 'grpo'")
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; configure with --config.<section>.<key>=v")
+    import jax
+
+    try:
+        if _CONFIG.value is None:
+            raise ConfigError("config", "required: --config=configs/<mode>.py[:variant]")
+        _init_distributed()
+        cfg = build_config(_CONFIG.value, _WORKDIR.value)
+        validate(cfg, jax.device_count())
+        if cfg.mode not in ("sft", "grpo"):
+            raise ConfigError(
+                "mode", f"mode {cfg.mode!r} has no training loop here; expected 'sft' or 'grpo'"
+            )
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # one process speaks for the run
+    logging.info(
+        "%s %s run in %s on %d devices (%d processes)",
+        cfg.mode, cfg.variant, cfg.workdir, jax.device_count(), jax.process_count(),
+    )  # fmt: skip
+    cfg = prepare_assets(cfg)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
