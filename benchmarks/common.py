@@ -15,7 +15,7 @@ def pin_threads(threads: int | None = None) -> int:
 
     Call first thing in a benchmark's main, before importing jax or torch: XLA reads its flags once.
     """
-    n = int(threads or os.environ.get("BENCH_THREADS", "0") or os.cpu_count() or 1)
+    n = int(threads or os.environ.get("BENCH_THREADS") or os.cpu_count() or 1)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flags = os.environ.get("XLA_FLAGS", "")
     if "intra_op_parallelism_threads" not in flags and os.environ["JAX_PLATFORMS"] == "cpu":
