@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from pixel_reasoner_jax import sharding
-from pixel_reasoner_jax.models.config import PRESETS, ModelConfig, TextConfig
+from pixel_reasoner_jax.models.config import PRESETS
 from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
 from pixel_reasoner_jax.processing.batch import Example
 from pixel_reasoner_jax.processing.rope import get_rope_index
@@ -21,17 +21,10 @@ from pixel_reasoner_jax.train import steps
 # A 320-token vocabulary keeps the (B, T, V) log-softmax cheap on CPU; the special ids sit above the text ids.
 TEXT_IDS = 290
 IMG, VID, VS, VE, PAD = 300, 301, 302, 303, 304
-CFG = ModelConfig(
-    TextConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        mrope_section=(2, 3, 3),
-    ),
-    PRESETS["tiny"].vision,
+TINY = PRESETS["tiny"]
+CFG = dataclasses.replace(
+    TINY,
+    text=dataclasses.replace(TINY.text, vocab_size=320),
     image_token_id=IMG,
     video_token_id=VID,
     vision_start_token_id=VS,

@@ -1,8 +1,9 @@
 """Jitted, sharded training steps: micro-batch stacking, batch placement, the SFT and GRPO updates and
 the no-grad log-probs used for old / reference policies.
 
-One step = `lax.scan` over a leading micro-batch axis accumulating exact (sum, denominator) gradients
-(`state.accumulate`), then one optimizer update; the state is donated and keeps its shardings.
+One step = a gradient program (`lax.scan` over a leading micro-batch axis accumulating exact (sum,
+denominator) gradients, `state.accumulate`) and an update program (one optimizer step; the state is
+donated and keeps its shardings).
 """
 
 import dataclasses
@@ -267,7 +268,8 @@ class TrainFns:
     Attributes:
       sft_step: (state, micro) -> (state, metrics); the state is donated.
       grpo_step: (state, micro) -> (state, metrics); None when built without GRPO settings.
-      logprobs: (params, micro) -> (n_micro, B, T) float32 log-probs of the targets, replicated.
+      logprobs: (params, micro) -> (n_micro, B, T) float32 log-probs of the targets (at the GRPO
+        temperature), replicated.
       grads: (state, micro, kind) -> `state.Accumulated` of the step's loss, kind "sft" | "grpo": exactly
         what the step feeds the optimizer (for tests, gradient checks and debugging); nothing is donated.
     """
@@ -319,7 +321,8 @@ def make_train_fns(
     """
     if logprob_chunk < 1:
         raise ValueError(f"logprob_chunk must be >= 1, got {logprob_chunk}")
-    temperature = 1.0 if grpo is None else grpo.temperature
+    # GRPO log-probs (old, reference, current) are of the sampler's tempered distribution; SFT's NLL is not.
+    rl_temperature = 1.0 if grpo is None else grpo.temperature
     replicated = NamedSharding(mesh, P())
 
     def stop_frozen(params):
@@ -331,7 +334,7 @@ def make_train_fns(
 
         return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-    def forward(params, bufs, mb):
+    def forward(params, bufs, mb, temperature):
         """Log-probs and entropies (B, T) of the targets of one micro-batch."""
         model = nnx.merge(graphdef, params, bufs) if bufs is not None else nnx.merge(graphdef, params)
         pixel_values, vision_inputs = _vision_args(mb)
@@ -342,7 +345,7 @@ def make_train_fns(
 
     def sft_loss_fn(bufs):
         def loss_fn(params, mb):
-            lp, ent = forward(stop_frozen(params), bufs, mb)
+            lp, ent = forward(stop_frozen(params), bufs, mb, 1.0)
             nll_sum, count = losses.sft_loss(lp, mb["loss_mask"])
             valid = mb["loss_mask"] != 0
             ent_sum = jnp.sum(jnp.where(valid, jax.lax.stop_gradient(ent), 0.0))
@@ -355,7 +358,7 @@ def make_train_fns(
         agg = losses.LOSS_AGG[g.loss_agg]
 
         def loss_fn(params, mb):
-            lp, ent = forward(stop_frozen(params), bufs, mb)
+            lp, ent = forward(stop_frozen(params), bufs, mb, rl_temperature)
             use_ref = g.kl_coef > 0
             loss_sum, denom, m = losses.grpo_loss(
                 lp,
@@ -424,7 +427,7 @@ def make_train_fns(
 
     def logprobs_fn(params, bufs, micro):
         def body(_, mb):
-            return None, forward(params, bufs, mb)[0]
+            return None, forward(params, bufs, mb, rl_temperature)[0]
 
         return jax.lax.scan(body, None, micro)[1]
 
