@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from pixel_reasoner_jax import sharding
+from pixel_reasoner_jax.config import GRPOConfig
 from pixel_reasoner_jax.models.config import PRESETS
 from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
 from pixel_reasoner_jax.processing.batch import Example
@@ -279,8 +280,6 @@ def test_micro_batches_truncate_to_largest_bucket(examples):
 
 
 def test_grpo_settings_from_config():
-    from pixel_reasoner_jax.config import GRPOConfig
-
     fields = {f.name: 1 for f in dataclasses.fields(GRPOConfig)}
     cfg = GRPOConfig(
         **(
