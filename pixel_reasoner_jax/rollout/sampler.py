@@ -98,11 +98,13 @@ def sample_tokens(
     """
     greedy_b = temperature_b <= 0
     scaled_bv = logits_bv / jnp.where(greedy_b, 1.0, temperature_b)[:, None]
-    logp_bv = jax.nn.log_softmax(scaled_bv, axis=-1)
+    # log p(tok) = scaled[tok] - logsumexp(scaled): the (B, V) log_softmax is only built when sampling.
+    lse_b = jax.nn.logsumexp(scaled_bv, axis=-1)
     best_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     truncate_b = ~greedy_b & ((top_p_b < 1.0) | (top_k_b > 0))
 
     def stochastic(_):
+        logp_bv = scaled_bv - lse_b[:, None]
         keep_bv = jax.lax.cond(
             truncate_b.any(),
             lambda: truncation_mask(logp_bv, top_p_b, top_k_b) | ~truncate_b[:, None],
@@ -113,7 +115,7 @@ def sample_tokens(
     # All-greedy batches (evaluation, benchmarks) skip the vocabulary-wide sampling work.
     sampled_b = jax.lax.cond(greedy_b.all(), lambda _: best_b, stochastic, None)
     tok_b = jnp.where(greedy_b, best_b, sampled_b)
-    return tok_b, jnp.take_along_axis(logp_bv, tok_b[:, None], axis=-1)[:, 0]
+    return tok_b, jnp.take_along_axis(scaled_bv, tok_b[:, None], axis=-1)[:, 0] - lse_b
 
 
 class JaxSampler(Policy):
