@@ -283,6 +283,9 @@ def test_update_weights_changes_outputs_without_recompiling(setup):
     for res, (lp, best) in zip(fresh, setup["recompute"](requests, fresh, new)):
         assert list(res.output_ids) == best.tolist()
         np.testing.assert_allclose(res.logprobs, lp, atol=1e-4, rtol=0)
+    # Host arrays of another dtype are cast and placed like the served ones: same programs, same outputs.
+    sampler.update_weights(jax.tree.map(lambda x: np.asarray(x, np.float64), new), "7b")
+    assert [r.output_ids for r in sampler.generate(requests)] == [r.output_ids for r in fresh]
     assert sampler.compile_counts == counts
     sampler.update_weights(state, "8")  # an nnx.State works too
     assert [r.output_ids for r in sampler.generate(requests)] == [r.output_ids for r in old]

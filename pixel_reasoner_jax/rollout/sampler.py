@@ -215,7 +215,8 @@ class JaxSampler(Policy):
         """Swaps in new parameters (an nnx.State of Params or its pure dict) without recompiling.
 
         Each array is cast to the current dtype and placed on the current sharding, so the jitted programs
-        see identical argument types.
+        see identical argument types. An array already in that place is used as is (no copy): a caller
+        that later donates its buffers must pass copies.
 
         Raises:
           ValueError: a parameter path or shape that differs from the served model's.
@@ -235,8 +236,7 @@ class JaxSampler(Policy):
                     f"update_weights: parameter {name(k)} has shape {tuple(np.shape(x))}, "
                     f"expected {tuple(old_flat[k].shape)}"
                 )
-        placed = jax.tree.map(lambda o, x: jax.device_put(jnp.asarray(x, o.dtype), o.sharding), old, new)
-        self._weights = (placed, str(version))
+        self._weights = (jax.tree.map(_place_like, old, new), str(version))
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """One result per request, in order; chunks of `max_batch` rows share one prefill + decode call.
@@ -415,6 +415,14 @@ class JaxSampler(Policy):
         _, cache, _, tokens_bn, logprobs_bn, _, stopped_b, lengths_b = jax.lax.while_loop(cond, body, state)
         # Returning the cache lets XLA alias it with the donated input: the loop updates it in place.
         return tokens_bn, logprobs_bn, lengths_b, stopped_b, cache
+
+
+def _place_like(old: jax.Array, x) -> jax.Array:
+    """`x` on `old`'s sharding in `old`'s dtype; host arrays are cast on the host, before the transfer."""
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x, dtype=old.dtype)
+    x = jax.device_put(x, old.sharding)
+    return x if x.dtype == old.dtype else x.astype(old.dtype)
 
 
 def _constrain(cache: KVCache) -> KVCache:
