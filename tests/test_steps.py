@@ -106,17 +106,13 @@ def make_examples(n: int, seed: int) -> list[Example]:
     return [make_example(rng, int(rng.integers(2, 20)), f"q{seed}-{i}") for i in range(n)]
 
 
+def split(examples, n_micro, **kw):
+    kw = dict(pad_id=PAD, vision_cfg=CFG.vision, seq_buckets=SEQ_BUCKETS, patch_buckets=PATCH_BUCKETS) | kw
+    return steps.micro_batches(examples, n_micro, **kw)
+
+
 def stacked(examples, n_micro) -> dict:
-    return steps.stack(
-        steps.micro_batches(
-            examples,
-            n_micro,
-            pad_id=PAD,
-            vision_cfg=CFG.vision,
-            seq_buckets=SEQ_BUCKETS,
-            patch_buckets=PATCH_BUCKETS,
-        )
-    )
+    return steps.stack(split(examples, n_micro))
 
 
 def host_params(seed: int = 0):
@@ -232,9 +228,7 @@ def test_sft_step_smoke(one, big):
 
 
 def test_micro_batches_share_buckets_and_stack(examples):
-    batches = steps.micro_batches(
-        examples, 4, pad_id=PAD, vision_cfg=CFG.vision, seq_buckets=SEQ_BUCKETS, patch_buckets=PATCH_BUCKETS
-    )
+    batches = split(examples, 4)
     assert len(batches) == 4 and all(b.input_ids.shape == (2, 64) for b in batches)
     assert {b.pixel_values.shape for b in batches} == {(64, PATCH_DIM)}
     assert len({b.vision_inputs.window_gather.shape for b in batches}) == 1
@@ -250,9 +244,7 @@ def test_micro_batches_share_buckets_and_stack(examples):
     assert micro["loss_mask"].sum() == n_trained
 
     with pytest.raises(ValueError, match="8 examples do not split into 3"):
-        steps.micro_batches(
-            examples, 3, pad_id=PAD, vision_cfg=CFG.vision, seq_buckets=None, patch_buckets=None
-        )
+        split(examples, 3)
     no_media = dataclasses.replace(batches[1], pixel_values=None, vision_inputs=None)
     with pytest.raises(ValueError, match="all have vision items or none"):
         steps.stack([batches[0], no_media])
@@ -261,39 +253,19 @@ def test_micro_batches_share_buckets_and_stack(examples):
 
 
 def test_micro_batches_truncate_to_largest_bucket(examples):
-    batches = steps.micro_batches(
-        examples, 2, pad_id=PAD, vision_cfg=CFG.vision, seq_buckets=(32,), patch_buckets=PATCH_BUCKETS
-    )
+    batches = split(examples, 2, seq_buckets=(32,))
     cut = np.concatenate([b.truncated for b in batches])
     np.testing.assert_array_equal(cut, [ex.length > 32 for ex in examples])
     assert all(b.input_ids.shape == (4, 32) for b in batches)
     with pytest.raises(ValueError, match="pass truncate=True"):
-        steps.micro_batches(
-            examples,
-            2,
-            pad_id=PAD,
-            vision_cfg=CFG.vision,
-            seq_buckets=(32,),
-            patch_buckets=None,
-            truncate=False,
-        )
+        split(examples, 2, seq_buckets=(32,), truncate=False)
 
 
 def test_grpo_settings_from_config():
-    fields = {f.name: 1 for f in dataclasses.fields(GRPOConfig)}
-    cfg = GRPOConfig(
-        **(
-            fields
-            | dict(
-                eps_low=0.2,
-                eps_high=0.3,
-                kl_coef=0.0,
-                entropy_coef=0.01,
-                tis_cap=0.0,
-                loss_agg="seq-mean-token-mean",
-            )
-        )
+    given = dict(
+        eps_low=0.2, eps_high=0.3, kl_coef=0.0, entropy_coef=0.01, tis_cap=0.0, loss_agg="seq-mean-token-mean"
     )
+    cfg = GRPOConfig(**({f.name: 1 for f in dataclasses.fields(GRPOConfig)} | given))
     s = steps.GRPOLossSettings.from_config(cfg, 512, temperature=0.7)
     assert (s.eps_low, s.eps_high, s.tis_cap, s.max_len, s.temperature) == (0.2, 0.3, None, 512, 0.7)
     assert steps.GRPOLossSettings.from_config(dataclasses.replace(cfg, tis_cap=2.0), 8).tis_cap == 2.0
