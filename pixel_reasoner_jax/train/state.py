@@ -281,7 +281,8 @@ def create_train_state(
     buffers = jax.device_put(buffers, shardings.buffers)
     opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
-    rng = jax.device_put(jax.random.key(seed), shardings.rng)
+    # Made by a jit: a multi-host mesh is not addressable, and device_put of a local key array onto it fails.
+    rng = jax.jit(lambda: jax.random.key(seed), out_shardings=shardings.rng)()
     state = TrainState(params=params, buffers=buffers, opt_state=opt_state, step=step, rng=rng)
     return graphdef, state, shardings
 
