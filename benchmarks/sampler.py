@@ -7,6 +7,7 @@ each holding one image, N new tokens without early stops. Prints tokens/s of bot
 """
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -100,6 +101,7 @@ def main(argv=None) -> str:
     threads = pin_threads(args.threads)
 
     import torch
+    from flax import nnx
     from model_step import build_models, num_params
 
     from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
@@ -115,7 +117,7 @@ def main(argv=None) -> str:
     kw = hf_inputs(requests, cfg, image_cfg)
     prompt_len = kw["input_ids"].shape[1]
     print(
-        f"model: {num_params(sampler._weights[0]) / 1e6:.1f}M parameters; batch {args.batch} x "
+        f"model: {num_params(nnx.state(model, nnx.Param)) / 1e6:.1f}M parameters; batch {args.batch} x "
         f"({prompt_len} prompt tokens incl. one {args.image_side}px image) + {args.new_tokens} new tokens; "
         f"{threads} thread(s); setup {time.perf_counter() - t0:.1f}s"
     )
@@ -126,18 +128,14 @@ def main(argv=None) -> str:
     print(f"jax: first call (compiles) {time.perf_counter() - t0:.1f}s; compiled {sampler.compile_counts}")
     jax_s = median(time_calls(lambda: sampler.generate(requests), warmup=0, repeats=args.repeats))
 
-    gen_cfg = hf.generation_config
+    gen_cfg = copy.deepcopy(hf.generation_config)
     gen_cfg.eos_token_id = None  # the full budget, as the sampler without stop ids
+    gen_cfg.max_new_tokens = gen_cfg.min_new_tokens = args.new_tokens
+    gen_cfg.do_sample = False
 
     def hf_generate():
         with torch.no_grad():
-            return hf.generate(
-                **kw,
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                do_sample=False,
-                generation_config=gen_cfg,
-            )
+            return hf.generate(**kw, generation_config=gen_cfg)
 
     hf_out = hf_generate()
     hf_s = median(time_calls(hf_generate, warmup=0, repeats=args.repeats))

@@ -139,6 +139,8 @@ def test_greedy_equals_transformers_generate(setup, tiny_ckpt):
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
     gen_cfg = copy.deepcopy(hf.generation_config)
     gen_cfg.eos_token_id = None  # run the full budget, as the request (no stop ids) does
+    gen_cfg.max_new_tokens, gen_cfg.do_sample = NEW, False
+    gen_cfg.output_logits = gen_cfg.return_dict_in_generate = True
     ids = torch.tensor(ex.input_ids[None].astype(np.int64))
     with torch.no_grad():
         out = hf.generate(
@@ -147,10 +149,6 @@ def test_greedy_equals_transformers_generate(setup, tiny_ckpt):
             mm_token_type_ids=(ids == IMG).long(),
             pixel_values=torch.tensor(ex.pixel_values),
             image_grid_thw=torch.tensor(ex.grid_thw),
-            max_new_tokens=NEW,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
             generation_config=gen_cfg,
         )
     hf_new = out.sequences[0, ids.shape[1] :].tolist()
