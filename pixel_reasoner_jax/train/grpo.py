@@ -387,9 +387,13 @@ class GRPOTrainer:
         micros = []
         t0 = time.perf_counter()
         if examples:
+            # Epoch 0 in selection order (refill and SSR already shuffled), later epochs reshuffled.
+            epochs = -(-n_steps // per_epoch)
+            orders = [np.arange(len(examples))] + [
+                self.rng.permutation(len(examples)) for _ in range(epochs - 1)
+            ]
             for k in range(n_steps):
-                order = np.arange(len(examples)) if k < per_epoch else self.rng.permutation(len(examples))
-                part = order[(k % per_epoch) * tb : (k % per_epoch + 1) * tb]
+                part = orders[k // per_epoch][(k % per_epoch) * tb : (k % per_epoch + 1) * tb]
                 micros.append(self._micro([examples[i] for i in part], adv_s[part]))
         t_old = time.perf_counter() - t0
         once = {**{k: v for k, v in roll_m.items() if k.startswith("time/")}, "time/reward_s": 0.0}
