@@ -323,6 +323,21 @@ def test_masked_tokens_get_zero_gradient(one, big, lp0):
     assert rel_err(c.grads, a.grads) > 1e-6
 
 
+def test_trained_positions_only_projection_is_exact(one, big, lp0):
+    """Projecting only the trained positions onto the vocabulary (steps.loss_index) gives the loss and
+    gradient of projecting every position, and its index lists exactly the trained positions."""
+    idx, valid = big["loss_index"], big["loss_valid"]
+    assert valid.sum() == (big["loss_mask"] != 0).sum() and idx.shape[-1] < big["loss_mask"].shape[-1]
+    np.testing.assert_array_equal(np.take_along_axis(big["loss_mask"], idx, -1)[valid], 1)
+    state = one.state()
+    micro = grpo_inputs(big, lp0, seed=3)
+    full = {k: v for k, v in micro.items() if k not in ("loss_index", "loss_valid")}
+    for kind in ("sft", "grpo"):
+        a, b = one.fns.grads(state, micro, kind), one.fns.grads(state, full, kind)
+        np.testing.assert_allclose(float(a.loss), float(b.loss), rtol=1e-6)
+        assert rel_err(a.grads, b.grads) < 1e-6
+
+
 def test_exact_accumulation(one, big, lp0, examples):
     """4 micro-batches of 2 (uneven real lengths and trained-token counts) = one batch of 8."""
     small = stacked(examples, 4)

@@ -144,7 +144,31 @@ def stack(batches: Sequence[Batch]) -> dict[str, Any]:
                 )
         out[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *values)
     out["ref_logprobs"] = np.zeros_like(out["old_logprobs"])
+    out["loss_index"], out["loss_valid"] = loss_index(out["loss_mask"])
     return out
+
+
+def loss_index(loss_mask: np.ndarray, min_bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the positions of the trained targets, padded to a common power-of-two bucket K.
+
+    Only these positions go through the (D x V) output projection: in vision-language data most tokens
+    are image pads, prompt and tool observations, so projecting every position would spend most of the
+    step's largest matmuls (and their gradients) on logits nobody trains.
+
+    Args:
+      loss_mask: (..., T) non-zero where the target is trained.
+
+    Returns:
+      index (..., K) int32 positions in T (0 in unused slots), valid (..., K) bool.
+    """
+    mask = np.asarray(loss_mask) != 0
+    t = mask.shape[-1]
+    counts = mask.sum(-1)
+    k = min(t, pick_bucket(max(int(counts.max(initial=0)), min_bucket), None))
+    # A stable argsort of "not trained" puts the trained positions first, in order.
+    order = np.argsort(~mask, axis=-1, kind="stable")[..., :k]
+    valid = np.take_along_axis(mask, order, axis=-1)
+    return np.where(valid, order, 0).astype(np.int32), valid
 
 
 def _batch_axis(name: str) -> int:
@@ -335,13 +359,28 @@ def make_train_fns(
         return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
     def forward(params, bufs, mb, temperature):
-        """Log-probs and entropies (B, T) of the targets of one micro-batch."""
+        """Log-probs and entropies (B, T) of the targets of one micro-batch.
+
+        With `loss_index` in the micro-batch only the trained positions are projected onto the vocabulary;
+        the other positions read 0 (every loss masks them).
+        """
         model = nnx.merge(graphdef, params, bufs) if bufs is not None else nnx.merge(graphdef, params)
         pixel_values, vision_inputs = _vision_args(mb)
         hidden, _ = model.hidden_states(
             mb["input_ids"], mb["positions"], mb["attention_mask"], pixel_values, vision_inputs
         )
-        return token_logprobs(model, hidden, mb["targets"], temperature=temperature, chunk=logprob_chunk)
+        if "loss_index" not in mb:
+            return token_logprobs(model, hidden, mb["targets"], temperature=temperature, chunk=logprob_chunk)
+        idx, valid = mb["loss_index"], mb["loss_valid"]
+        h_bkd = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+        y_bk = jnp.take_along_axis(mb["targets"], idx, axis=1)
+        lp_bk, ent_bk = token_logprobs(model, h_bkd, y_bk, temperature=temperature, chunk=logprob_chunk)
+        rows = jnp.arange(idx.shape[0])[:, None]
+
+        def scatter(x_bk):
+            return jnp.zeros(hidden.shape[:2], jnp.float32).at[rows, idx].add(jnp.where(valid, x_bk, 0.0))
+
+        return scatter(lp_bk), scatter(ent_bk)
 
     def sft_loss_fn(bufs):
         def loss_fn(params, mb):
