@@ -87,6 +87,7 @@ def make_inputs(cfg, *, batch: int = 1, text_tokens: int = 512, image_side: int 
 
     from pixel_reasoner_jax.models.vision import prepare_vision
     from pixel_reasoner_jax.processing.rope import get_rope_index
+    from pixel_reasoner_jax.train.steps import loss_index
 
     rng = np.random.default_rng(seed)
     v = cfg.vision
@@ -132,6 +133,7 @@ def make_inputs(cfg, *, batch: int = 1, text_tokens: int = 512, image_side: int 
         targets=targets.astype(np.int32),
         loss_mask=loss_mask,
     )
+    ours["loss_index"], ours["loss_valid"] = loss_index(loss_mask)
     tt = np.where(ids == cfg.image_token_id, 1, 0)
     hf = dict(
         input_ids=torch.tensor(ids),
@@ -147,13 +149,14 @@ def jax_loss_fn(graphdef, chunk: int):
     """(params, ours) -> (nll_sum, token_count) through our hidden_states + token_logprobs + sft_loss."""
     from flax import nnx
 
-    from pixel_reasoner_jax.models.qwen25vl import token_logprobs
+    from pixel_reasoner_jax.models.qwen25vl import indexed_token_logprobs
     from pixel_reasoner_jax.train.losses import sft_loss
 
     def loss(params, x):
         m = nnx.merge(graphdef, params)
         hidden, _ = m.hidden_states(x["ids"], x["pos"], x["mask"], x["pix"], x["vi"])
-        lp, _ = token_logprobs(m, hidden, x["targets"], chunk=chunk)
+        # As the trainer does (train/steps.py): only trained positions reach the vocabulary projection.
+        lp, _ = indexed_token_logprobs(m, hidden, x["targets"], x["loss_index"], x["loss_valid"], chunk=chunk)
         return sft_loss(lp, x["loss_mask"])
 
     return loss

@@ -23,6 +23,7 @@ __all__ = [
     "prepare_vision",
     "splice_vision",
     "token_logprobs",
+    "indexed_token_logprobs",
 ]
 
 
@@ -50,7 +51,9 @@ def check_vision_tokens(input_ids, vision_inputs: VisionInputs | None, cfg: Mode
     n_pad = int(((ids == cfg.image_token_id) | (ids == cfg.video_token_id)).sum())
     n_rows = 0 if vision_inputs is None else int(vision_inputs.num_merged)
     if n_pad != n_rows:
-        raise ValueError(f"input_ids hold {n_pad} image/video pad tokens but the vision inputs give {n_rows} rows")
+        raise ValueError(
+            f"input_ids hold {n_pad} image/video pad tokens but the vision inputs give {n_rows} rows"
+        )
 
 
 class Qwen25VL(nnx.Module):
@@ -79,7 +82,9 @@ class Qwen25VL(nnx.Module):
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
         if attention == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise ValueError(f"cudnn attention needs a bfloat16 or float16 compute dtype, got {jnp.dtype(dtype)}")
+            raise ValueError(
+                f"cudnn attention needs a bfloat16 or float16 compute dtype, got {jnp.dtype(dtype)}"
+            )
         self.cfg = cfg
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, rngs=rngs)
@@ -214,3 +219,34 @@ def token_logprobs(
     ent = ent.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
     return lp, ent
 
+
+def indexed_token_logprobs(
+    model: Qwen25VL,
+    hidden: jax.Array,
+    targets: jax.Array,
+    index: jax.Array,
+    valid: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """`token_logprobs` at the positions `index` of each row only; (B, T) results, 0 elsewhere.
+
+    Only the K listed positions per row go through the (D, V) projection (forward and backward), so the
+    cost of the largest matmuls follows the trained tokens, not the sequence (image pads, prompts and tool
+    observations are most of a vision-language sequence and are never trained).
+
+    Args:
+      hidden, targets: as `token_logprobs`.
+      index: (B, K) int positions in T (any value in unused slots).
+      valid: (B, K) bool, False in unused slots (they contribute nothing).
+    """
+    h_bkd = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    y_bk = jnp.take_along_axis(targets, index, axis=1)
+    lp_bk, ent_bk = token_logprobs(model, h_bkd, y_bk, temperature=temperature, chunk=chunk)
+    rows = jnp.arange(index.shape[0])[:, None]
+
+    def scatter(x_bk):
+        return jnp.zeros(hidden.shape[:2], jnp.float32).at[rows, index].add(jnp.where(valid, x_bk, 0.0))
+
+    return scatter(lp_bk), scatter(ent_bk)

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.config import GRPOConfig
 from pixel_reasoner_jax.models.config import VisionConfig
-from pixel_reasoner_jax.models.qwen25vl import token_logprobs
+from pixel_reasoner_jax.models.qwen25vl import indexed_token_logprobs, token_logprobs
 from pixel_reasoner_jax.models.vision import prepare_vision
 from pixel_reasoner_jax.processing.batch import Batch, Example, collate, pick_bucket, truncate_example
 from pixel_reasoner_jax.train import losses
@@ -371,16 +371,15 @@ def make_train_fns(
         )
         if "loss_index" not in mb:
             return token_logprobs(model, hidden, mb["targets"], temperature=temperature, chunk=logprob_chunk)
-        idx, valid = mb["loss_index"], mb["loss_valid"]
-        h_bkd = jnp.take_along_axis(hidden, idx[..., None], axis=1)
-        y_bk = jnp.take_along_axis(mb["targets"], idx, axis=1)
-        lp_bk, ent_bk = token_logprobs(model, h_bkd, y_bk, temperature=temperature, chunk=logprob_chunk)
-        rows = jnp.arange(idx.shape[0])[:, None]
-
-        def scatter(x_bk):
-            return jnp.zeros(hidden.shape[:2], jnp.float32).at[rows, idx].add(jnp.where(valid, x_bk, 0.0))
-
-        return scatter(lp_bk), scatter(ent_bk)
+        return indexed_token_logprobs(
+            model,
+            hidden,
+            mb["targets"],
+            mb["loss_index"],
+            mb["loss_valid"],
+            temperature=temperature,
+            chunk=logprob_chunk,
+        )
 
     def sft_loss_fn(bufs):
         def loss_fn(params, mb):
