@@ -171,6 +171,10 @@ def main(argv) -> int:
             raise ConfigError(
                 "mode", f"mode {cfg.mode!r} has no training loop here; expected 'sft' or 'grpo'"
             )
+        if cfg.mode == "grpo":
+            from pixel_reasoner_jax.train import grpo
+
+            grpo.check_supported(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG

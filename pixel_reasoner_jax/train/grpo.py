@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from pixel_reasoner_jax.config import RunConfig, rollout_mesh_shape
+from pixel_reasoner_jax.config import ConfigError, RunConfig, rollout_mesh_shape
 from pixel_reasoner_jax.data import loader
 from pixel_reasoner_jax.data.records import RLRecord, load_rl_records
 from pixel_reasoner_jax.models import hf_io
@@ -444,17 +444,27 @@ class GRPOTrainer:
         self.rollouts.close()
 
 
+def check_supported(cfg: RunConfig) -> None:
+    """Settings the config allows but this loop does not run.
+
+    Raises:
+      ConfigError: grpo.max_staleness > 0 (asynchronous rollouts).
+    """
+    if cfg.grpo.max_staleness:
+        raise ConfigError(
+            "grpo.max_staleness",
+            f"this loop is synchronous (every sample comes from the current policy); got "
+            f"{cfg.grpo.max_staleness}, expected 0",
+        )
+
+
 def run(cfg: RunConfig, *, accuracy_fn: AccuracyFn | None = None) -> pathlib.Path:
     """grpo mode: `sft.steps` warm-start SFT steps, then GRPO to the end; exports `hf_export/`.
 
     Loop steps count SFT steps first, so metrics, checkpoints and the resume point form one sequence.
     Returns the export folder.
     """
-    if cfg.grpo.max_staleness:
-        raise ValueError(
-            f"grpo.max_staleness={cfg.grpo.max_staleness}: this loop is synchronous (every sample comes from "
-            "the current policy); set it to 0"
-        )
+    check_supported(cfg)
     records = load_rl(cfg)
     sft_steps = cfg.sft.steps
     total = sft_steps + total_grpo_steps(cfg, len(records))
