@@ -3,6 +3,9 @@ memorised one tool-using episode so that its greedy policy replays it (crop, cro
 """
 
 import dataclasses
+import math
+import os
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -120,3 +123,133 @@ class ScriptedPolicy(Policy):
         if self.bump_versions:
             self._version = f"v{len(self.batch_sizes)}"
         return out
+
+
+# ------------------------------------------------------------------------------------------ memorise
+
+MEMO_IMAGE_SIZE = (112, 84)
+MEMO_BBOX = "[0,0,0.7,0.7]"
+# Crop, crop of the crop, answer; the turns stop on </tool_call> (the <|im_end|> after them is appended with
+# mask 0) and on <|im_end|>. Compact JSON: fewer tokens to fit, and fewer places where the same token is
+# followed by different tokens, which a random two-layer model can only tell apart by training attention.
+MEMO_SCRIPT = tuple(
+    f'<tool_call>{{"name":"crop_image","arguments":{{"bbox_2d":{MEMO_BBOX},"target_image":{t}}}}}</tool_call>'
+    for t in (1, 2)
+) + ("\\boxed{B}<|im_end|>",)
+# Greedy decoding (KV cache) and the teacher-forced forward differ by float rounding (~1e-6 in the
+# log-probs); fitting to p(target) > 0.9 rather than to a bare argmax keeps every greedy choice far
+# from a tie, so the memorised episode replays exactly.
+MEMO_MIN_LOGPROB = math.log(0.9)
+
+
+def greedy_config(max_new_tokens: int = 64):
+    """Episode limits of the memorised checkpoint's tests: greedy every turn, short turns."""
+    from pixel_reasoner_jax.rollout.episode import EpisodeConfig
+
+    return EpisodeConfig(temperature=0.0, temperature_after_tool=0.0, max_new_tokens=max_new_tokens)
+
+
+def memo_episode(
+    tok, proc, cfg, *, episode_id: str = "memo", image: Image.Image | None = None, question=None
+):
+    """A started episode on the memorised query (or on another image / question)."""
+    from pixel_reasoner_jax.rollout.episode import Episode, PromptMedia
+
+    image = image if image is not None else noise_image(*MEMO_IMAGE_SIZE, seed=7)
+    rec = record(episode_id) if question is None else record(episode_id, question)
+    return Episode.start(rec, tok, cfg, None, proc, media=PromptMedia(images=(image,)), episode_id=episode_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Memorized:
+    """The fitted checkpoint and what it was fitted to.
+
+    Attributes:
+      path: HF checkpoint folder whose greedy policy replays `trajectory`.
+      trajectory: the scripted episode (its ids are the fit's targets).
+      steps: optimizer steps taken; seconds: wall time of the fit and export.
+      min_logprob: smallest log-prob of a target token under the exported weights.
+    """
+
+    path: str
+    trajectory: object
+    steps: int
+    seconds: float
+    min_logprob: float
+
+
+def memorize_checkpoint(base_ckpt, out_dir, *, max_steps: int = 400, lr: float = 1e-2) -> Memorized:
+    """Fits a copy of `base_ckpt` to the scripted episode MEMO_SCRIPT, then exports it to `out_dir`.
+
+    Teacher forcing on the episode's expanded sequence: the loss is the mean negative log-prob of the
+    sampled tokens (batch.loss_mask), computed by models.qwen25vl.token_logprobs on their positions only;
+    optax adam over every parameter, until each target has log-prob > MEMO_MIN_LOGPROB.
+
+    Raises:
+      RuntimeError: the fit did not reach the threshold within max_steps.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from pixel_reasoner_jax.models import hf_io
+    from pixel_reasoner_jax.models.config import ModelConfig
+    from pixel_reasoner_jax.models.qwen25vl import token_logprobs
+    from pixel_reasoner_jax.processing.batch import collate, expand_trajectory
+    from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
+    from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
+    from pixel_reasoner_jax.rollout.episode import run_episodes
+
+    t0 = time.perf_counter()
+    tok = QwenTokenizer.from_pretrained(base_ckpt)
+    proc = ImageProcessorConfig.from_pretrained(base_ckpt)
+    mcfg = ModelConfig.from_pretrained(base_ckpt)
+    [traj] = run_episodes(
+        ScriptedPolicy(tok, {"memo": MEMO_SCRIPT}), [memo_episode(tok, proc, greedy_config())]
+    )
+    if traj.status != "answered" or traj.num_valid_calls != 2:
+        raise RuntimeError(
+            f"the scripted episode ended {traj.status!r} with {traj.num_valid_calls} valid calls"
+        )
+    ex = expand_trajectory(traj, proc, mcfg)
+    b = collate([ex], pad_id=tok.endoftext, vision_cfg=mcfg.vision, seq_buckets=(ex.length,))
+    where = np.flatnonzero(b.loss_mask[0])
+    targets = jnp.asarray(b.targets[:, where])
+    inputs = (b.input_ids, b.positions, b.attention_mask, b.pixel_values, b.vision_inputs)
+
+    model = hf_io.load_model(base_ckpt)
+    # The untied embedding table and the vision tower stay fixed: the lm_head and the decoder suffice, and
+    # each frozen table saves a dense 152k x D gradient and its Adam update per step.
+    trainable = nnx.All(
+        nnx.Param, nnx.Not(nnx.PathContains("embed_tokens")), nnx.Not(nnx.PathContains("visual"))
+    )
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    opt = optax.adam(lr)
+
+    def target_logprobs(p):
+        m = nnx.merge(graphdef, p, rest)
+        hidden, _ = m.hidden_states(*inputs)
+        return token_logprobs(m, hidden[:, where], targets)[0][0]
+
+    def loss(p):
+        lp = target_logprobs(p)
+        return -lp.mean(), lp
+
+    @jax.jit
+    def train(p, opt_state):
+        (_, lp), g = jax.value_and_grad(loss, has_aux=True)(p)
+        updates, opt_state = opt.update(g, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, lp
+
+    opt_state = opt.init(params)
+    steps = 0
+    for steps in range(max_steps + 1):  # noqa: B007 - the count is reported
+        new, new_state, lp = train(params, opt_state)  # lp: the log-probs under `params`
+        if float(lp.min()) > MEMO_MIN_LOGPROB:
+            break
+        params, opt_state = new, new_state
+    else:
+        raise RuntimeError(f"memorisation reached min log-prob {float(lp.min()):.3f} after {max_steps} steps")
+    hf_io.export_hf(nnx.merge(graphdef, params, rest), mcfg, out_dir, extra_files_from=base_ckpt)
+    return Memorized(os.fspath(out_dir), traj, steps, time.perf_counter() - t0, float(lp.min()))
