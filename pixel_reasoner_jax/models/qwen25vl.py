@@ -176,9 +176,9 @@ def token_logprobs(
 ) -> tuple[jax.Array, jax.Array]:
     """log p(target) and the entropy of the tempered next-token distribution at every position.
 
-    Sequence chunks of `chunk` tokens are processed under `lax.scan` with a `jax.checkpoint` body, so the
-    live logits are (B, chunk, V) float32 in the forward pass and again in the backward pass (recomputed),
-    never (B, T, V).
+    Sequence chunks of `chunk` tokens are processed under `lax.scan` with a `jax.checkpoint` body (when
+    there is more than one chunk), so the live logits are (B, chunk, V) float32 in the forward pass and
+    again in the backward pass (recomputed), never (B, T, V).
 
     Args:
       model: the (merged) model whose output projection is used.
@@ -202,7 +202,6 @@ def token_logprobs(
     h = h.reshape(b, n, chunk, d).swapaxes(0, 1)
     y = y.reshape(b, n, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def one(h_c, y_c):
         logits = jnp.einsum("BTD,DV->BTV", h_c, w, preferred_element_type=jnp.float32) / temperature
         logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
@@ -211,8 +210,13 @@ def token_logprobs(
         ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
         return lp, ent
 
+    # Several chunks: each chunk's logits are recomputed in the backward pass, so at most one chunk of
+    # logits is ever live. A single chunk keeps its logits for the backward pass instead (still one chunk
+    # live) and saves the recompute, a fourth (D, V) matmul.
+    step = jax.checkpoint(one) if n > 1 else one
+
     def body(_, xs):
-        return None, one(*xs)
+        return None, step(*xs)
 
     _, (lp, ent) = jax.lax.scan(body, None, (h, y))
     lp = lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
