@@ -29,8 +29,8 @@ from pixel_reasoner_jax.processing.vision import (
     preprocess_video,
     resize_to_limits,
 )
-from pixel_reasoner_jax.rollout.episode import Trajectory, resize_video_frames
 from pixel_reasoner_jax.rollout.policy import Video
+from pixel_reasoner_jax.rollout.trajectory import Trajectory, resize_video_frames
 from pixel_reasoner_jax.tools.ops import PIX
 
 # SFT video frames (reference §5): the SFT code caps each frame at 420*360 px; qwen_vl_utils' video floor.

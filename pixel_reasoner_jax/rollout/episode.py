@@ -16,11 +16,8 @@ from pixel_reasoner_jax.data.records import RLRecord, load_image, load_video_fra
 from pixel_reasoner_jax.processing import chat
 from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
 from pixel_reasoner_jax.processing.vision import (
-    FACTOR,
     ImageProcessorConfig,
     resize_to_limits,
-    smart_resize,
-    to_rgb,
 )
 from pixel_reasoner_jax.rollout.policy import (
     FINISH_ABORT,
@@ -30,6 +27,13 @@ from pixel_reasoner_jax.rollout.policy import (
     Policy,
     SamplingParams,
     Video,
+)
+from pixel_reasoner_jax.rollout.trajectory import (
+    STATUSES,
+    UNTRAINABLE,
+    Trajectory,
+    Turn,
+    resize_video_frames,
 )
 from pixel_reasoner_jax.tools.ops import PIX, OpsConfig, VisualState, apply_result
 from pixel_reasoner_jax.tools.parse import TOOL_START, execute, is_tool_call_turn, parse_tool_call
@@ -41,33 +45,21 @@ from pixel_reasoner_jax.train.rewards import extract_boxed
 DEFAULT_STOP_IDS = (151645, 151658, 151643)
 PROMPT_MODES = ("vcot", "notool")
 
-# How an episode ended. Precedence when several hold (checked in this order): aborted, invalid_tokens;
-# then for a turn that requests a tool: max_tool_calls, context_limit, max_images, context_limit (the
-# observation does not fit); for a final turn: context_limit, tool_error, answered, malformed_call, no_answer.
-STATUSES = {
-    "answered": "the final turn is no tool call and holds a closed \\boxed{} answer",
-    "no_answer": "the final turn is no tool call, holds no \\boxed{} answer and opens no <tool_call>",
-    "malformed_call": (
-        "the final turn holds no \\boxed{} answer and opens a <tool_call> but does not end with </tool_call> "
-        "(an unclosed call, or text after the call), so by the original's rule it was never executed"
-    ),
-    "tool_error": (
-        "the final turn (no tool call) came right after a failed call's error observation; the original "
-        "scores such a trajectory 0 even with a correct answer (reference §9.1)"
-    ),
-    "max_tool_calls": "a call was requested after more than max_tool_calls executed calls (not executed)",
-    "max_images": "the requested call's images would bring the conversation above max_images (not appended)",
-    "context_limit": (
-        "the expanded sequence reached max_total_tokens: a turn was cut by the remaining budget, or a "
-        "call's observation would leave no room for another token (not appended)"
-    ),
-    "aborted": "the policy aborted the request (finish reason 'abort'); not trainable",
-    "invalid_tokens": (
-        "the policy sampled an image/video pad token that no image backs, or an id outside the tokenizer's "
-        "vocabulary; not trainable"
-    ),
-}
-UNTRAINABLE = frozenset({"aborted", "invalid_tokens"})
+# Re-exported: callers import the finished-episode types from here as well.
+__all__ = [
+    "STATUSES",
+    "UNTRAINABLE",
+    "Episode",
+    "EpisodeConfig",
+    "PrefixError",
+    "PromptMedia",
+    "Trajectory",
+    "Turn",
+    "load_media",
+    "model_view_ops",
+    "resize_video_frames",
+    "run_episodes",
+]
 
 
 class PrefixError(RuntimeError):
@@ -178,121 +170,6 @@ def load_media(record: RLRecord, cfg: EpisodeConfig) -> PromptMedia:
         source = record.images[0] if len(record.images) == 1 else record.images
         return PromptMedia(video_frames=tuple(load_video_frames(source, cfg.num_video_frames)))
     return PromptMedia(images=tuple(load_image(p) for p in record.images))
-
-
-@dataclasses.dataclass(frozen=True)
-class Turn:
-    """One sampled assistant turn.
-
-    Attributes:
-      start, end: the sampled ids are input_ids[start:end] (collapsed sequence).
-      weight_version: the policy version that sampled it.
-      finish_reason: "stop" | "length" | "abort".
-      temperature: the sampling temperature used.
-      tool_call: the turn requested a tool (ends with </tool_call>, reference §3).
-      tool_name: the called tool's name, when one could be read.
-      tool_ok: True/False when the call was executed and appended, None otherwise.
-      tool_error: the error message of a failed call.
-    """
-
-    start: int
-    end: int
-    weight_version: str
-    finish_reason: str
-    temperature: float
-    tool_call: bool = False
-    tool_name: str | None = None
-    tool_ok: bool | None = None
-    tool_error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Trajectory:
-    """A finished episode: what the reward and the trainer read.
-
-    Attributes:
-      record: the query record the episode answered.
-      episode_id: caller-given id (also the prefix of request rids).
-      input_ids: (T,) int32 collapsed ids (ONE pad per vision item).
-      loss_mask: (T,) int8, 1 exactly on the tokens the policy sampled.
-      logprobs: (T,) float32 sampler log-prob of each sampled token, 0.0 where loss_mask is 0.
-      prompt_length: ids of the initial prompt.
-      media: vision items in pad order, at their final size (PIL images; `Video` for a video query).
-      grids: (N, 3) int64 grid_thw of `media`, in pad order.
-      second_per_grid_ts: seconds per temporal grid step of each video item, in order.
-      status: a key of STATUSES.
-      turns: the sampled turns in order.
-      num_calls: tool-call turns (an unexecuted final one included: the original's count, §9.2 code form).
-      num_valid_calls, num_failed_calls: executed calls whose observation is in the sequence.
-      ended_after_failed_call: the last turn came right after a failed call (reference §9.1).
-      has_answer: the last turn holds a closed \\boxed{}.
-      truncated: the last turn stopped on its token limit (finish "length").
-      response_text: the assistant turns' text (special tokens dropped), joined with newlines.
-      expanded_length: tokens of the expanded sequence.
-    """
-
-    record: Any
-    episode_id: str
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-    logprobs: np.ndarray
-    prompt_length: int
-    media: tuple[Image.Image | Video, ...]
-    grids: np.ndarray
-    second_per_grid_ts: tuple[float, ...]
-    status: str
-    turns: tuple[Turn, ...]
-    num_calls: int
-    num_valid_calls: int
-    num_failed_calls: int
-    ended_after_failed_call: bool
-    has_answer: bool
-    truncated: bool
-    response_text: str
-    expanded_length: int
-
-    @property
-    def is_video_item(self) -> np.ndarray:
-        """(N,) bool: which media items are videos."""
-        return np.array([isinstance(m, Video) for m in self.media], dtype=bool)
-
-    @property
-    def image_grids(self) -> np.ndarray:
-        return self.grids[~self.is_video_item].reshape(-1, 3)
-
-    @property
-    def video_grids(self) -> np.ndarray:
-        return self.grids[self.is_video_item].reshape(-1, 3)
-
-    @property
-    def turn_versions(self) -> tuple[str, ...]:
-        return tuple(t.weight_version for t in self.turns)
-
-    @property
-    def policy_versions(self) -> frozenset[str]:
-        return frozenset(self.turn_versions)
-
-    @property
-    def trainable(self) -> bool:
-        return self.status not in UNTRAINABLE
-
-
-def resize_video_frames(
-    frames: Sequence[Image.Image], min_pixels: int, max_pixels: int, factor: int = FACTOR
-) -> tuple[Image.Image, ...]:
-    """All frames resized (PIL bicubic, RGB) to frame 0's smart_resize size, so the video has one size.
-
-    Raises:
-      ValueError: no frames.
-    """
-    if not frames:
-        raise ValueError("a video needs at least one frame, got none")
-    h, w = smart_resize(frames[0].height, frames[0].width, factor, min_pixels, max_pixels)
-    out = []
-    for f in frames:
-        f = to_rgb(f)
-        out.append(f if f.size == (w, h) else f.resize((w, h), resample=Image.BICUBIC))
-    return tuple(out)
 
 
 def model_view_ops(ops: OpsConfig, proc: ImageProcessorConfig) -> OpsConfig:
