@@ -143,7 +143,7 @@ def _init_distributed() -> None:
 
 
 def run(cfg: RunConfig) -> None:
-    """Dispatches on cfg.mode (validated config with assets prepared)."""
+    """Dispatches on cfg.mode: sft, grpo (SFT warm start, then GRPO) or eval (validated, assets prepared)."""
     if cfg.mode == "sft":
         from pixel_reasoner_jax.train import sft
 
@@ -153,7 +153,9 @@ def run(cfg: RunConfig) -> None:
 
         grpo.run(cfg)
     else:
-        raise ConfigError("mode", f"mode {cfg.mode!r} has no training loop here; expected 'sft' or 'grpo'")
+        from pixel_reasoner_jax.eval import run as evaluate
+
+        evaluate.run(cfg)
 
 
 def main(argv) -> int:
@@ -167,10 +169,6 @@ def main(argv) -> int:
         _init_distributed()
         cfg = build_config(_CONFIG.value, _WORKDIR.value)
         validate(cfg, jax.device_count())
-        if cfg.mode not in ("sft", "grpo"):
-            raise ConfigError(
-                "mode", f"mode {cfg.mode!r} has no training loop here; expected 'sft' or 'grpo'"
-            )
         if cfg.mode == "grpo":
             from pixel_reasoner_jax.train import grpo
 

@@ -213,3 +213,22 @@ def test_sglang_backend_through_the_local_server(env, assets, tmp_path):
     assert (workdir / "server.log").is_file()
     assert sorted(p.name for p in (workdir / "pushed_weights").iterdir()) == ["v0", "v1"]
     assert json.loads((workdir / EXPORT_DIR / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+
+
+def test_eval_mode_scores_the_exported_policy(env, assets, full_run, tmp_path):
+    workdir = _workdir(assets, tmp_path / "run")
+    cmd = [sys.executable, "-m", "pixel_reasoner_jax.main", "--config=configs/eval.py:tiny",
+           f"--workdir={workdir}", f"--config.model.checkpoint={full_run / EXPORT_DIR}",
+           "--config.eval.max_new_tokens=8", "--config.eval.batch_size=2"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (workdir / "eval" / "samples.jsonl").read_text().splitlines()]
+    qids = [
+        json.loads(line)["qid"] for line in (workdir / "synthetic" / "eval.jsonl").read_text().splitlines()
+    ]
+    assert sorted(r["qid"] for r in rows) == sorted(qids)
+    report = json.loads((workdir / "eval" / "report.json").read_text())
+    overall = report["overall"]
+    assert overall["n"] == len(qids) and sum(overall["status"].values()) == len(qids)
+    assert overall["accuracy"] == sum(r["correct"] for r in rows) / len(rows)
+    assert (workdir / "eval" / "report.md").read_text().startswith("# Evaluation of")

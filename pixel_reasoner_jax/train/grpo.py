@@ -118,53 +118,68 @@ def decode_example(d: dict) -> Example:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def open_policy(cfg: RunConfig, model_cfg, processor, model_fn, *, version: str, workdir, max_batch: int):
+    """(policy, SGLang client or None, local server or None) for `cfg.rollout.backend`.
+
+    Args:
+      model_fn: builds the Qwen25VL the in-process sampler serves (called for backend "jax" only).
+      version: the weight label of that model.
+      workdir: where a launched local server writes its log.
+      max_batch: episodes decoded together.
+    """
+    if cfg.rollout.backend == "jax":
+        from pixel_reasoner_jax.rollout.sampler import JaxSampler
+
+        data, tensor = rollout_mesh_shape(cfg.mesh, jax.device_count())
+        sampler = JaxSampler(
+            model_fn(),
+            model_cfg,
+            processor,
+            max_batch=max_batch,
+            seq_buckets=cfg.data.seq_buckets,
+            patch_buckets=cfg.data.patch_buckets,
+            decode_bucket=cfg.rollout.decode_bucket,
+            mesh=make_mesh(data, 1, tensor),
+            rules="rollout",
+            weight_version=version,
+        )
+        return sampler, None, None
+    from pixel_reasoner_jax.rollout.server import start_local_server
+    from pixel_reasoner_jax.rollout.sglang_client import SGLangClient
+
+    urls, server = list(cfg.rollout.urls), None
+    if cfg.rollout.launch_local_server:
+        url, server = start_local_server(
+            cfg.model.checkpoint,
+            max_batch=max_batch,
+            weight_version=version,
+            timeout_s=cfg.rollout.request_timeout_s,
+            log_path=pathlib.Path(workdir) / SERVER_LOG,
+        )
+        urls.append(url)
+    client = SGLangClient(urls, timeout_s=cfg.rollout.request_timeout_s, retries=cfg.rollout.retries)
+    return client, client, server
+
+
 class _Rollouts:
     """The run's Policy (in-process JaxSampler, or SGLang servers) and how new weights reach it."""
 
     def __init__(self, ctx: RunContext):
+        from flax import nnx
+
         self.ctx = ctx
-        cfg = ctx.cfg
-        self.server = None
-        self.client = None
-        if cfg.rollout.backend == "jax":
-            from flax import nnx
 
-            from pixel_reasoner_jax.rollout.sampler import JaxSampler
-
-            data, tensor = rollout_mesh_shape(cfg.mesh, jax.device_count())
+        def model_fn():
             # Copies: the train step donates the state's buffers, which must never be the sampler's.
             params = jax.tree.map(lambda x: x.copy(), ctx.state.params)
-            model = nnx.merge(ctx.graphdef, params, ctx.state.buffers)
-            self.policy = JaxSampler(
-                model,
-                ctx.model_cfg,
-                self.processor,
-                max_batch=cfg.rollout.batch_size,
-                seq_buckets=cfg.data.seq_buckets,
-                patch_buckets=cfg.data.patch_buckets,
-                decode_bucket=cfg.rollout.decode_bucket,
-                mesh=make_mesh(data, 1, tensor),
-                rules="rollout",
-                weight_version=self.version(),
-            )
-        else:
-            from pixel_reasoner_jax.rollout.server import start_local_server
-            from pixel_reasoner_jax.rollout.sglang_client import SGLangClient
+            return nnx.merge(ctx.graphdef, params, ctx.state.buffers)
 
-            urls = list(cfg.rollout.urls)
-            if cfg.rollout.launch_local_server:
-                url, self.server = start_local_server(
-                    cfg.model.checkpoint,
-                    max_batch=cfg.rollout.batch_size,
-                    weight_version="base",
-                    timeout_s=cfg.rollout.request_timeout_s,
-                    log_path=ctx.workdir / SERVER_LOG,
-                )
-                urls.append(url)
-            self.client = SGLangClient(
-                urls, timeout_s=cfg.rollout.request_timeout_s, retries=cfg.rollout.retries
-            )
-            self.policy = self.client
+        # A launched server starts from the checkpoint folder, labelled "base": the first sync pushes ours.
+        version = self.version() if ctx.cfg.rollout.backend == "jax" else "base"
+        self.policy, self.client, self.server = open_policy(
+            ctx.cfg, ctx.model_cfg, self.processor, model_fn,
+            version=version, workdir=ctx.workdir, max_batch=ctx.cfg.rollout.batch_size,
+        )  # fmt: skip
 
     @property
     def processor(self):
