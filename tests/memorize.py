@@ -142,11 +142,25 @@ MEMO_SCRIPT = tuple(
 MEMO_MIN_LOGPROB = math.log(0.9)
 
 
-def greedy_config(max_new_tokens: int = 64):
-    """Episode limits of the memorised checkpoint's tests: greedy every turn, short turns."""
-    from pixel_reasoner_jax.rollout.episode import EpisodeConfig
+def greedy_config():
+    """Episode limits of the memorised checkpoint's runs: greedy every turn, and small enough for CPU.
 
-    return EpisodeConfig(temperature=0.0, temperature_after_tool=0.0, max_new_tokens=max_new_tokens)
+    The memorised episode (two calls, then the answer; 587 expanded tokens; turns <= 33 tokens) fits all of
+    them. The caps bound what a deviating episode (another image or question) can cost: three turns at most
+    (a call after more than one executed call ends it), <= 40 new tokens per turn, <= 760 tokens in all
+    (one 768 sequence bucket), and crops of at most 84x84 px (36 patch rows).
+    """
+    from pixel_reasoner_jax.rollout.episode import EpisodeConfig
+    from pixel_reasoner_jax.tools.ops import OpsConfig
+
+    return EpisodeConfig(
+        temperature=0.0,
+        temperature_after_tool=0.0,
+        max_new_tokens=40,
+        max_total_tokens=760,
+        max_tool_calls=1,
+        ops=OpsConfig(crop_max_pixels=84 * 84),
+    )
 
 
 def memo_episode(
@@ -178,7 +192,7 @@ class Memorized:
     min_logprob: float
 
 
-def memorize_checkpoint(base_ckpt, out_dir, *, max_steps: int = 400, lr: float = 1e-2) -> Memorized:
+def memorize_checkpoint(base_ckpt, out_dir, *, max_steps: int = 400, lr: float = 5e-3) -> Memorized:
     """Fits a copy of `base_ckpt` to the scripted episode MEMO_SCRIPT, then exports it to `out_dir`.
 
     Teacher forcing on the episode's expanded sequence: the loss is the mean negative log-prob of the

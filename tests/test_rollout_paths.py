@@ -2,8 +2,6 @@
 token-identical paths, sampler log-probs equal to the trainer's recomputation, 32 concurrent episodes.
 """
 
-import dataclasses
-
 import jax
 import numpy as np
 import portpicker
@@ -23,10 +21,11 @@ from pixel_reasoner_jax.rollout.server_backend import JaxBackend
 from pixel_reasoner_jax.rollout.sglang_client import SGLangClient
 
 VERSION = "memo-1"
-# Short turns and a small total keep every prompt in one sequence bucket and every decode in one budget.
-CFG = dataclasses.replace(greedy_config(max_new_tokens=48), max_total_tokens=1000)
-# One shape per batch size: a single episode is 1 row, the concurrent test 32 rows (one server batch).
-SAMPLER_KW = dict(max_batch=32, seq_buckets=(1024,), patch_buckets=(128, 4096), decode_bucket=64)
+CFG = greedy_config()
+# One program per batch size: every prompt fits one sequence bucket (CFG caps the episode at 760 tokens),
+# every turn one decode budget (40 new tokens), and every batch one of two patch buckets (a query holds
+# at most 48 + 2 * 36 patch rows, so 32 of them fit 4096).
+SAMPLER_KW = dict(max_batch=32, seq_buckets=(768,), patch_buckets=(128, 4096), decode_bucket=40)
 N_CONCURRENT = 32
 
 
@@ -111,22 +110,20 @@ def test_sampler_logprobs_equal_recomputed(memo, env, direct):
 def test_32_concurrent_episodes_through_the_server(env, server):
     tok, proc = env
 
+    images = [noise_image(*MEMO_IMAGE_SIZE, seed=100 + k) for k in range(N_CONCURRENT)]
+    # Every prompt has its own length, so a result returned for another request fails the client's check
+    # of the server's expanded prompt_tokens, and differs from the in-process reference below.
+    questions = [f"Question {k}: which letter is in the corner?" + " Look." * k for k in range(N_CONCURRENT)]
+
     def episodes():
         return [
-            memo_episode(
-                tok,
-                proc,
-                CFG,
-                episode_id=f"c{k:02d}",
-                image=noise_image(*MEMO_IMAGE_SIZE, seed=100 + k),
-                question=f"Question {k}: which letter is in the corner?",
-            )
+            memo_episode(tok, proc, CFG, episode_id=f"c{k:02d}", image=images[k], question=questions[k])
             for k in range(N_CONCURRENT)
         ]
 
     mine = episodes()
     prompts = [ep.input_ids for ep in mine]
-    images = [ep._media[0] for ep in mine]
+    assert len({len(p) for p in prompts}) == N_CONCURRENT
     before = len(server.worker.batch_sizes)
     with _client(server) as client:
         trajs = run_episodes(client, mine)
