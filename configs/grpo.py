@@ -30,8 +30,16 @@ def get_config(arg: str = "7b"):
     c.model.hf_id = base.HF_IDS_7B["grpo"]
     base.apply_variant(c, variant)
     if variant == "tiny":
-        # Warm start of a few SFT steps from the generated checkpoint, then 8 GRPO steps of 4 prompts x G=4.
-        c.sft.steps = 2
+        # Warm start from the random generated checkpoint: 30 SFT steps at a high rate teach the tiny model
+        # the trajectory format (it then writes tool calls, mostly still malformed), then 8 GRPO steps of
+        # 4 prompts x G=4 with turns long enough for a call.
+        c.sft.steps = 30
+        c.optim.lr = 3e-3
+        c.rollout.max_new_tokens = 96
+        # Its rewards are still flat (no group has spread), so the paper's refill filter would skip every
+        # step; "none" trains on every group so the run exercises the whole GRPO step. Learning is shown
+        # on a reachable reward in tests/test_grpo_learns.py.
+        c.grpo.filter = "none"
         c.sft.batch_size = 8
         c.sft.micro_batches = 1
         c.sft.epochs = 1

@@ -158,6 +158,16 @@ def run(cfg: RunConfig) -> None:
         evaluate.run(cfg)
 
 
+def _quiet_libraries() -> None:
+    """Orbax logs every save and wait at INFO through absl; keep its warnings, drop its chatter."""
+    import logging as pylogging
+
+    def keep(record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+    logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; configure with --config.<section>.<key>=v")
@@ -176,6 +186,7 @@ def main(argv) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    _quiet_libraries()
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # one process speaks for the run
     logging.info(

@@ -67,8 +67,8 @@ def test_every_variant_loads_and_validates(mode, variant, num_devices):
 def test_tiny_is_cpu_sized():
     cfg = C.from_config_dict(user_config("grpo", "tiny"))
     assert cfg.data.synthetic and cfg.model.checkpoint is None and cfg.model.dtype == "float32"
-    assert 6 <= cfg.grpo.steps <= 10 and cfg.grpo.group_size <= 4 and 0 < cfg.sft.steps <= 4
-    assert cfg.rollout.max_new_tokens <= 32 and cfg.data.image_max_pixels <= 64 * 784
+    assert 6 <= cfg.grpo.steps <= 10 and cfg.grpo.group_size <= 4 and 0 < cfg.sft.steps <= 32
+    assert cfg.rollout.max_new_tokens <= 128 and cfg.data.image_max_pixels <= 64 * 784
     assert cfg.data.num_sft <= 64 and cfg.data.num_rl <= 64
 
 
