@@ -122,7 +122,7 @@ def main(argv=None) -> str:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), ocfg.grad_clip)
         torch_opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     tl = torch_step()  # warmup, and the first-step loss on the same weights
     print(f"first-step loss: jax {jl:.5f} | torch {tl:.5f}", flush=True)
