@@ -155,7 +155,7 @@ def _check_sizes(proc_cfg: ImageProcessorConfig, model_cfg: ModelConfig) -> None
         )
 
 
-def _build(
+def build_example(
     ids, mask, logprobs, media: Sequence[Image.Image | Video], proc_cfg, model_cfg, qid: str
 ) -> Example:
     """Expanded Example from collapsed ids (one pad per item) and the items at their final size."""
@@ -219,7 +219,7 @@ def expand_trajectory(traj: Trajectory, proc_cfg: ImageProcessorConfig, model_cf
     qid = getattr(traj.record, "qid", traj.episode_id)
     if not traj.trainable:
         raise ValueError(f"trajectory {traj.episode_id!r} has status {traj.status!r}, which is not trainable")
-    ex = _build(traj.input_ids, traj.loss_mask, traj.logprobs, traj.media, proc_cfg, model_cfg, qid)
+    ex = build_example(traj.input_ids, traj.loss_mask, traj.logprobs, traj.media, proc_cfg, model_cfg, qid)
     if not np.array_equal(ex.grid_thw, traj.grids):
         raise ValueError(
             f"trajectory {traj.episode_id!r}: media give grids {ex.grid_thw.tolist()} but the episode "
@@ -265,7 +265,7 @@ def encode_messages(
     if order != is_video:
         raise ValueError(f"sample {qid!r}: media kinds {is_video} (is_video) differ from the items {order}")
     zeros = np.zeros(enc.input_ids.shape, np.float32)
-    return _build(enc.input_ids, enc.loss_mask, zeros, media, proc_cfg, model_cfg, qid)
+    return build_example(enc.input_ids, enc.loss_mask, zeros, media, proc_cfg, model_cfg, qid)
 
 
 def sft_example(

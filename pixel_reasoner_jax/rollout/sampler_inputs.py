@@ -12,8 +12,7 @@ from PIL import Image
 
 from pixel_reasoner_jax.models.config import ModelConfig
 from pixel_reasoner_jax.models.vision import VisionInputs, prepare_vision
-from pixel_reasoner_jax.processing.batch import _build as build_example
-from pixel_reasoner_jax.processing.batch import pick_bucket
+from pixel_reasoner_jax.processing.batch import build_example, pick_bucket
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.policy import GenerationRequest, Video
 
