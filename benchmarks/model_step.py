@@ -53,7 +53,7 @@ def num_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def build_models(cfg, seed: int = 0, torch_attn: str = "sdpa"):
+def build_models(cfg, seed: int = 0, torch_attn: str = "sdpa", attention: str = "dense"):
     """(our Qwen25VL, the same weights in transformers' Qwen2_5_VLForConditionalGeneration), float32.
 
     The torch weights go through our export (`hf_io.export_hf`) and transformers' own loader.
@@ -68,7 +68,7 @@ def build_models(cfg, seed: int = 0, torch_attn: str = "sdpa"):
     from pixel_reasoner_jax.sharding import make_mesh, use_mesh
 
     with use_mesh(make_mesh(devices=jax.devices()[:1])):
-        model = Qwen25VL(cfg, rngs=nnx.Rngs(seed))
+        model = Qwen25VL(cfg, attention=attention, rngs=nnx.Rngs(seed))
     with tempfile.TemporaryDirectory(prefix="bench_ckpt_") as tmp:
         folder = hf_io.export_hf(model, cfg, os.path.join(tmp, "ckpt"))
         hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -183,6 +183,9 @@ def main(argv=None) -> str:
     parser.add_argument("--text-tokens", type=int, default=512, help="text tokens around the image")
     parser.add_argument("--chunk", type=int, default=1024, help="token_logprobs chunk (tokens)")
     parser.add_argument(
+        "--attention", default="dense", choices=("dense", "xla"), help="our attention kernel (models.layers)"
+    )
+    parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
     args = parser.parse_args(argv)
@@ -194,7 +197,7 @@ def main(argv=None) -> str:
 
     cfg = bench_config(args.layers, args.vision_depth)
     t0 = time.perf_counter()
-    model, hf = build_models(cfg, torch_attn=args.torch_attn)
+    model, hf = build_models(cfg, torch_attn=args.torch_attn, attention=args.attention)
     graphdef, params = nnx.split(model)
     n = num_params(params)
     ours, hf_kw, loss_mask = make_inputs(cfg, text_tokens=args.text_tokens)
