@@ -32,6 +32,22 @@ def tiny_ckpt(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tok(tiny_ckpt):
+    """The tiny checkpoint's tokenizer (the real Qwen2 BPE), loaded once per run."""
+    from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
+
+    return QwenTokenizer.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def proc(tiny_ckpt):
+    """The tiny checkpoint's image-processor settings, loaded once per run."""
+    from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
+
+    return ImageProcessorConfig.from_pretrained(tiny_ckpt)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_one_thread():
     try:

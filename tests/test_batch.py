@@ -12,24 +12,13 @@ from pixel_reasoner_jax.models.config import ModelConfig
 from pixel_reasoner_jax.processing import batch as pb
 from pixel_reasoner_jax.processing import chat
 from pixel_reasoner_jax.processing.rope import get_rope_index
-from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
-from pixel_reasoner_jax.processing.vision import ImageProcessorConfig, preprocess_image, preprocess_video
+from pixel_reasoner_jax.processing.vision import preprocess_image, preprocess_video
 from pixel_reasoner_jax.rollout.episode import Episode, EpisodeConfig, PromptMedia, run_episodes
 from pixel_reasoner_jax.rollout.policy import Video
 
 PAD = 151643
 IMAGE = noise_image(336, 224, seed=1)
 FRAMES = tuple(noise_image(112, 112, seed=10 + k) for k in range(16))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_ckpt):
-    return QwenTokenizer.from_pretrained(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
-def proc(tiny_ckpt):
-    return ImageProcessorConfig.from_pretrained(tiny_ckpt)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from memorize import ANSWER, Scripted, ScriptedPolicy, call_text, crop_text, noi
 from PIL import Image
 
 from pixel_reasoner_jax.processing import chat
-from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
-from pixel_reasoner_jax.processing.vision import ImageProcessorConfig, resize_to_limits
+from pixel_reasoner_jax.processing.vision import resize_to_limits
 from pixel_reasoner_jax.rollout.episode import (
     STATUSES,
     Episode,
@@ -29,16 +28,6 @@ CFG = EpisodeConfig(temperature=0.8, temperature_after_tool=0.3)
 OBS_HEAD = "<|im_start|>user\n"
 OBS_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
 BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_ckpt):
-    return QwenTokenizer.from_pretrained(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
-def proc(tiny_ckpt):
-    return ImageProcessorConfig.from_pretrained(tiny_ckpt)
 
 
 def _start(tok, proc, cfg=CFG, video=False, image=IMAGE, episode_id="e0", question=None):
