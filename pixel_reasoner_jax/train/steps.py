@@ -293,7 +293,8 @@ class TrainFns:
       sft_step: (state, micro) -> (state, metrics); the state is donated.
       grpo_step: (state, micro) -> (state, metrics); None when built without GRPO settings.
       logprobs: (params, micro) -> (n_micro, B, T) float32 log-probs of the targets (at the GRPO
-        temperature), replicated.
+        temperature), replicated; with `loss_index` in micro (as `stack` builds it) only the trained
+        positions are computed and the others read 0.
       grads: (state, micro, kind) -> `state.Accumulated` of the step's loss, kind "sft" | "grpo": exactly
         what the step feeds the optimizer (for tests, gradient checks and debugging); nothing is donated.
     """
