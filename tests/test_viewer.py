@@ -61,7 +61,7 @@ def _chromium(tmp_path, *args):
         f"{CHROMIUM} not found: install the Debian package `chromium` (.ci/run does)"
     )
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
              f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=3000"]  # fmt: skip
     out = subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -102,6 +102,13 @@ def test_rows_argument_and_cli(eval_dir):
     assert len(re.findall(r'<section class="sample"', page)) == 1 and "row 1 skipped" in page
     viewer.main([str(eval_dir)])  # re-renders from samples.jsonl
     assert len(re.findall(r'<section class="sample"', (eval_dir / "report.html").read_text())) == 4
+
+
+def test_image_budget(eval_dir):
+    page = viewer.write_viewer(eval_dir, max_media_mb=1e-6).read_text()  # the first image spends it
+    media = json.loads(re.search(r'<script type="application/json" id="media">(.*?)</script>', page).group(1))
+    assert len(media) == 1 and page.count("left out: image budget spent") == 4
+    assert "3 images left out" in page  # the crop, gone.png and q3.png (twice), not tried
 
 
 def test_renders_in_chromium(eval_dir, tmp_path):

@@ -25,8 +25,11 @@ from pixel_reasoner_jax.rollout.media import image_to_png_bytes
 
 REPORT = "report.html"
 SAMPLES = "samples.jsonl"
-# Longest image side in the page: enough to read a crop, and a few hundred samples stay tens of MB.
+# Longest image side in the page: enough to read a crop; a photo is then ~100 KB as JPEG.
 MAX_SIDE = 768
+# Images past this many MiB of data URIs are left out (and counted): a browser tab chokes on a 1 GB page, and
+# a full InfoVQA + MVBench eval would make one.
+MAX_MEDIA_MB = 200
 JPEG_QUALITY = 85
 FILTERS = ("benchmark", "correct", "tool", "status")  # the sample blocks' data-* keys the URL hash can select
 
@@ -40,18 +43,27 @@ def read_samples(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[st
     rows, problems = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                em.SampleResult.from_json(row)  # the required fields, typed
-            except (json.JSONDecodeError, TypeError, ValueError) as e:
-                problems.append(f"{path}:{lineno} skipped: {e}")
-                continue
-            rows.append(row)
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problems.append(f"{path}:{lineno} skipped: not JSON: {e}")
+                    continue
+                rows += _checked(row, f"{path}:{lineno}", problems)
     return rows, problems
+
+
+def _checked(row: Any, where: str, problems: list[str]) -> list[Mapping[str, Any]]:
+    """[row] when it has every SampleResult field, typed (a SampleResult becomes its dump row); else [] and why."""
+    row = row.to_json() if isinstance(row, em.SampleResult) else row
+    try:
+        if not isinstance(row, Mapping):
+            raise TypeError(f"expected a JSON object, got {type(row).__name__}")
+        em.SampleResult.from_json(row)
+    except (TypeError, ValueError) as e:
+        problems.append(f"{where} skipped: {e}")
+        return []
+    return [row]
 
 
 def encode_image(path: pathlib.Path, max_side: int = MAX_SIDE) -> str:
@@ -76,16 +88,20 @@ def encode_image(path: pathlib.Path, max_side: int = MAX_SIDE) -> str:
 class _Media:
     """Each image file encoded once; blocks refer to it by index (a query's input is shared by its samples)."""
 
-    def __init__(self, root: pathlib.Path, problems: list[str]):
+    def __init__(self, root: pathlib.Path, problems: list[str], max_mb: float):
         self.root, self.problems = root, problems
         self.index: dict[str, int] = {}
         self.uris: list[str] = []
+        self.budget, self.spent, self.left_out = max_mb * 2**20, 0, set()
 
     def img(self, rel: Any, boxes: str = "") -> str:
         if not isinstance(rel, str) or not rel:
             self.problems.append(f"image path {rel!r} is not a non-empty string")
             return '<span class="missing">[bad image path]</span>'
         if rel not in self.index:
+            if self.spent >= self.budget:
+                self.left_out.add(rel)
+                return f'<span class="missing">[{_esc(rel)} left out: image budget spent]</span>'
             try:
                 uri = encode_image(self.root / rel)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -94,6 +110,7 @@ class _Media:
             else:
                 self.index[rel] = len(self.uris)
                 self.uris.append(uri)
+                self.spent += len(uri)
         k = self.index[rel]
         if k < 0:
             return f'<span class="missing">[unreadable image {_esc(rel)}]</span>'
@@ -154,12 +171,9 @@ def _turns(row: Mapping[str, Any], media: _Media) -> str:
 def _sample(row: Mapping[str, Any], media: _Media) -> str:
     gt = row["gt"] if isinstance(row["gt"], str) else " | ".join(row["gt"])
     tool = row["n_calls"] > 0
-    attrs = {
-        "benchmark": row["benchmark"],
-        "correct": int(row["correct"]),
-        "tool": int(tool),
-        "status": row["status"],
-    }
+    attrs = dict(
+        benchmark=row["benchmark"], correct=int(row["correct"]), tool=int(tool), status=row["status"]
+    )
     data = " ".join(f'data-{k}="{_esc(v)}"' for k, v in attrs.items())
     verdict = '<b class="ok">correct</b>' if row["correct"] else '<b class="bad">wrong</b>'
     inputs = row.get("inputs") or []
@@ -228,10 +242,16 @@ if(v)p.set(f,v)}location.hash=p.toString()}
 for(const f of F)document.getElementById('f-'+f).onchange=pick;window.onhashchange=apply;apply();"""
 
 
-def render(rows: list[Mapping[str, Any]], eval_dir: pathlib.Path, problems: list[str]) -> str:
+def render(
+    rows: list[Mapping[str, Any]], eval_dir: pathlib.Path, problems: list[str], max_media_mb: float
+) -> str:
     """The report page of dump rows whose image paths are relative to eval_dir; appends what it skips to problems."""
-    media = _Media(eval_dir, problems)
+    media = _Media(eval_dir, problems, max_media_mb)
     blocks = "".join(_sample(r, media) for r in rows)
+    if media.left_out:
+        problems.append(
+            f"{len(media.left_out)} images left out: the page's {max_media_mb} MiB image budget is spent"
+        )
     selects = (
         _select("benchmark", ((b, b) for b in sorted({r["benchmark"] for r in rows})))
         + _select("correct", (("1", "correct"), ("0", "wrong")))
@@ -256,29 +276,22 @@ def render(rows: list[Mapping[str, Any]], eval_dir: pathlib.Path, problems: list
 
 
 def write_viewer(
-    eval_dir: str | os.PathLike, rows: Iterable[Mapping[str, Any] | em.SampleResult] | None = None
-):
+    eval_dir: str | os.PathLike,
+    rows: Iterable[Mapping[str, Any] | em.SampleResult] | None = None,
+    max_media_mb: float = MAX_MEDIA_MB,
+) -> pathlib.Path:
     """Writes eval_dir/report.html from rows (default: eval_dir/samples.jsonl) and returns its path.
 
-    Rows that lack a SampleResult field, unreadable images and malformed boxes are skipped, logged and listed
-    in the page; nothing raises for bad content.
+    Rows that lack a SampleResult field, unreadable images, malformed boxes and the images past max_media_mb
+    MiB are skipped, logged and listed in the page; nothing raises for bad content.
     """
     eval_dir = pathlib.Path(eval_dir)
     problems: list[str] = []
     if rows is None:
         rows, problems = read_samples(eval_dir / SAMPLES)
     else:
-        valid = []
-        for i, r in enumerate(rows):
-            row = r.to_json() if isinstance(r, em.SampleResult) else r
-            try:
-                em.SampleResult.from_json(row)
-            except (TypeError, ValueError, AttributeError) as e:
-                problems.append(f"row {i} skipped: {e}")
-                continue
-            valid.append(row)
-        rows = valid
-    page = render(rows, eval_dir, problems)
+        rows = [row for i, r in enumerate(rows) for row in _checked(r, f"row {i}", problems)]
+    page = render(rows, eval_dir, problems, max_media_mb)
     for p in problems:
         logging.warning("viewer: %s", p)
     path = eval_dir / REPORT
@@ -291,8 +304,9 @@ def write_viewer(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("eval_dir", help="an eval folder holding samples.jsonl (and the images it names)")
+    parser.add_argument("--max_media_mb", type=float, default=MAX_MEDIA_MB, help="image budget of the page")
     args = parser.parse_args(argv)
-    print(write_viewer(args.eval_dir))
+    print(write_viewer(args.eval_dir, max_media_mb=args.max_media_mb))
 
 
 if __name__ == "__main__":
