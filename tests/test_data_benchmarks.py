@@ -180,13 +180,16 @@ def test_release_parquet_rl_rows(tmp_path):
         {"question": "Read the title.", "image": ["images/chart_1.png"], "is_video": False,
          "answer": ["Sales"], "qid": "chartqa-1"},
         {"question": "What happens?", "image": frames, "is_video": True, "answer": ["B", "b"], "qid": "star-2"},
+        {"question": "Flag unset", "image": ["images/chart_1.png"], "is_video": None, "answer": ["7"],
+         "qid": "chartqa-4"},  # the RL data leaves is_video null on some image rows
         {"question": "No media here", "image": ["images/absent.png"], "is_video": False, "answer": ["x"],
          "qid": "chartqa-3"},
     ]  # fmt: skip
     path = _parquet(root / "release.parquet", rows)
     recs, report = R.load_rl_records(f"{path}")
-    assert [r.qid for r in recs] == ["chartqa-1", "star-2"] and dict(report.skipped) == {"missing_media": 1}
-    img, vid = recs
+    assert [r.qid for r in recs] == ["chartqa-1", "star-2", "chartqa-4"]
+    assert dict(report.skipped) == {"missing_media": 1} and not recs[2].is_video
+    img, vid, _ = recs
     assert img.answer == ["Sales"] and img.images == [str(root / "images/chart_1.png")] and not img.is_video
     assert vid.is_video and vid.images == [str(root / f) for f in frames] and vid.answer == ["B", "b"]
     assert img.benchmark == "chartqa" and img.category is None and img.target_box is None
