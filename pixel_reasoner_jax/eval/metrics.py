@@ -8,27 +8,18 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+# Re-exported: the eval runner and reports name benchmarks through em.canonical_benchmark.
+from pixel_reasoner_jax.data.benchmarks import canonical_benchmark as canonical_benchmark
 from pixel_reasoner_jax.train.rewards import accuracy_reward, extract_boxed
 
 ANLS_THRESHOLD = 0.5
 # Benchmarks whose reported number is ANLS (the author computed it offline from the dumps, issue #6); the
 # others report rule-reward accuracy.
 ANLS_BENCHMARKS = frozenset({"infovqa"})
-# qid prefixes seen in the wild -> the config's benchmark names (config.BENCHMARKS). The eval parquets name
-# the benchmark by the qid's part before "-", whose exact spelling is not documented, so several are accepted.
-_BENCHMARK_PREFIXES = (
-    ("vstar", "vstar"),
-    ("tallyqa", "tallyqa"),
-    ("infographic", "infovqa"),
-    ("infovqa", "infovqa"),
-    ("mvbench", "mvbench"),
-    ("synth", "synthetic"),
-)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -42,7 +33,9 @@ def levenshtein(a: str, b: str) -> int:
     Two-row dynamic programme, O(len(a) * len(b)) time and O(min) memory.
     """
     if not isinstance(a, str) or not isinstance(b, str):
-        raise TypeError(f"levenshtein: both arguments must be str, got {type(a).__name__}, {type(b).__name__}")
+        raise TypeError(
+            f"levenshtein: both arguments must be str, got {type(a).__name__}, {type(b).__name__}"
+        )
     if len(a) < len(b):
         a, b = b, a  # the shorter string indexes the rows we keep
     prev = list(range(len(b) + 1))
@@ -101,7 +94,9 @@ def anls_score(pred: str, gt: str | Sequence[str], threshold: float = ANLS_THRES
     return best
 
 
-def anls(preds: Sequence[str], gts: Sequence[str | Sequence[str]], threshold: float = ANLS_THRESHOLD) -> float:
+def anls(
+    preds: Sequence[str], gts: Sequence[str | Sequence[str]], threshold: float = ANLS_THRESHOLD
+) -> float:
     """Mean ANLS over questions (`preds[i]` against `gts[i]`)."""
     if len(preds) != len(gts):
         raise ValueError(f"anls: {len(preds)} predictions but {len(gts)} ground truths")
@@ -113,21 +108,6 @@ def anls(preds: Sequence[str], gts: Sequence[str | Sequence[str]], threshold: fl
 # ---------------------------------------------------------------------------------------------------------
 # Per-sample results
 # ---------------------------------------------------------------------------------------------------------
-
-
-def canonical_benchmark(name: str) -> str:
-    """The config's benchmark name for a record's benchmark (its qid prefix).
-
-    "VStar" / "V*Bench" -> "vstar", "InfoVQA" / "InfographicsVQA" -> "infovqa", "synthimage" -> "synthetic";
-    an unknown name comes back lower-cased with only [a-z0-9] kept (so the caller can report it).
-    """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"canonical_benchmark: expected a non-empty str, got {name!r}")
-    clean = re.sub(r"[^a-z0-9]", "", name.lower().replace("*", "star"))  # "V*" is V* Bench
-    for prefix, canon in _BENCHMARK_PREFIXES:
-        if clean.startswith(prefix):
-            return canon
-    return clean or name.lower()
 
 
 @dataclasses.dataclass(frozen=True)
