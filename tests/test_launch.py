@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -212,6 +213,47 @@ def test_tpu_reuses_a_ready_slice_and_reports_a_run_that_dies(fake, tmp_path):
     assert out.returncode != 0
     assert "reusing TPU pr-pod" in out.stdout
     assert [c["argv"][3] for c in calls("gcloud")] == ["describe", "scp", "ssh", "ssh"]
+
+
+def test_tpu_git_checkout_and_attach(fake, tmp_path):
+    """--git clones on the workers instead of copying; --attach streams the run and passes its failure on."""
+    env, calls = fake
+    out = _run(_tpu_args("--dry-run", "--git=https://example.com/pr.git", "--ref=v1.2"), env)
+    assert out.returncode == 0, out.stderr
+    assert " scp " not in out.stdout
+    assert ("rm -rf pixel_reasoner_jax/src && git clone --quiet https://example.com/pr.git pixel_reasoner_jax/src"
+            " && git -C pixel_reasoner_jax/src checkout --quiet --detach v1.2") in out.stdout  # fmt: skip
+    remote = tmp_path / "workers" / "w0" / "pixel_reasoner_jax"
+    (remote / "src").mkdir(parents=True)  # set up by an earlier launch
+    (remote / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(tmp_path / "bin" / "fakepython", remote / ".venv" / "bin" / "python")
+    env.update(FAKE_WORKERS=str(tmp_path / "workers"), FAKE_TPU_STATE="READY")
+    for rc in (0, 3):
+        out = _run(_tpu_args("--skip-setup", "--attach"), env, FAKE_MAIN_RC=str(rc))
+        assert (out.returncode == 0) == (rc == 0), (
+            out.stderr
+        )  # the run's status, though tee ends the pipeline
+        assert "pixel_reasoner_jax.main" in calls("python")[-1]["argv"]
+    assert [c["argv"][3] for c in calls("gcloud")] == ["describe", "ssh"] * 2
+    assert (remote / "logs" / "worker-0.log").is_file()
+
+
+def test_tpu_stop_and_the_guard_against_a_second_run(fake, tmp_path):
+    env, calls = fake
+    logs = tmp_path / "workers" / "w0" / "pixel_reasoner_jax" / "logs"
+    logs.mkdir(parents=True)
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        (logs / "worker-0.pid").write_text(f"{running.pid}\n")
+        env.update(FAKE_WORKERS=str(tmp_path / "workers"), FAKE_TPU_STATE="READY")
+        out = _run(_tpu_args(), env)
+        assert out.returncode != 0 and "a run is still going" in out.stderr
+        out = _run([TPU_POD, "--name=pr-pod", "--zone=z", "--stop"], env)
+        assert out.returncode == 0, out.stderr
+        assert running.wait(timeout=30) == -15  # SIGTERM
+        assert not (logs / "worker-0.pid").exists()
+    finally:
+        running.kill()
 
 
 def test_tpu_refuses_a_slice_that_is_not_ready_and_bad_options(fake):
