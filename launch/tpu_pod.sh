@@ -60,7 +60,10 @@ done
 OVERRIDES=("$@")
 [ -n "$NAME" ] || die "--name (or TPU_NAME) is required"
 [ -n "$ZONE" ] || die "--zone (or TPU_ZONE) is required"
-[ "$STOP" = 1 ] || [ -n "$WORKDIR" ] || die "--workdir (or WORKDIR) is required: a folder every worker shares"
+if [ "$STOP" = 0 ] && [[ $WORKDIR != /* ]]; then
+  # A relative one would land in src/, which the next launch replaces: checkpoints and all.
+  die "--workdir (or WORKDIR) must be an absolute path every worker shares, got '$WORKDIR'"
+fi
 [ -z "$GIT_REF" ] || [ -n "$GIT_URL" ] || die "--ref needs --git=URL"
 
 TPU=(gcloud compute tpus tpu-vm)

@@ -260,10 +260,14 @@ def test_tpu_refuses_a_slice_that_is_not_ready_and_bad_options(fake):
     env, calls = fake
     out = _run(_tpu_args(), env, FAKE_TPU_STATE="PREEMPTED")
     assert out.returncode == 2 and "state PREEMPTED, expected READY" in out.stderr
+    assert [c["argv"][3] for c in calls()] == ["describe"]
     out = _run([TPU_POD, "--zone=z", "--workdir=/w"], env)
     assert out.returncode == 2 and "--name" in out.stderr
     out = _run([TPU_POD, "--name=n", "--zone=z", "--workdir=/w", "--config.x=1"], env)
     assert out.returncode == 2 and "after --" in out.stderr
+    out = _run([TPU_POD, "--name=n", "--zone=z", "--workdir=runs/x"], env)
+    assert out.returncode == 2 and "absolute path" in out.stderr
+    assert len(calls()) == 1  # bad options fail before any gcloud call
 
 
 # ------------------------------------------------------------------------------------------------ SLURM
