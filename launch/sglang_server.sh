@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start one SGLang server for Pixel-Reasoner rollouts (Qwen2.5-VL-7B on one H100/H200; scale with --dp-size).
-# Run inside SGLang's own environment: pip install -r requirements-rollout-gpu.txt
+# Run inside SGLang's own environment: pip install -r requirements-rollout-gpu.txt (or point SGLANG_PYTHON at
+# that environment's python).
 # Usage: launch/sglang_server.sh MODEL_DIR [PORT] [DP_SIZE]
 # The trainer connects with --config.rollout.backend=sglang --config.rollout.sglang_urls=http://HOST:PORT
 set -euo pipefail
@@ -18,7 +19,7 @@ EXTRA=()
 if [ "${SGLANG_DETERMINISTIC:-0}" = "1" ]; then
   EXTRA=(--enable-deterministic-inference --sampling-backend pytorch)
 fi
-exec python -m sglang.launch_server \
+exec "${SGLANG_PYTHON:-python}" -m sglang.launch_server \
   --model-path "$MODEL_DIR" \
   --host "$HOST" --port "$PORT" \
   --tp-size 1 --dp-size "$DP" \

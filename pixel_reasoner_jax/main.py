@@ -24,7 +24,8 @@ _WORKDIR = flags.DEFINE_string(
 _COORDINATOR = flags.DEFINE_string(
     "coordinator",
     os.environ.get("JAX_COORDINATOR_ADDRESS"),
-    "host:port of the jax.distributed coordinator (env JAX_COORDINATOR_ADDRESS); unset = one process",
+    "host:port of the jax.distributed coordinator (env JAX_COORDINATOR_ADDRESS); 'auto' = JAX detects the "
+    "cluster (Cloud TPU pod slice, SLURM, Open MPI); unset = one process",
 )
 _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None, "processes of a multi-host run"
@@ -37,6 +38,7 @@ _PROCESS_ID = flags.DEFINE_integer(
 TINY_CKPT_DIR = "tiny_ckpt"
 SYNTHETIC_DIR = "synthetic"
 EXIT_CONFIG = 2
+AUTO_COORDINATOR = "auto"
 
 
 def default_workdir(mode: str, variant: str) -> str:
@@ -128,6 +130,11 @@ def _init_distributed() -> None:
     import jax
 
     if _COORDINATOR.value is None:
+        return
+    if _COORDINATOR.value == AUTO_COORDINATOR:
+        # jax.distributed.initialize falls back to this variable, which would hand it the address "auto".
+        os.environ.pop("JAX_COORDINATOR_ADDRESS", None)
+        jax.distributed.initialize(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
         return
     if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
         raise ConfigError(
