@@ -46,6 +46,7 @@ class StubOpenAI:
     def __init__(self, respond):
         self.respond, self.bodies, self.lock = respond, [], threading.Lock()
         self.auth, self.prompt_tokens, self.completion_tokens = [], [], []
+        self.in_flight = self.most_in_flight = 0
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,7 +59,13 @@ class StubOpenAI:
                 with stub.lock:
                     stub.bodies.append(body)
                     stub.auth.append(self.headers.get("Authorization"))
-                out = stub.respond(body)
+                    stub.in_flight += 1
+                    stub.most_in_flight = max(stub.most_in_flight, stub.in_flight)
+                try:
+                    out = stub.respond(body)
+                finally:
+                    with stub.lock:
+                        stub.in_flight -= 1
                 if isinstance(out, tuple):
                     status, payload = out[0], {"error": {"message": out[1], "type": "x", "code": None}}
                 else:
@@ -277,6 +284,32 @@ def test_config_variants_and_errors(tmp_path, monkeypatch):
         synthesize._api_key(remote)
     monkeypatch.setenv("SYNTH_TEST_KEY", "sk-secret-123")
     assert synthesize._api_key(remote) == "sk-secret-123"
+    cli = [sys.executable, "-m", "pixel_reasoner_jax.data.synthesize", "--config=configs/synth.py:tiny"]
+    done = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "config error: seeds: set the seed file" in done.stderr
+
+
+def test_rate_limiter_spaces_request_starts(monkeypatch):
+    clock = {"now": 100.0, "slept": []}
+
+    class FakeTime:
+        @staticmethod
+        def monotonic():
+            return clock["now"]
+
+        @staticmethod
+        def sleep(s):
+            clock["slept"].append(s)
+
+    monkeypatch.setattr(synth_llm, "time", FakeTime)
+    limiter = synth_llm.RateLimiter(per_minute=30)  # one start every 2 s
+    for _ in range(3):
+        limiter.wait()
+    clock["now"] += 10  # idle time is not banked into a burst beyond the next slot
+    limiter.wait()
+    assert clock["slept"] == [0.0, 2.0, 4.0, 0.0]
+    synth_llm.RateLimiter(0).wait()  # unlimited: never sleeps
+    assert len(clock["slept"]) == 4
 
 
 # ----------------------------------------------------------------------------------- kept path (stub)
@@ -343,6 +376,7 @@ def test_kept_path_through_a_stub_api(tmp_path, caplog, tok, proc, tiny_ckpt):
     assert len(rows) == 10 and len({r["qid"] for r in rows}) == 10
     # Tokens and cost come from the API's usage fields (the stub's rule), summed over every request.
     assert report.requests == len(stub.bodies) == 12 and report.responses_without_usage == 0
+    assert 1 <= stub.most_in_flight <= 3  # api.concurrency
     assert report.prompt_tokens == sum(stub.prompt_tokens) and report.completion_tokens == sum(
         stub.completion_tokens
     )
@@ -385,7 +419,19 @@ def test_kept_path_through_a_stub_api(tmp_path, caplog, tok, proc, tiny_ckpt):
             ex = sft_example(rec, tok, proc, mcfg, mask_mode="per_turn", num_video_frames=16)
             text = tok.decode(ex.input_ids[ex.loss_mask == 1].tolist())
             assert "Step 1" not in text and "Step 2" in text and "\\boxed{" in text
-    assert by_kind == Counter({k: v for k, v in report.kept_by_kind.items()})
+    assert by_kind == Counter(report.kept_by_kind)
+    # ... and is what configs/sft.py reads: its SFT loader takes the file as data.sft_path.
+    from configs import sft as sft_configs
+    from pixel_reasoner_jax import main as prj_main
+    from pixel_reasoner_jax.config import validate
+    from pixel_reasoner_jax.train import sft as sft_train
+
+    cd = sft_configs.get_config("tiny")
+    cd.data.synthetic, cd.data.sft_path, cd.data.sft_loss_mask = False, report.sft_path, "per_turn"
+    cd.model.checkpoint = str(tiny_ckpt)
+    run_cfg = prj_main.build_config(cd, str(tmp_path / "run"))
+    validate(run_cfg, 8)
+    assert [r.qid for r in sft_train.load_records(run_cfg)] == [r["qid"] for r in rows]
     saved = json.loads((tmp_path / "out" / "sft.report.json").read_text())
     assert saved == report.to_dict()
 

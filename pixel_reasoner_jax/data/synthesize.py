@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 
 from pixel_reasoner_jax.config import ConfigError
 from pixel_reasoner_jax.data import synth_config, synth_llm, trajectories
@@ -165,7 +166,7 @@ class _Worker:
             return self._pixel(seed, kind, media, usage, outcome)
         except synth_llm.FatalAPIError:
             raise
-        except synth_llm.openai.APIError as e:
+        except openai.APIError as e:  # after the client's retries; the next run asks again
             return outcome(RETRY, f"{type(e).__name__}: {e}"), None
 
     def _textual(self, seed, media, usage, outcome):
@@ -221,7 +222,7 @@ class _Worker:
                 plan, media, list(seed.frames), lambda img, n: write(img, f"selected/{stem}_{n}.png")
             )
         else:
-            place = lambda k, i, img: write(img, f"crops/{stem}_{k + 1}.png")  # noqa: E731
+            place = lambda k, i, img: write(img, f"crops/{stem}_{k + 1}.png")
         head = trajectories.first_messages(self._media_item(seed), seed.question)
         msgs = trajectories.assemble(head, segments, plan, results, place)
         return outcome(KEPT), self._row(seed, kind, msgs, outcome(KEPT))
