@@ -135,6 +135,7 @@ def pixel_request(
             )
         else:
             source = "the full image" if op.arguments["target_image"] == 1 else "the previous crop"
+            source += f" (normalized box {op.arguments['bbox_2d']})"
             content.append(
                 _text(f"Operation {k}: crop_image zooms into a region of {source}.{mistake} It returned:")
             )
