@@ -312,8 +312,18 @@ def from_config_dict(cd: Any) -> RunConfig:
     Raises:
       ConfigError: a key is unknown or missing, or a value has the wrong type; the message names it.
     """
-    values = cd.to_dict() if hasattr(cd, "to_dict") else cd
-    return _build(RunConfig, values, "")
+    return from_mapping(RunConfig, cd)
+
+
+def from_mapping(cls: type, values: Any, prefix: str = "") -> Any:
+    """Builds any frozen config dataclass tree `cls` (e.g. the synthesis config) from a ConfigDict or a nested
+    mapping, with the checks of `from_config_dict`; `prefix` starts every field name in errors.
+
+    Raises:
+      ConfigError: a key is unknown or missing, or a value has the wrong type; the message names it.
+    """
+    values = values.to_dict() if hasattr(values, "to_dict") else values
+    return _build(cls, values, prefix)
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:

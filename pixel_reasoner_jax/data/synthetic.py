@@ -14,9 +14,9 @@ import av
 import numpy as np
 from PIL import Image
 
+from pixel_reasoner_jax.data import trajectories as T
 from pixel_reasoner_jax.data.synthetic_tasks import Task, image_task, video_task
 from pixel_reasoner_jax.tools import ops
-from pixel_reasoner_jax.tools.prompts import system_prompt, user_text
 
 _SPLITS = {"sft": 1, "rl": 2, "eval": 3}
 
@@ -81,37 +81,6 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 # --------------------------------------------------------------------------------------- trajectories
 
 
-def _norm_box(box, size) -> list[float]:
-    """Pixel box -> fractions rounded outward to 3 decimals (so it still covers the target), all < 1."""
-    w, h = size
-    x1, y1, x2, y2 = box
-    return [
-        float(np.floor(x1 / w * 1000) / 1000),
-        float(np.floor(y1 / h * 1000) / 1000),
-        min(0.999, float(np.ceil(x2 / w * 1000) / 1000)),
-        min(0.999, float(np.ceil(y2 / h * 1000) / 1000)),
-    ]
-
-
-def _call(name: str, arguments: dict) -> str:
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
-
-
-def _off_target(rng, target: list[float], pad: float, avoid: list[list[float]]) -> list[float]:
-    """A box of the target's size whose padded crop misses the target (and differs from `avoid`)."""
-    bw, bh = target[2] - target[0], target[3] - target[1]
-    for _ in range(500):
-        x, y = float(rng.uniform(0.03, 0.97 - bw)), float(rng.uniform(0.03, 0.97 - bh))
-        cand = [round(x, 3), round(y, 3), round(x + bw, 3), round(y + bh, 3)]
-        padded = (cand[0] - pad, cand[1] - pad, cand[2] + pad, cand[3] + pad)
-        misses = (
-            padded[2] < target[0] or padded[0] > target[2] or padded[3] < target[1] or padded[1] > target[3]
-        )
-        if misses and cand not in avoid:
-            return cand
-    raise RuntimeError(f"no off-target box found for target {target}; use a larger image_size")
-
-
 class _Writer:
     """Writes media under the data root and returns paths relative to it (as the published data does)."""
 
@@ -143,169 +112,64 @@ class _Writer:
         return rels, mp4
 
 
-def _check(result: ops.ToolResult, qid: str) -> None:
-    if not result.ok:  # a template bug, not bad data: the generator controls every argument
-        raise RuntimeError(f"template tool call of {qid} failed: {result.error}")
-
-
-def _observe(messages, result: ops.ToolResult, rels: list[str]) -> None:
-    content = [{"type": "text", "text": result.text}]
-    content += [{"type": "image", "image": r} for r in rels]
-    messages.append({"role": "user", "content": content})
-
-
 def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer: _Writer, cfg: SynthConfig):
-    size = task.image.size
-    target = _norm_box(task.box, size)
-    state = ops.VisualState.for_images([task.image])
-    user = {
-        "role": "user",
-        "content": [{"type": "image", "image": img_rel}, {"type": "text", "text": user_text(task.question)}],
-    }
-    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt()}]}, user]
-    final = {
-        "role": "assistant",
-        "content": [
-            {
-                "type": "text",
-                "text": f"Looking at it, {task.explain}. The answer is \\boxed{{{task.answer}}}.",
-            }
-        ],
-    }
-    if kind == "textual":
-        return [*messages, final]
-    # The crop tool's padding plus a pixel of slack for its rounding of the box.
-    pad = (0.1 if cfg.ops_config.padding == "fixed" else min(0.1, 600 / min(size))) + 2 / min(size)
-    n_crops = 0
-
-    def crop(box, t, text, loss=True):
-        nonlocal state, n_crops
-        turn = {
-            "role": "assistant",
-            "content": [
-                {
-                    "type": "text",
-                    "text": text + "\n" + _call("crop_image", {"bbox_2d": box, "target_image": t}),
-                }
-            ],
-        }
-        if not loss:
-            turn["loss"] = False  # the erroneous operation of a self-correction trajectory
-        messages.append(turn)
-        result = ops.crop_image(state, box, t, cfg.ops_config)
-        _check(result, qid)
-        n_crops += 1
-        _observe(messages, result, [writer.image(result.new_images[0], f"crops/{qid}_{n_crops}.png")])
-        state = ops.apply_result(state, result)
-
+    head = T.first_messages({"type": "image", "image": img_rel}, task.question)
+    if kind == T.TEXTUAL:
+        text = f"Looking at it, {task.explain}. The answer is \\boxed{{{task.answer}}}."
+        return [*head, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
+    plan = T.plan_image_ops(rng, kind, task.box, task.image.size, cfg.ops_config.padding)
     ask = f"The {task.desc} is too small to make out in the full image, so I will zoom in on it."
-    if kind in ("recrop1", "recrop2"):
-        wrong = [_off_target(rng, target, pad, [])]
-        if kind == "recrop2":
-            wrong.append(_off_target(rng, target, pad, wrong))
-        crop(wrong[0], 1, ask, loss=False)
-        for box in wrong[1:]:
-            crop(
-                box,
-                1,
-                f"The cropped region does not show the {task.desc}. Let me try another area.",
-                loss=False,
-            )
-        cx, cy = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
-        again = (
-            "This crop misses it as well"
-            if kind == "recrop2"
-            else f"The cropped region does not show the {task.desc}"
-        )
-        crop(
-            target,
-            1,
-            f"{again}. Looking again, it is near ({cx:.2f}, {cy:.2f}) of the original image, "
-            "so I will crop there.",
-        )
-    elif kind == "zoom2":
-        # Wide enough that the crop of the crop (target + padding of this crop) stays above 28 px.
-        side = min(
-            0.9, max(0.3, 3 * (target[2] - target[0]), 3 * (target[3] - target[1]), 150 / min(size) - 0.2)
-        )
-        cx, cy = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
-        x0 = min(max(cx - side / 2, 0.01), 0.98 - side)
-        y0 = min(max(cy - side / 2, 0.01), 0.98 - side)
-        coarse = [round(v, 3) for v in (x0, y0, x0 + side, y0 + side)]
-        crop(coarse, 1, f"I first zoom in on the area around the {task.desc}.")
-        # The second box is the target in fractions of the first crop; resizing keeps fractions.
-        bx1, by1, bx2, by2 = ops.crop_box(tuple(coarse), size, padding=cfg.ops_config.padding)
-        inner = (task.box[0] - bx1, task.box[1] - by1, task.box[2] - bx1, task.box[3] - by1)
-        crop(
-            _norm_box(inner, (bx2 - bx1, by2 - by1)),
-            2,
-            f"The {task.desc} is in view but still small. I zoom in further on this crop.",
-        )
-    elif kind == "single":
-        crop(target, 1, ask)
-    else:
-        raise ValueError(f"unknown image trajectory kind {kind!r}")
-    final["content"][0]["text"] = f"Now it is clear: {task.explain}. The answer is \\boxed{{{task.answer}}}."
-    return [*messages, final]
+    target = plan[-1].arguments["bbox_2d"]
+    cx, cy = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
+    miss = f"The cropped region does not show the {task.desc}"
+    if kind == "single":
+        segments = [ask]
+    elif kind == "recrop1":
+        segments = [ask, f"{miss}. Looking again, it is near ({cx:.2f}, {cy:.2f}) of the original image, "
+                    "so I will crop there."]  # fmt: skip
+    elif kind == "recrop2":
+        segments = [ask, f"{miss}. Let me try another area.", "This crop misses it as well. Looking again, it "
+                    f"is near ({cx:.2f}, {cy:.2f}) of the original image, so I will crop there."]  # fmt: skip
+    else:  # zoom2
+        segments = [f"I first zoom in on the area around the {task.desc}.",
+                    f"The {task.desc} is in view but still small. I zoom in further on this crop."]  # fmt: skip
+    segments.append(f"Now it is clear: {task.explain}. The answer is \\boxed{{{task.answer}}}.")
+    results = _run(task.image, None, plan, cfg, qid)
+    return T.assemble(
+        head, segments, plan, results, lambda k, i, img: writer.image(img, f"crops/{qid}_{k + 1}.png")
+    )
 
 
 def _video_trajectory(
     rng, task: Task, kind: str, qid: str, frame_rels: list[str], writer: _Writer, cfg: SynthConfig
 ):
     n = len(task.frames)
-    state = ops.VisualState.for_video(task.frames)
-    user = {
-        "role": "user",
-        "content": [
-            {"type": "video", "video": frame_rels},
-            {"type": "text", "text": user_text(task.question)},
-        ],
-    }
-    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt()}]}, user]
     start, stop = task.window
     right = list(range(max(1, start), min(n, stop + 1) + 1))  # 1-based window, one frame of margin each side
-
-    def select(frames, text, loss=True):
-        nonlocal state
-        turn = {
-            "role": "assistant",
-            "content": [
-                {"type": "text", "text": text + "\n" + _call("select_frames", {"target_frames": frames})}
-            ],
-        }
-        if not loss:
-            turn["loss"] = False
-        messages.append(turn)
-        result = ops.select_frames(state, frames, cfg.ops_config)
-        _check(result, qid)
-        rels = []
-        for f, img in zip(frames, result.new_images):
-            same = img.size == task.frames[f - 1].size  # an unresized frame is the stored frame file
-            rels.append(
-                frame_rels[f - 1]
-                if same
-                else writer.image(img, f"selected/{qid}_{state.n_returned + len(rels) + 1}.png")
-            )
-        _observe(messages, result, rels)
-        state = ops.apply_result(state, result)
-
+    plan = T.plan_video_ops(rng, kind, right, n)
     span = f"frames {right[0]} to {right[-1]}"
     ask = f"The {task.desc.removeprefix('small ')} appears only briefly. Let me look closely at {span}."
+    segments = [ask]
     if kind == "reselect":
-        k = min(len(right), 4)  # short enough that a disjoint run of frames always exists
-        starts = [s for s in range(1, n - k + 2) if s + k - 1 < right[0] or s > right[-1]]
-        s0 = int(rng.choice(starts))
-        select(
-            list(range(s0, s0 + k)),
+        segments = [
             "The target may appear only in a few frames. Let me look closely at some of them.",
-            loss=False,
-        )
-        ask = f"These frames do not show it. It should be around {span}; let me select those."
-    elif kind != "select":
-        raise ValueError(f"unknown video trajectory kind {kind!r}")
-    select(right, ask)
-    answer = f"In the selected frames {task.explain}. The answer is \\boxed{{{task.answer}}}."
-    return [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+            f"These frames do not show it. It should be around {span}; let me select those.",
+        ]
+    segments.append(f"In the selected frames {task.explain}. The answer is \\boxed{{{task.answer}}}.")
+    results = _run(None, task.frames, plan, cfg, qid)
+    place = T.frame_placer(
+        plan, task.frames, frame_rels, lambda img, n: writer.image(img, f"selected/{qid}_{n}.png")
+    )
+    head = T.first_messages({"type": "video", "video": frame_rels}, task.question)
+    return T.assemble(head, segments, plan, results, place)
+
+
+def _run(image, frames, plan, cfg: SynthConfig, qid: str):
+    state = ops.VisualState.for_video(frames) if frames else ops.VisualState.for_images([image])
+    try:
+        return T.run_ops(state, plan, cfg.ops_config)
+    except T.PlanError as e:  # a template bug, not bad data: the generator controls every argument
+        raise RuntimeError(f"template tool call of {qid} failed: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -313,14 +177,7 @@ def _video_trajectory(
 
 def allocate_kinds(n: int, seed: int, cfg: SynthConfig) -> list[str]:
     """Exactly the configured mix (largest remainder quotas), shuffled by the seed."""
-    weights = cfg.kind_weights()
-    quotas = {k: int(np.floor(n * w)) for k, w in weights.items()}
-    by_remainder = sorted(weights, key=lambda k: (-(n * weights[k] - quotas[k]), k))
-    for k in by_remainder[: n - sum(quotas.values())]:
-        quotas[k] += 1
-    kinds = [k for k in weights for _ in range(quotas[k])]
-    order = np.random.default_rng([seed, 0]).permutation(n)
-    return [kinds[i] for i in order]
+    return T.allocate_kinds(n, cfg.kind_weights(), seed)
 
 
 def _task_row(task: Task, qid: str, writer: _Writer) -> tuple[dict, list[str]]:
