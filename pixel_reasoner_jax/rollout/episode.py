@@ -474,7 +474,11 @@ class Episode:
         self._last_call_failed = not result.ok
         self._turns.append(
             dataclasses.replace(
-                turn, tool_ok=result.ok, tool_error=result.error, tool_origins=tuple(result.origins)
+                turn,
+                tool_ok=result.ok,
+                tool_error=result.error,
+                tool_origins=tuple(result.origins),
+                observation=result.text,
             )
         )
 

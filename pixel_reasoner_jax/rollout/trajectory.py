@@ -58,6 +58,7 @@ class Turn:
       tool_origins: where each image the executed call appended comes from (tools/ops.Origin: original
         image or video frame index, normalised box in it), in order; () when nothing was appended.
       ignored_keys: keys of the call no tool reads (the original ignored them too), e.g. "reason".
+      observation: the text of the tool turn appended after this one (its images follow it), or None.
     """
 
     start: int
@@ -71,6 +72,7 @@ class Turn:
     tool_error: str | None = None
     tool_origins: tuple = ()
     ignored_keys: tuple[str, ...] = ()
+    observation: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
