@@ -171,7 +171,7 @@ def _all_rows(out: pathlib.Path, own: pathlib.Path | None = None) -> dict[tuple[
 def evaluate(
     cfg: RunConfig,
     records: Sequence,
-    policy: Policy,
+    policy: Policy | Callable[[], Policy],
     tok: QwenTokenizer,
     processor: ImageProcessorConfig,
     *,
@@ -181,6 +181,9 @@ def evaluate(
 ) -> dict | None:
     """Runs this process's shard of (record, sample) pairs not yet in the eval folder, appending each chunk of
     eval.batch_size rows as it finishes; process 0 then merges every process's rows and writes the report.
+
+    Args:
+      policy: the sampler, or a function that opens it (called only when something is left to run).
 
     Returns:
       The report (eval/report.aggregate) on process 0, None elsewhere.
@@ -192,6 +195,8 @@ def evaluate(
     done = _all_rows(out, own)
     pending = [(rec, j) for rec, j in shard(keys, process_index, process_count) if (rec.qid, j) not in done]
     ep_cfg, bs = episode_config(cfg), cfg.eval.batch_size
+    if pending and not isinstance(policy, Policy):
+        policy = policy()
     seeded = SeededPolicy(policy, cfg.seed, 0)  # seeds from the rid (qid/sample): chunking changes nothing
     bar = progress_metrics.progress(len(pending), desc=f"eval p{process_index}", enabled=cfg.log.progress)
     t0, media_of = time.perf_counter(), {}
@@ -294,11 +299,18 @@ def run(cfg: RunConfig) -> dict | None:
         min_pixels=cfg.eval.model_min_pixels,
         max_pixels=cfg.eval.model_max_pixels,
     )
-    policy, close = open_eval_policy(cfg, ModelConfig.from_pretrained(ckpt), processor)
+    closers = []
+
+    def policy_fn() -> Policy:
+        policy, close = open_eval_policy(cfg, ModelConfig.from_pretrained(ckpt), processor)
+        closers.append(close)
+        return policy
+
     try:
         return evaluate(
-            cfg, records, policy, QwenTokenizer.from_pretrained(ckpt), processor,
+            cfg, records, policy_fn, QwenTokenizer.from_pretrained(ckpt), processor,
             process_index=jax.process_index(), process_count=jax.process_count(),
         )  # fmt: skip
     finally:
-        close()
+        for close in closers:
+            close()
