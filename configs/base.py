@@ -54,12 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
     mesh.rollout_tensor = 1  # tensor parallelism of the in-process sampler (vLLM tp 1 in §8.2)
 
     c.data = d = ml_collections.ConfigDict()
-    d.sft_path = _str()  # PixelReasoner-SFT-Data JSON list / JSONL (§7.1)
-    d.rl_path = _str()  # PixelReasoner-RL-Data rows as JSONL (§7.2)
-    d.eval_path = _str()  # benchmark rows, same schema (§7.3)
-    d.data_root = _str()  # relative image/video paths resolve against this
+    # Data paths: comma-separated parquet / JSONL / JSON files and folders (a folder = those files in it).
+    d.sft_path = _str()  # PixelReasoner-SFT-Data JSON list (§7.1)
+    d.rl_path = _str()  # PixelReasoner-RL-Data `release.parquet` (§7.2)
+    d.eval_path = _str()  # the *-EvalData-PixelReasoner parquets, same schema (§7.3)
+    d.data_root = _str()  # relative image/video paths resolve against this; unset: each file's own folder
     d.seed = 49  # data order (`data_seed` 49 of sft.sh, §8.1)
-    d.synthetic = False  # generate a synthetic data folder under workdir/synthetic instead of the paths
+    d.synthetic = False  # generate a data folder under workdir/synthetic; conflicts with any path above
     d.num_sft = 64
     d.num_rl = 64
     d.num_eval = 32
@@ -270,7 +271,8 @@ def _apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.rollout.decode_bucket = 8
 
     e = c.eval
-    e.benchmarks = "synthetic"
+    # Every name: the synthetic eval set by default, and real benchmark rows when data.eval_path is given.
+    e.benchmarks = "vstar,tallyqa,infovqa,mvbench,synthetic"
     e.every = 0
     e.max_new_tokens = 24
     e.prompt_max_len = 768

@@ -2,9 +2,10 @@
 
 Run:
   python -m pixel_reasoner_jax.main --config=configs/eval.py:7b --workdir=/runs/eval7b \
-      --config.model.checkpoint=/ckpt/PixelReasoner-RL-v1 --config.data.eval_path=/data/eval.jsonl \
-      --config.data.data_root=/data
+      --config.model.checkpoint=/ckpt/PixelReasoner-RL-v1 \
+      --config.data.eval_path=/data/VStar-EvalData-PixelReasoner,/data/MVBench-EvalData-PixelReasoner
   python -m pixel_reasoner_jax.main --config=configs/eval.py:tiny --workdir=/tmp/eval_tiny  # CPU, minutes
+The tiny model on given rows: add --config.data.eval_path=FILES --config.data.synthetic=False.
 Textual baseline: --config.rollout.template=notool. Variants: tiny | 3b | 7b (default).
 """
 

@@ -2,8 +2,9 @@
 
 Run:
   python -m pixel_reasoner_jax.main --config=configs/grpo.py:7b --workdir=/runs/grpo7b \
-      --config.model.checkpoint=/ckpt/PixelReasoner-WarmStart --config.data.rl_path=/data/rl.jsonl \
-      --config.data.eval_path=/data/vstar.jsonl --config.data.data_root=/data
+      --config.model.checkpoint=/ckpt/PixelReasoner-WarmStart \
+      --config.data.rl_path=/data/PixelReasoner-RL-Data/release.parquet \
+      --config.data.eval_path=/data/VStar-EvalData-PixelReasoner/vstar.parquet
   python -m pixel_reasoner_jax.main --config=configs/grpo.py:tiny --workdir=/tmp/grpo_tiny  # CPU, minutes
 External SGLang servers: --config.rollout.backend=sglang --config.rollout.sglang_urls=http://h1:30000,...
 Variants: tiny | 3b | 7b (default). Override any key with --config.<section>.<key>=<value>.

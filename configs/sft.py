@@ -2,8 +2,8 @@
 
 Run:
   python -m pixel_reasoner_jax.main --config=configs/sft.py:7b --workdir=/runs/sft7b \
-      --config.model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --config.data.sft_path=/data/sft.json \
-      --config.data.data_root=/data
+      --config.model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct \
+      --config.data.sft_path=/data/PixelReasoner-SFT-Data/release.json
   python -m pixel_reasoner_jax.main --config=configs/sft.py:tiny --workdir=/tmp/sft_tiny   # CPU, minutes
 Variants: tiny | 3b | 7b (default). Override any key with --config.<section>.<key>=<value>.
 """

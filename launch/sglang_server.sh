@@ -10,6 +10,14 @@ DP=${3:-1}
 HOST=${SGLANG_HOST:-127.0.0.1}   # bind to loopback unless told otherwise
 # Keep SGLang's id handling token-exact: one pad per image in, expanded on the server (sglang >= 0.5.13).
 export SGLANG_MM_AVOID_RETOKENIZE=1
+# SGLANG_DETERMINISTIC=1: honour the trainer's per-request sampling seeds (reproducible rollouts, slower).
+# SGLang applies sampling_seed only under --enable-deterministic-inference, and a seed with top-p/top-k trips
+# an assertion in the flashinfer sampler, hence the pytorch sampling backend. The client reads
+# /server_info and sends seeds only to servers started this way (it warns once about the others).
+EXTRA=()
+if [ "${SGLANG_DETERMINISTIC:-0}" = "1" ]; then
+  EXTRA=(--enable-deterministic-inference --sampling-backend pytorch)
+fi
 exec python -m sglang.launch_server \
   --model-path "$MODEL_DIR" \
   --host "$HOST" --port "$PORT" \
@@ -20,4 +28,5 @@ exec python -m sglang.launch_server \
   --max-running-requests 256 \
   --chunked-prefill-size 8192 \
   --sampling-defaults openai \
-  --weight-version 0
+  --weight-version 0 \
+  "${EXTRA[@]}"

@@ -253,7 +253,16 @@ def validate(cfg: RunConfig, num_devices: int) -> None:
 
 def _validate_data(cfg: RunConfig) -> None:
     d = cfg.data
-    if not d.synthetic:
+    if d.synthetic:
+        # The generated folder replaces every data path: an explicit one would be silently ignored.
+        for field in ("data.sft_path", "data.rl_path", "data.eval_path", "data.data_root"):
+            if _get(cfg, field):
+                raise ConfigError(
+                    field,
+                    f"{_get(cfg, field)!r} conflicts with data.synthetic=True, which would replace it with "
+                    "generated data; add --config.data.synthetic=False to read it",
+                )
+    else:
         needed = {"sft": ["data.sft_path"], "grpo": ["data.rl_path"], "eval": ["data.eval_path"]}[cfg.mode]
         if cfg.mode == "grpo" and cfg.sft.steps > 0:
             needed.append("data.sft_path")

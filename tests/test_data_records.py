@@ -1,4 +1,4 @@
-"""Tests of data/records.py: RL/SFT schema parsing, broken-record accounting, paths, media, SFT loss rule."""
+"""Tests of data/records.py and tables.py: RL/SFT schemas, broken-record accounting, paths, media, loss rule."""
 
 import json
 import logging
@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pixel_reasoner_jax.data import records as R
+from pixel_reasoner_jax.data import tables
 
 
 def _png(path, size=(64, 48), colour=(10, 200, 30), mode="RGB"):
@@ -64,7 +65,7 @@ def _rl_rows(root):
 
 def test_rl_schema_counts_reports_and_skips_each_kind_of_broken_record(media, caplog):
     path = _jsonl(media / "rl.jsonl", _rl_rows(media))
-    with caplog.at_level(logging.INFO, logger=R.__name__):
+    with caplog.at_level(logging.INFO, logger=tables.__name__):
         recs, report = R.load_rl_records(path)
     assert [r.qid for r in recs] == ["vstar-1", "mvbench-2", "tally-3"]
     assert report.total == 13 and report.kept == 3
@@ -79,7 +80,7 @@ def test_rl_schema_counts_reports_and_skips_each_kind_of_broken_record(media, ca
     assert any(e.startswith("nf-1") for e in report.examples["missing_field"])
     assert any("tiny.png" in e for e in report.examples["bad_media"])
     assert any("line 12" in e for e in report.examples["bad_json"])
-    logged = [r for r in caplog.records if r.name == R.__name__]
+    logged = [r for r in caplog.records if r.name == tables.__name__]
     assert len(logged) == 1 and "kept 3 of 13" in logged[0].getMessage()
 
 

@@ -54,8 +54,13 @@ def test_loaders_read_every_record(data):
         recs, report = R.load_rl_records(data[split])
         assert report.kept == n and not report.skipped
         assert {r.benchmark for r in recs} <= {"synthimage", "synthvideo"}
-        for r in recs:
+        for r, row in zip(recs, _rows(data[split]), strict=True):
             assert len(r.images) == (16 if r.is_video else 1)
+            # the task kind and the target's box (fractions of the image or frame) reach the record
+            size = Image.open(r.images[0]).size
+            assert r.category == row["category"] and r.category in T.IMAGE_TASKS + T.VIDEO_TASKS
+            want = [v / size[i % 2] for i, v in enumerate(row["target_box_px"])]
+            assert r.target_box == pytest.approx(want) and all(0 <= v <= 1 for v in r.target_box)
     sft, report = R.load_sft_records(data["sft"])
     assert report.kept == 32 and not report.skipped
     assert any(r.is_video for r in sft) and any(not r.is_video for r in sft)
@@ -74,9 +79,9 @@ def _inside(mask, box):
 
 def test_target_pixels_lie_in_the_recorded_box(data):
     rows = _rows(data["rl"]) + _rows(data["eval"])
-    assert {r["task"] for r in rows if not r["is_video"]} == set(T.IMAGE_TASKS)
+    assert {r["category"] for r in rows if not r["is_video"]} == set(T.IMAGE_TASKS)
     for row in rows:
-        box = row["target_box"]
+        box = row["target_box_px"]
         if not row["is_video"]:
             img = Image.open(data["root"] / row["image"][0])
             assert _inside(_target_mask(img, row["target_color"]), box), row["qid"]
@@ -96,7 +101,7 @@ def test_answers_and_choices(data):
         if re.fullmatch("[A-D]", row["answer"]):
             option = re.search(rf"\nchoices:\n(?:[A-D]: .*\n)*{row['answer']}: (.*)", question)
             assert option, question
-        elif row["task"] == "count":
+        elif row["category"] == "count":
             assert row["answer"].isdigit()
         if "message_list" in row:
             assert row["message_list"][-1]["content"][0]["text"].endswith(f"\\boxed{{{row['answer']}}}.")
@@ -210,7 +215,7 @@ def test_mp4_round_trip_through_the_reader(data):
     assert np.abs(a - b).mean() < 4.0
     nearest = [int(np.argmin([np.abs(x - y).mean() for y in b])) for x in a]
     assert nearest == list(range(16))
-    x1, y1, x2, y2 = row["target_box"]
+    x1, y1, x2, y2 = row["target_box_px"]
     want = np.array(T.TARGET_COLORS[row["target_color"]], float)
     for k in range(16):
         near = np.linalg.norm(a[k, y1:y2, x1:x2] - want, axis=-1).min() < 60

@@ -159,7 +159,7 @@ def test_video_crop_index_after_a_selection(tiny_ckpt, tok, tmp_path):
         )
         [row] = _rows(cfg)
         # Both read the first selected frame (frame 4): the crop's origin is that frame.
-        assert row["n_valid"] == 2 and row["crop_boxes"][0]["image"] == 3, numbering
+        assert row["n_valid"] == 2 and row["crop_origins"][0]["image"] == 3, numbering
 
 
 # ------------------------------------------------------------------------------------------ report, rows
@@ -196,6 +196,9 @@ def test_multi_benchmark_report_with_categories_faithfulness_and_viewer_rows(tin
     a = rows[0]
     assert a["category"] == "direct_attributes" and a["target_box"] == box
     assert a["faithful"] == {"n_crops": 1, "n_hits": 1, "saw_target": True}
+    # [0.1, 0.1, 0.3, 0.3] padded by min(0.1, 600/side) = 0.1 -> [0, 0, 0.4, 0.4] (int pixels of 112x84).
+    assert a["crop_boxes"] == [pytest.approx([0.0, 0.0, 44 / 112, 33 / 84])]
+    assert a["crop_origins"] == [{"image": 0, "box": a["crop_boxes"][0]}]
     assert [t["role"] for t in a["turns"]] == ["assistant", "tool", "assistant"]
     assert "Here is the cropped image" in a["turns"][1]["text"] and len(a["turns"][1]["images"]) == 1
     out = eval_run_dir(cfg)

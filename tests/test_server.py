@@ -454,16 +454,26 @@ def test_flush_pause_continue_abort(server, backend):
         t.start()
         assert backend.policy.started.wait(5)
         assert "pending requests" in _error(c.post("/flush_cache"))
+        # SGLang rejects a rid that is still in flight (400 "Duplicate request ID detected").
+        r = c.post("/generate", json={"input_ids": PROMPT, "rid": "x"})
+        assert r.status_code == 400 and "Duplicate request ID detected: x" in _error(r)
         r = c.post("/abort_request", json={"rid": "x"})
-        assert r.json() == {"success": True, "num_aborted_requests": 1}
+        assert r.status_code == 200 and r.content == b""  # SGLang's empty 200
         t.join(5)
         out = box["a"].json()
         assert out["output_ids"] == [] and out["meta_info"]["finish_reason"]["type"] == "abort"
         assert out["meta_info"]["finish_reason"]["message"] == "aborted by /abort_request"
+        # SGLang's abort answer carries no prompt_tokens (its _handle_abort_req).
+        assert "prompt_tokens" not in out["meta_info"] and out["meta_info"]["completion_tokens"] == 0
         assert "rid or abort_all" in _error(c.post("/abort_request", json={}))
+        # A finished rid may be used again.
+        assert c.post("/generate", json={"input_ids": PROMPT, "rid": "x"}).status_code == 200
         # Paused: new requests wait until continue.
         backend.policy.delay_s = 0.0
-        assert c.post("/pause_generation", json={}).json()["success"] is True
+        assert c.post("/pause_generation", json={}).json() == {
+            "message": "Generation paused successfully.",
+            "status": "ok",
+        }
         t = threading.Thread(target=lambda: box.update(b=c.post("/generate", json={"input_ids": PROMPT})))
         t.start()
         time.sleep(0.3)
@@ -471,7 +481,48 @@ def test_flush_pause_continue_abort(server, backend):
         assert c.post("/continue_generation").json()["success"] is True
         t.join(5)
         assert box["b"].json()["output_ids"] == _expected(PROMPT, stops=(151643, IM_END))
-        assert "mode must be 'abort'" in _error(c.post("/pause_generation", json={"mode": "retract"}))
+        assert "mode must be one of" in _error(c.post("/pause_generation", json={"mode": "later"}))
+
+
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+def test_pause_modes_keep_running_requests(server, backend, mode):
+    """retract: the running request goes back to the queue and runs again after continue; in_place: it
+    finishes while paused. Neither is aborted (unlike mode "abort")."""
+    backend.policy.delay_s = 0.4
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        box = {}
+        t = threading.Thread(target=lambda: box.update(a=c.post("/generate", json={"input_ids": PROMPT})))
+        t.start()
+        assert backend.policy.started.wait(5)
+        calls = len(backend.policy.batches)
+        assert c.post("/pause_generation", json={"mode": mode}).json()["status"] == "ok"
+        time.sleep(0.8)
+        if mode == "retract":
+            assert "a" not in box  # its first run was discarded; it waits in the queue
+        else:
+            assert box["a"].json()["meta_info"]["finish_reason"]["type"] == "stop"
+        backend.policy.delay_s = 0.0
+        c.post("/continue_generation")
+        t.join(5)
+        out = box["a"].json()
+        assert out["output_ids"] == _expected(PROMPT, stops=(151643, IM_END))
+        assert len(backend.policy.batches) == calls + (1 if mode == "retract" else 0)
+
+
+def test_return_prompt_token_ids_expands_pads(server):
+    """return_prompt_token_ids (sglang >= 0.5.13): the expanded prompt, each pad repeated to its count."""
+    img = image(56, 84)
+    ids = [151644, 872, 198, 151652, 151655, 151653, 151645]
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        out = c.post("/generate", json={"input_ids": ids, "image_data": [png_data_url(img)],
+                                        "return_prompt_token_ids": True}).json()  # fmt: skip
+        plain = c.post("/generate", json={"input_ids": ids, "image_data": [png_data_url(img)]}).json()
+        assert "return_prompt_token_ids must be a boolean" in _error(
+            c.post("/generate", json={"input_ids": ids, "return_prompt_token_ids": 1})
+        )
+    assert out["prompt_token_ids"] == ids[:4] + [151655] * 6 + ids[5:]
+    assert len(out["prompt_token_ids"]) == out["meta_info"]["prompt_tokens"]
+    assert "prompt_token_ids" not in plain
 
 
 # ---------------------------------------------------------------------------------------- chat

@@ -1,5 +1,8 @@
 """SGLangClient against the in-repo server (scripted backend): round trips, concurrency, retries, weight push."""
 
+import dataclasses
+import http.server
+import json
 import threading
 import time
 
@@ -9,6 +12,7 @@ import pytest
 from test_server_backend import IM_END, ScriptedBackend, image, logprob, run_script, write_weights
 
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
+from pixel_reasoner_jax.rollout.media import media_pad_count
 from pixel_reasoner_jax.rollout.policy import FINISH_STOP, GenerationRequest, SamplingParams, Video
 from pixel_reasoner_jax.rollout.server import SGLangServer
 from pixel_reasoner_jax.rollout.sglang_client import (
@@ -315,3 +319,152 @@ def test_jax_backend_end_to_end(tiny_ckpt, tmp_path):
         np.testing.assert_allclose(again.logprobs, res.logprobs, atol=1e-5)
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------- SGLang fidelity (reference/sglang.md §12)
+
+
+def test_every_attempt_gets_a_fresh_rid(served):
+    """SGLang answers 400 to a rid still in flight, so a retry must never reuse the failed attempt's rid;
+    the episode's own id stays the prefix (server pinning and logs still read it)."""
+    srv, backend = served
+    backend.policy.fail_next = 2
+    sent = []
+    with _client([srv.url], retries=3) as client:
+        client._http.event_hooks["request"].append(lambda r: sent.append(r.read()))
+        (res,) = client.generate([_request("ep3-t1")])
+    rids = [json.loads(b)["rid"] for b in sent]
+    assert res.finish_reason == FINISH_STOP and len(rids) == 3 and len(set(rids)) == 3
+    assert all(r.startswith("ep3-t1.") for r in rids)
+    assert json.loads(sent[0])["return_prompt_token_ids"] is True
+
+
+def _fake_sglang(handler):
+    """A real HTTP server on 127.0.0.1 whose answers the test scripts (for SGLang behaviour that our own
+    server does not reproduce, e.g. the old routes only)."""
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _answer(self, method):
+            n = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(n)) if n else None
+            status, payload = handler(method, self.path, body)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._answer("GET")
+
+        def do_POST(self):
+            self._answer("POST")
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def _answer(req, ids, prompt_ids=None, finish=None):
+    expected = len(req.input_ids) + sum(media_pad_count(m) - 1 for m in req.media)
+    meta = {"id": "x", "finish_reason": finish or {"type": "stop", "matched": IM_END}, "prompt_tokens": expected,
+            "completion_tokens": len(ids), "weight_version": "0",
+            "output_token_logprobs": [[-0.5, t, None] for t in ids]}  # fmt: skip
+    out = {"output_ids": list(ids), "meta_info": meta}
+    if prompt_ids is not None:
+        out["prompt_token_ids"] = prompt_ids
+    return out
+
+
+def test_abort_without_prompt_tokens_is_resubmitted_and_old_routes_work():
+    """An aborted answer has no prompt_tokens (SGLang's abort handler): the client reads finish_reason
+    first and resubmits; /model_info falls back to /get_model_info on a server without the new route."""
+    req = _request("ab")
+    calls = []
+
+    def handler(method, path, body):
+        calls.append(path)
+        if path == "/get_server_info":
+            return 200, {"enable_deterministic_inference": False}
+        if path == "/get_model_info":
+            return 200, {"weight_version": "0"}
+        if path in ("/model_info", "/server_info"):
+            return 404, {"detail": "Not Found"}
+        if path == "/generate" and calls.count("/generate") == 1:
+            return 200, {"meta_info": {"id": body["rid"], "finish_reason": {"type": "abort", "message": "paused"},
+                                       "weight_version": "0", "completion_tokens": 0}}  # fmt: skip
+        return 200, _answer(req, [7, 8, IM_END])
+
+    srv, url = _fake_sglang(handler)
+    try:
+        with _client([url]) as client:
+            (res,) = client.generate([req])
+            assert res.output_ids == (7, 8, IM_END) and client.resubmits == 1
+            assert client.model_info()["weight_version"] == "0"
+    finally:
+        srv.shutdown()
+    assert calls.count("/generate") == 2 and "/get_model_info" in calls
+
+
+def test_seeds_only_to_servers_that_honour_them(caplog):
+    """sampling_seed works only under --enable-deterministic-inference: a server without it gets no seed
+    and the run is told once; our server (which honours seeds) gets them."""
+    seeds = []
+
+    def handler(method, path, body):
+        if path == "/server_info":
+            return 200, {"enable_deterministic_inference": False}
+        seeds.append(body["sampling_params"].get("sampling_seed"))
+        return 200, _answer(_request(), [IM_END])
+
+    srv, url = _fake_sglang(handler)
+    seeded = [dataclasses.replace(_request(f"s{i}"), seed=100 + i) for i in range(3)]
+    try:
+        with caplog.at_level("WARNING"), _client([url]) as client:
+            client.generate(seeded)
+            assert client.unseeded_requests == 3
+    finally:
+        srv.shutdown()
+    assert seeds == [None] * 3
+    assert sum("ignores sampling_seed" in r.getMessage() for r in caplog.records) == 1
+    ours = _server()
+    try:
+        sent = []
+        with _client([ours.url]) as client:
+            client._http.event_hooks["request"].append(lambda r: sent.append(r.read()))
+            client.generate(seeded[:1])
+            assert client.unseeded_requests == 0
+        gen = [json.loads(b) for b in sent if b]
+        assert gen[-1]["sampling_params"]["sampling_seed"] == 100
+    finally:
+        ours.stop()
+
+
+def test_retokenized_prompt_is_detected():
+    """return_prompt_token_ids: a server whose expanded prompt differs at a text position (it re-tokenized)
+    is an error even though the count agrees; cache keys in place of pad ids inside a media run are not."""
+    img = image(56, 56)
+    req = _request("rt", [img])
+    want = list(req.input_ids[:4]) + [151655] * 4 + list(req.input_ids[5:])
+    answers = iter([
+        want[:4] + [99] * 4 + want[8:],  # pads replaced by cache keys: fine
+        want[:1] + [12345] + want[2:],  # a text token changed: re-tokenized
+    ])  # fmt: skip
+
+    def handler(method, path, body):
+        if path == "/server_info":
+            return 200, {"enable_deterministic_inference": True}
+        return 200, _answer(req, [IM_END], prompt_ids=next(answers))
+
+    srv, url = _fake_sglang(handler)
+    try:
+        with _client([url]) as client:
+            client.generate([req])
+            with pytest.raises(SGLangError, match="differs from ours at position 1"):
+                client.generate([req])
+    finally:
+        srv.shutdown()

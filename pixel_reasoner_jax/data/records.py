@@ -1,24 +1,21 @@
 """Typed PixelReasoner records (RL/eval rows, SFT trajectories), their parsers, media loaders, SFT loss rule.
 
-Bad rows are counted in a DataReport and skipped; only a missing/unreadable file or an empty result raises.
+Bad rows are counted in a DataReport (data/tables.py) and skipped; only a missing/unreadable file or an empty
+result raises.
 """
 
 import dataclasses
-import json
-import logging
+import math
 import os
 import re
-from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pixel_reasoner_jax.data.tables import BadRecord, Column, DataReport, parse_sources
 from pixel_reasoner_jax.processing.vision import to_rgb
-
-logger = logging.getLogger(__name__)
 
 MIN_SIDE = 28  # one merged Qwen2.5-VL patch; smaller images cannot be tokenized
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -26,20 +23,22 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 ROLES = ("system", "user", "assistant")
 CHECK_MODES = ("none", "exists", "verify")
 MASK_MODES = ("final_turns", "per_turn")
-_EXAMPLES_PER_REASON = 3
+# The published RL/eval schema (reference §7.2/§7.3); the optional columns are ours.
+RL_COLUMNS = (
+    Column("question", ("string",)),
+    Column("image", ("string", "list<string>")),
+    Column("answer", ("string", "list<string>", "integer", "floating")),
+    Column("qid", ("string", "integer")),
+    Column("is_video", ("bool",), required=False),
+    Column("benchmark", ("string",), required=False),
+    Column("category", ("string",), required=False),
+    Column("target_box", ("list<floating>", "list<integer>"), required=False),
+)
+SFT_COLUMNS = (Column("message_list"),)
 
 
 class BadMediaError(ValueError):
     """An image or video file that is missing, corrupt, or too small to use."""
-
-
-class _BadRecord(Exception):
-    """Internal: why one row is skipped (`reason` is the DataReport key)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +52,13 @@ class RLRecord:
         file / frame directory when `is_video`).
       is_video: whether `images` is one video.
       answer: one acceptable answer or a list of them.
-      benchmark: `row["benchmark"]` when present, else `qid.split("-")[0]`.
-      extra: every other key of the row (e.g. the synthetic generator's `target_box`), untouched.
+      benchmark: `row["benchmark"]` when present, else `qid.split("-")[0]` (as written; eval records carry
+        the canonical name, see data/benchmarks.py).
+      extra: every other key of the row (e.g. the synthetic generator's `target_color`), untouched.
+      category: the question type within its benchmark (V*: direct_attributes / relative_position,
+        MVBench: its task, synthetic: the task kind), or None where the data does not say.
+      target_box: where the answer is, as fractions [x1, y1, x2, y2] of the original image (of each frame
+        for a video), or None; for crop-faithfulness metrics.
     """
 
     qid: str
@@ -64,6 +68,8 @@ class RLRecord:
     answer: str | list[str]
     benchmark: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    category: str | None = None
+    target_box: tuple[float, float, float, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,37 +91,6 @@ class SFTRecord:
     images: list[str]
     is_video: bool
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class DataReport:
-    """What a parse kept and skipped: per-reason counts and a few example ids per reason.
-
-    Reasons: bad_json (a JSONL line that does not parse), wrong_type (a row, field, message or content
-    item of the wrong type), missing_field, empty_question, bad_messages (no user turn or not ending
-    with an assistant turn), missing_media (path does not exist), bad_media (corrupt, or a side < 28 px).
-    """
-
-    source: str
-    total: int = 0
-    kept: int = 0
-    skipped: Counter = dataclasses.field(default_factory=Counter)
-    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-
-    def add_skip(self, reason: str, row_id: str, detail: str) -> None:
-        self.skipped[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < _EXAMPLES_PER_REASON:
-            shown.append(f"{row_id} ({detail})")
-
-    def summary(self) -> str:
-        lines = [f"{self.source}: kept {self.kept} of {self.total} records"]
-        for reason, count in sorted(self.skipped.items()):
-            lines.append(f"  skipped {count} x {reason}, e.g. {'; '.join(self.examples.get(reason, []))}")
-        return "\n".join(lines)
-
-    def log(self) -> None:
-        (logger.warning if self.skipped else logger.info)(self.summary())
 
 
 # ----------------------------------------------------------------------------------------------- media
@@ -250,87 +225,6 @@ def resolve_path(path: str, data_root: str) -> str:
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(data_root, path))
 
 
-# ----------------------------------------------------------------------------------------------- files
-
-
-class _BadJsonLine(str):
-    """Marks a JSONL line that did not parse (kept as a row so it is counted, not lost)."""
-
-
-def read_rows(path: str | os.PathLike) -> list[Any]:
-    """Rows of a JSON list, a JSONL file, or (when pyarrow imports) a parquet file.
-
-    An unparseable JSONL line becomes a `_BadJsonLine` string so the caller counts it instead of losing it.
-
-    Raises:
-      FileNotFoundError: the file is missing.
-      ValueError: the file cannot be read as a whole (bad JSON document, parquet without pyarrow, ...).
-    """
-    path = str(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise ValueError(
-                f"cannot read {path!r}: parquet needs pyarrow, which is not installed; convert it to JSONL "
-                "(one JSON object per line) or install pyarrow"
-            ) from e
-        return pq.read_table(path).to_pylist()
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read data file {path!r}: {e}") from e
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"data file {path!r} starts like a JSON list but does not parse: {e}") from e
-        return rows
-    rows: list[Any] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            rows.append(_BadJsonLine(f"line {lineno}: {e.msg}"))
-    return rows
-
-
-def _row_id(row: Any, index: int, stem: str) -> str:
-    if isinstance(row, dict):
-        for key in ("qid", "id"):
-            if isinstance(row.get(key), str | int) and not isinstance(row.get(key), bool):
-                return str(row[key])
-    return f"{stem}-{index}"
-
-
-def _parse_all(path, parse_one, kind: str):
-    rows = read_rows(path)
-    report = DataReport(source=f"{kind} {path}", total=len(rows))
-    stem = Path(path).stem
-    out = []
-    for i, row in enumerate(rows):
-        row_id = _row_id(row, i, stem)
-        try:
-            if isinstance(row, _BadJsonLine):
-                raise _BadRecord("bad_json", str(row))
-            if not isinstance(row, dict):
-                raise _BadRecord("wrong_type", f"row is {type(row).__name__}, expected an object")
-            out.append(parse_one(row, row_id))
-        except _BadRecord as e:
-            report.add_skip(e.reason, row_id, e.detail)
-    report.kept = len(out)
-    report.log()
-    if not out:
-        raise ValueError(f"no usable {kind} record in {path!r}:\n{report.summary()}")
-    return out, report
-
-
 def _media(paths: list[str], data_root: str, check: str) -> list[str]:
     resolved = [resolve_path(p, data_root) for p in paths]
     for p in resolved:
@@ -338,46 +232,55 @@ def _media(paths: list[str], data_root: str, check: str) -> list[str]:
             check_media(p, check)
         except BadMediaError as e:
             reason = "missing_media" if not os.path.exists(p) else "bad_media"
-            raise _BadRecord(reason, str(e)) from e
+            raise BadRecord(reason, str(e)) from e
     return resolved
 
 
 # ------------------------------------------------------------------------------------------------- RL
 
 
-def _rl_from_row(row: dict, row_id: str, data_root: str, check: str) -> RLRecord:
+def rl_from_row(row: dict, row_id: str, data_root: str, check: str) -> RLRecord:
+    """One RL/eval row as an RLRecord, media resolved against `data_root` and checked (`check_media`).
+
+    Raises:
+      BadRecord: the row is unusable; its reason is the DataReport key.
+    """
     for key in ("question", "image", "answer", "qid"):
         if key not in row or row[key] is None:
-            raise _BadRecord("missing_field", f"no {key!r}")
+            raise BadRecord("missing_field", f"no {key!r}")
     qid, question, images, answer = row["qid"], row["question"], row["image"], row["answer"]
     if isinstance(qid, bool) or not isinstance(qid, str | int):
-        raise _BadRecord("wrong_type", f"qid is {type(qid).__name__}, expected str")
+        raise BadRecord("wrong_type", f"qid is {type(qid).__name__}, expected str")
     if not isinstance(question, str):
-        raise _BadRecord("wrong_type", f"question is {type(question).__name__}, expected str")
+        raise BadRecord("wrong_type", f"question is {type(question).__name__}, expected str")
     if not question.strip():
-        raise _BadRecord("empty_question", "question is blank")
+        raise BadRecord("empty_question", "question is blank")
     if isinstance(images, str):
         images = [images]
     if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
-        raise _BadRecord("wrong_type", "image must be a non-empty list of path strings")
+        raise BadRecord("wrong_type", "image must be a non-empty list of path strings")
     # Counts are sometimes stored as numbers; they compare as their decimal text.
     if isinstance(answer, int | float) and not isinstance(answer, bool):
         answer = str(answer)
     ok_list = isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer)
     if not (isinstance(answer, str) or ok_list):
-        raise _BadRecord("wrong_type", f"answer is {type(answer).__name__}, expected str or list of str")
+        raise BadRecord("wrong_type", f"answer is {type(answer).__name__}, expected str or list of str")
     is_video = row.get("is_video")
     if is_video is None:
         # Without the flag only a single-image row is unambiguous.
         if len(images) != 1:
-            raise _BadRecord("missing_field", "no 'is_video' on a row with several media paths")
+            raise BadRecord("missing_field", "no 'is_video' on a row with several media paths")
         is_video = False
     if not isinstance(is_video, bool | np.bool_):
-        raise _BadRecord("wrong_type", f"is_video is {type(is_video).__name__}, expected bool")
+        raise BadRecord("wrong_type", f"is_video is {type(is_video).__name__}, expected bool")
     benchmark = row.get("benchmark")
     if not isinstance(benchmark, str) or not benchmark:
         benchmark = str(qid).split("-")[0]
-    extra = {k: v for k, v in row.items() if k not in ("question", "image", "answer", "qid", "is_video")}
+    category = row.get("category")
+    if category is not None and not (isinstance(category, str) and category):
+        raise BadRecord("wrong_type", f"category is {category!r}, expected a non-empty str")
+    fields = {c.name for c in RL_COLUMNS}
+    extra = {k: v for k, v in row.items() if k not in fields - {"benchmark"}}
     return RLRecord(
         qid=str(qid),
         question=question,
@@ -386,29 +289,52 @@ def _rl_from_row(row: dict, row_id: str, data_root: str, check: str) -> RLRecord
         answer=answer,
         benchmark=benchmark,
         extra=extra,
+        category=category,
+        target_box=_target_box(row.get("target_box")),
     )
+
+
+def _target_box(value: Any) -> tuple[float, float, float, float] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, list) and len(value) == 4
+    ok = ok and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+    if not ok or not (0 <= value[0] < value[2] <= 1 and 0 <= value[1] < value[3] <= 1):
+        raise BadRecord(
+            "bad_box", f"target_box {value!r} is not fractions [x1, y1, x2, y2], x1 < x2, y1 < y2"
+        )
+    return tuple(float(v) for v in value)
+
+
+def media_root(data_root: str | os.PathLike | None, file: str) -> str:
+    """What relative media paths of `file`'s rows resolve against: `data_root`, else the file's folder."""
+    return str(data_root) if data_root is not None else os.path.dirname(os.path.abspath(file))
 
 
 def load_rl_records(
     path: str | os.PathLike, data_root: str | os.PathLike | None = None, *, check: str = "verify"
 ) -> tuple[list[RLRecord], DataReport]:
-    """Parses an RL or eval file (columns question, image, is_video, answer, qid).
+    """Parses RL or eval rows (columns question, image, is_video, answer, qid; optional benchmark,
+    category, target_box).
 
     Args:
-      path: a JSONL file, a JSON list, or a parquet file (needs pyarrow).
-      data_root: relative media paths are joined to it; default: the file's directory.
+      path: JSONL, JSON-list or parquet files and folders of them, comma-separated (see
+        tables.source_files), e.g. the RL data's `release.parquet`.
+      data_root: relative media paths are joined to it; default: the directory of each row's file.
       check: media check per path, one of "none", "exists", "verify" (see `check_media`).
 
     Returns:
       The usable records and the report of the skipped ones (also logged once).
 
     Raises:
-      FileNotFoundError / ValueError: the file is missing or unreadable, or no record survives.
+      FileNotFoundError / ValueError: a file is missing or unreadable, or no record survives.
     """
     if check not in CHECK_MODES:
         raise ValueError(f"check must be one of {CHECK_MODES}, got {check!r}")
-    root = str(data_root) if data_root is not None else os.path.dirname(os.path.abspath(path))
-    return _parse_all(str(path), lambda row, rid: _rl_from_row(row, rid, root, check), "RL")
+    parse = lambda row, rid, file: rl_from_row(row, rid, media_root(data_root, file), check)
+    return parse_sources(path, parse, "RL", RL_COLUMNS)
 
 
 # ------------------------------------------------------------------------------------------------ SFT
@@ -418,11 +344,11 @@ def _content_items(content: Any, data_root: str, check: str, media: list[str]) -
     if isinstance(content, str):
         return [{"type": "text", "text": content}], False
     if not isinstance(content, list):
-        raise _BadRecord("wrong_type", f"message content is {type(content).__name__}, expected str or list")
+        raise BadRecord("wrong_type", f"message content is {type(content).__name__}, expected str or list")
     items, has_video = [], False
     for item in content:
         if not isinstance(item, dict):
-            raise _BadRecord("wrong_type", f"content item is {type(item).__name__}, expected an object")
+            raise BadRecord("wrong_type", f"content item is {type(item).__name__}, expected an object")
         kind = item.get("type") or next((k for k in ("text", "image", "video") if k in item), None)
         value = item.get(kind) if kind in ("text", "image", "video") else None
         if kind == "text" and isinstance(value, str):
@@ -434,7 +360,7 @@ def _content_items(content: Any, data_root: str, check: str, media: list[str]) -
         elif kind == "video" and isinstance(value, str | list) and value:
             paths = [value] if isinstance(value, str) else value
             if not all(isinstance(p, str) and p for p in paths):
-                raise _BadRecord("wrong_type", "video item must hold a path or a list of frame paths")
+                raise BadRecord("wrong_type", "video item must hold a path or a list of frame paths")
             resolved = _media(paths, data_root, check)
             media.extend(resolved)
             has_video = True
@@ -442,33 +368,33 @@ def _content_items(content: Any, data_root: str, check: str, media: list[str]) -
                 {**item, "type": "video", "video": resolved if isinstance(value, list) else resolved[0]}
             )
         else:
-            raise _BadRecord("wrong_type", f"content item {str(item)[:80]!r} is not a text/image/video item")
+            raise BadRecord("wrong_type", f"content item {str(item)[:80]!r} is not a text/image/video item")
     return items, has_video
 
 
 def _sft_from_row(row: dict, row_id: str, data_root: str, check: str) -> SFTRecord:
     if "message_list" not in row:
-        raise _BadRecord("missing_field", "no 'message_list'")
+        raise BadRecord("missing_field", "no 'message_list'")
     raw = row["message_list"]
     if not isinstance(raw, list) or not raw:
-        raise _BadRecord("wrong_type", "message_list must be a non-empty list")
+        raise BadRecord("wrong_type", "message_list must be a non-empty list")
     messages, media, is_video = [], [], False
     for m in raw:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _BadRecord("missing_field", "a message lacks 'role' or 'content'")
+            raise BadRecord("missing_field", "a message lacks 'role' or 'content'")
         if m["role"] not in ROLES:
-            raise _BadRecord("wrong_type", f"role {m['role']!r} is not one of {ROLES}")
+            raise BadRecord("wrong_type", f"role {m['role']!r} is not one of {ROLES}")
         if "loss" in m and not isinstance(m["loss"], bool):
-            raise _BadRecord("wrong_type", f"'loss' is {type(m['loss']).__name__}, expected bool")
+            raise BadRecord("wrong_type", f"'loss' is {type(m['loss']).__name__}, expected bool")
         items, vid = _content_items(m["content"], data_root, check, media)
         is_video |= vid
         messages.append({**m, "content": items})
     roles = [m["role"] for m in messages]
     if "user" not in roles or roles[-1] != "assistant":
-        raise _BadRecord("bad_messages", f"roles {roles}: need a user turn and a final assistant turn")
+        raise BadRecord("bad_messages", f"roles {roles}: need a user turn and a final assistant turn")
     first_user = messages[roles.index("user")]
     if not any(it["type"] == "text" and it["text"].strip() for it in first_user["content"]):
-        raise _BadRecord("empty_question", "the first user turn has no text")
+        raise BadRecord("empty_question", "the first user turn has no text")
     extra = {k: v for k, v in row.items() if k != "message_list"}
     return SFTRecord(qid=row_id, messages=messages, images=media, is_video=is_video, extra=extra)
 
@@ -476,14 +402,14 @@ def _sft_from_row(row: dict, row_id: str, data_root: str, check: str) -> SFTReco
 def load_sft_records(
     path: str | os.PathLike, data_root: str | os.PathLike | None = None, *, check: str = "verify"
 ) -> tuple[list[SFTRecord], DataReport]:
-    """Parses an SFT file whose rows carry a `message_list` trajectory (JSON list, JSONL or parquet).
+    """Parses SFT rows that carry a `message_list` trajectory (JSON list, JSONL or parquet files/folders).
 
     Args and raises: as `load_rl_records`.
     """
     if check not in CHECK_MODES:
         raise ValueError(f"check must be one of {CHECK_MODES}, got {check!r}")
-    root = str(data_root) if data_root is not None else os.path.dirname(os.path.abspath(path))
-    return _parse_all(str(path), lambda row, rid: _sft_from_row(row, rid, root, check), "SFT")
+    parse = lambda row, rid, file: _sft_from_row(row, rid, media_root(data_root, file), check)
+    return parse_sources(path, parse, "SFT", SFT_COLUMNS)
 
 
 # -------------------------------------------------------------------------------------- SFT loss mask

@@ -324,12 +324,17 @@ def allocate_kinds(n: int, seed: int, cfg: SynthConfig) -> list[str]:
 
 
 def _task_row(task: Task, qid: str, writer: _Writer) -> tuple[dict, list[str]]:
+    w, h = (task.image if task.frames is None else task.frames[0]).size
+    x1, y1, x2, y2 = task.box
     row = {
         "qid": qid,
         "question": task.question,
         "answer": task.answer,
-        "task": task.task,
-        "target_box": list(task.box),
+        "category": task.task,
+        # RLRecord.target_box: fractions of the image (of each frame for a video), exact for the [x1, x2)
+        # pixel box; the pixel box itself stays beside it.
+        "target_box": [x1 / w, y1 / h, x2 / w, y2 / h],
+        "target_box_px": list(task.box),
         "target_color": task.color,
     }
     if task.frames is not None:
@@ -375,7 +380,9 @@ def _sft_rows(n: int, seed: int, cfg: SynthConfig, writer: _Writer) -> list[dict
         build = _video_trajectory if video else _image_trajectory
         messages = build(rng, task, kind, qid, rels if video else rels[0], writer, cfg)
         meta = {
-            k: row[k] for k in ("task", "answer", "target_box", "target_color", "target_frames") if k in row
+            k: row[k]
+            for k in ("category", "answer", "target_box", "target_box_px", "target_color", "target_frames")
+            if k in row
         }
         rows.append({"qid": qid, "kind": kind, **meta, "message_list": messages})
     return rows

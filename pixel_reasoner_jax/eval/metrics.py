@@ -1,4 +1,4 @@
-"""Evaluation metrics: ANLS (own Levenshtein), benchmark names, the per-sample result row and its scoring.
+"""Evaluation metrics: ANLS (own Levenshtein), the per-sample result row and its scoring.
 
 Aggregation, the per-sample dump I/O and the report tables live in eval/report.py.
 
@@ -6,26 +6,17 @@ Host-side Python only. Definitions follow reference/benchmarks.md §3 and refere
 """
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# Re-exported: the eval runner and reports name benchmarks through em.canonical_benchmark.
+from pixel_reasoner_jax.data.benchmarks import canonical_benchmark as canonical_benchmark
 from pixel_reasoner_jax.train.rewards import accuracy_reward, extract_boxed
 
 ANLS_THRESHOLD = 0.5
 # Benchmarks whose reported number is ANLS (the author computed it offline from the dumps, issue #6); the
 # others report rule-reward accuracy.
 ANLS_BENCHMARKS = frozenset({"infovqa"})
-# qid prefixes seen in the wild -> the config's benchmark names (config.BENCHMARKS). The eval parquets name
-# the benchmark by the qid's part before "-", whose exact spelling is not documented, so several are accepted.
-_BENCHMARK_PREFIXES = (
-    ("vstar", "vstar"),
-    ("tallyqa", "tallyqa"),
-    ("infographic", "infovqa"),
-    ("infovqa", "infovqa"),
-    ("mvbench", "mvbench"),
-    ("synth", "synthetic"),
-)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,21 +107,6 @@ def anls(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def canonical_benchmark(name: str) -> str:
-    """The config's benchmark name for a record's benchmark (its qid prefix).
-
-    "VStar" / "V*Bench" -> "vstar", "InfoVQA" / "InfographicsVQA" -> "infovqa", "synthimage" -> "synthetic";
-    an unknown name comes back lower-cased with only [a-z0-9] kept (so the caller can report it).
-    """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"canonical_benchmark: expected a non-empty str, got {name!r}")
-    clean = re.sub(r"[^a-z0-9]", "", name.lower().replace("*", "star"))  # "V*" is V* Bench
-    for prefix, canon in _BENCHMARK_PREFIXES:
-        if clean.startswith(prefix):
-            return canon
-    return clean or name.lower()
-
-
 @dataclasses.dataclass(frozen=True)
 class SampleResult:
     """One evaluated response: one line of the per-sample dump.
@@ -153,7 +129,9 @@ class SampleResult:
         n_extra_keys: keys of the response's tool calls that no tool reads (ignored, as the original did).
         category: the record's category (V* direct_attributes / relative_position, MVBench task), or None.
         target_box: the record's normalised target box(es) in its first image, or None.
-        crop_boxes: executed crops as {"image": original index, "box": normalised [x1, y1, x2, y2]}.
+        crop_boxes: normalised [x1, y1, x2, y2] of the executed crops of the first input image (image query),
+            in its coordinates through crops of crops: what the viewer draws over that image.
+        crop_origins: every executed crop as {"image": original image or video frame index, "box": [...]}.
         faithful: rollout/faithfulness.sample_faithfulness of the response, or None (no target / video).
         turns: the conversation after the prompt, for the viewer: {"role": "assistant" | "tool", "text",
             "images": [paths relative to the eval folder]} in order.
@@ -178,6 +156,7 @@ class SampleResult:
     category: str | None = None
     target_box: list | None = None
     crop_boxes: list = dataclasses.field(default_factory=list)
+    crop_origins: list = dataclasses.field(default_factory=list)
     faithful: dict | None = None
     turns: list = dataclasses.field(default_factory=list)
     inputs: list = dataclasses.field(default_factory=list)

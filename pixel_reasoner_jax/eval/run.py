@@ -127,13 +127,15 @@ def score_trajectory(
     rec = traj.record
     boxed, correct, anls = em.score_response(traj.response_text, rec.answer, require_boxed=require_boxed)
     turns, inputs = conversation_rows(traj, tok, out, j)
+    crops = faithfulness.executed_crops(traj)
     return em.SampleResult(
         qid=rec.qid, benchmark=em.canonical_benchmark(rec.benchmark), question=rec.question, gt=rec.answer,
         response=traj.response_text, boxed=boxed, correct=correct, anls=anls, n_calls=traj.num_calls,
         n_failed=traj.num_failed_calls, n_valid=traj.num_valid_calls, status=traj.status, sample=j,
         n_tokens=traj.expanded_length, n_extra_keys=traj.num_ignored_keys,
         category=getattr(rec, "category", None), target_box=getattr(rec, "target_box", None),
-        crop_boxes=[{"image": i, "box": list(b)} for i, b in faithfulness.executed_crops(traj)],
+        crop_boxes=[list(b) for i, b in crops if i == 0 and not rec.is_video],
+        crop_origins=[{"image": i, "box": list(b)} for i, b in crops],
         faithful=faithfulness.sample_faithfulness(traj), turns=turns, inputs=inputs,
     )  # fmt: skip
 

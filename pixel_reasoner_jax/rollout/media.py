@@ -205,3 +205,28 @@ def expanded_length(
 ) -> int:
     """Prompt length after each single pad is expanded: len(ids) + sum(tokens - 1) over the media."""
     return num_ids + sum(media_pad_count(m, factor, temporal) - 1 for m in media)
+
+
+def expand_pads(
+    ids: Sequence[int],
+    media: Sequence["Image.Image | Video"],
+    pad_ids: Sequence[int],
+    factor: int = FACTOR,
+    temporal: int = 2,
+) -> list[int]:
+    """The prompt with each single media pad (an id in `pad_ids`) repeated to its token count, media in order.
+
+    What a server's expanded prompt should hold (SGLang's `return_prompt_token_ids`).
+    """
+    out, k = [], 0
+    for t in ids:
+        if t in pad_ids:
+            if k >= len(media):
+                raise ValueError(f"prompt holds more media pads than the {len(media)} media items")
+            out += [t] * media_pad_count(media[k], factor, temporal)
+            k += 1
+        else:
+            out.append(t)
+    if k != len(media):
+        raise ValueError(f"prompt holds {k} media pads but {len(media)} media items were given")
+    return out

@@ -23,8 +23,10 @@ from pixel_reasoner_jax import __version__
 from pixel_reasoner_jax.rollout import server_protocol as proto
 from pixel_reasoner_jax.rollout.policy import GenerationResult
 from pixel_reasoner_jax.rollout.server_backend import (
+    PAUSE_MODES,
     Backend,
     BatchWorker,
+    DuplicateRequestError,
     Job,
     WeightsFolderError,
     check_weights_folder,
@@ -165,13 +167,18 @@ def _server_info(st: _State, body: dict):
         "context_length": b.spec.context_length,
         "weight_version": b.policy.weight_version,
         "paused": st.worker.paused,
+        # Seeds are always honoured here (SGLang needs --enable-deterministic-inference for that).
+        "enable_deterministic_inference": True,
         "batch_sizes_seen": len(st.worker.batch_sizes),
         "version": f"pixel_reasoner_jax-{__version__}",
     }
 
 
 def _wait(st: _State, jobs: list[Job]) -> list[GenerationResult]:
-    st.worker.submit(jobs)
+    try:
+        st.worker.submit(jobs)
+    except DuplicateRequestError as e:  # SGLang: ValueError in the tokenizer manager -> HTTP 400
+        raise HttpError(400, str(e)) from None
     try:
         return [j.future.result() for j in jobs]
     except Exception as e:  # noqa: BLE001 - a failing policy call: message to the client, traceback logged
@@ -255,10 +262,10 @@ def _flush_cache(st: _State, body: dict):
 def _pause(st: _State, body: dict):
     st.need_backend()
     mode = body.get("mode", "abort")
-    if mode != "abort":
-        raise HttpError(400, f"pause_generation mode must be 'abort' (the only one supported), got {mode!r}")
-    n = st.worker.pause()
-    return 200, {"success": True, "message": "Generation paused.", "num_aborted_requests": n}
+    if mode not in PAUSE_MODES:
+        raise HttpError(400, f"pause_generation mode must be one of {PAUSE_MODES}, got {mode!r}")
+    st.worker.pause(mode)
+    return 200, {"message": "Generation paused successfully.", "status": "ok"}
 
 
 def _continue(st: _State, body: dict):
@@ -275,7 +282,8 @@ def _abort_request(st: _State, body: dict):
     if not rid and not abort_all:
         raise HttpError(400, "abort_request needs a rid or abort_all: true")
     n = st.worker.abort("aborted by /abort_request", None if abort_all else {rid})
-    return 200, {"success": True, "num_aborted_requests": n}
+    logger.info("/abort_request aborted %d requests", n)
+    return 200, None  # SGLang answers an empty 200
 
 
 def _models(st: _State, body: dict):

@@ -178,6 +178,13 @@ def _check_safetensors_complete(path: Path) -> None:
 # ----------------------------------------------------------------------------------------- batching
 
 
+PAUSE_MODES = ("abort", "retract", "in_place")
+
+
+class DuplicateRequestError(ValueError):
+    """A request reuses the rid of one still queued or running (SGLang answers 400)."""
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """One sample in the queue; `future` resolves to its GenerationResult."""
@@ -187,6 +194,7 @@ class Job:
     prompt_tokens: int
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     abort_message: str | None = None
+    retracted: bool = False  # paused with mode "retract" while running: queued again, result discarded
 
 
 class BatchWorker:
@@ -214,7 +222,13 @@ class BatchWorker:
         self._thread.start()
 
     def submit(self, jobs: Sequence[Job]) -> None:
+        """Queues the jobs; raises DuplicateRequestError when a rid is already queued or running."""
         with self._cv:
+            active = {j.rid for j in self._queue} | {j.rid for j in self._running}
+            rids = [j.rid for j in jobs]
+            dup = sorted({r for r in rids if r in active or rids.count(r) > 1})
+            if dup:
+                raise DuplicateRequestError(f"Duplicate request ID detected: {dup[0]}")
             if self._stopped:
                 for j in jobs:
                     self._abort(j, "server is shutting down")
@@ -238,10 +252,25 @@ class BatchWorker:
                 j.abort_message = message
             return len(hit) + len(running)
 
-    def pause(self) -> int:
+    def pause(self, mode: str = "abort") -> int:
+        """Stops taking batches. SGLang's modes (reference/sglang.md §12): "abort" aborts queued and
+        running requests; "retract" puts running requests back at the head of the queue (their current
+        batch's results are discarded, they run again after /continue_generation); "in_place" lets the
+        running batch finish and holds the queue. Returns how many requests were aborted or retracted."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
         with self._cv:
             self._paused = True
-        return self.abort("aborted by /pause_generation")
+            if mode == "retract":
+                for j in self._running:
+                    j.retracted = True
+                return len(self._running)
+        return self.abort("aborted by /pause_generation") if mode == "abort" else 0
+
+    def active_rids(self) -> set[str]:
+        """Rids of queued and running requests (SGLang rejects a new request that reuses one)."""
+        with self._cv:
+            return {j.rid for j in self._queue} | {j.rid for j in self._running}
 
     def resume(self) -> None:
         with self._cv:
@@ -308,10 +337,14 @@ class BatchWorker:
         with self._cv:
             self._running = []
             by_job = dict(zip(live, results))
+            retracted = [j for j in batch if j.retracted and j.abort_message is None]
+            for j in reversed(retracted):
+                j.retracted = False
+                self._queue.appendleft(j)
             for j in batch:
                 if j.abort_message is not None:
                     self._abort(j, j.abort_message)
-                else:
+                elif j not in retracted:
                     j.future.set_result(by_job[j])
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from pixel_reasoner_jax.processing.vision import resize_to_limits, smart_resize
-from pixel_reasoner_jax.rollout.media import MediaError, decode_image_data, expanded_length
+from pixel_reasoner_jax.rollout.media import MediaError, decode_image_data, expand_pads, expanded_length
 from pixel_reasoner_jax.rollout.policy import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -56,13 +56,14 @@ class Unit:
     no_stop_trim: bool
     stop_strings: Mapping[int, str]
     multi_stops: tuple[str, ...]
+    prompt_token_ids: tuple[int, ...] | None = None  # the expanded prompt, when the request asked for it
 
 
 # Top-level /generate fields: accepted, and (for the second group) accepted only at their default value.
 GENERATE_FIELDS = {
     "text", "input_ids", "image_data", "video_data", "sampling_params", "rid", "return_logprob",
     "logprob_start_len", "return_text_in_logprobs", "modalities", "log_metrics", "data_parallel_rank",
-    "priority", "lora_id", "bootstrap_host", "bootstrap_port", "bootstrap_room",
+    "priority", "lora_id", "bootstrap_host", "bootstrap_port", "bootstrap_room", "return_prompt_token_ids",
 }  # fmt: skip
 DEFAULT_ONLY = {
     "stream": False, "top_logprobs_num": 0, "token_ids_logprob": None, "return_hidden_states": False,
@@ -89,7 +90,7 @@ OTHER_SAMPLING = {
 }
 UPDATE_FIELDS = {"model_path", "load_format", "weight_version", "abort_all_requests", "flush_cache"}
 # Newer SGLang update options with no meaning here (no CUDA graphs, no async loading): accepted, ignored.
-UPDATE_IGNORED = {"is_async", "keep_pause", "recapture_cuda_graph", "torch_empty_cache", "token_step"}
+UPDATE_IGNORED = {"is_async", "keep_pause", "recapture_cuda_graph", "torch_empty_cache", "token_step", "manifest"}
 LOAD_FORMATS = (None, "auto", "safetensors")
 
 
@@ -325,6 +326,9 @@ def parse_generate(
 ) -> tuple[list[Unit], bool]:
     """A /generate body -> samples to run, and whether the answer is a list (batch or n > 1)."""
     _check_fields(body, GENERATE_FIELDS, DEFAULT_ONLY, "")
+    want_ids = body.get("return_prompt_token_ids", False)
+    if not isinstance(want_ids, bool):
+        raise bad(f"return_prompt_token_ids must be a boolean, got {want_ids!r}")
     ids_f, text_f = body.get("input_ids"), body.get("text")
     if (ids_f is None) == (text_f is None):
         raise bad("exactly one of input_ids and text is required (send input_ids: a list of token ids)")
@@ -394,6 +398,15 @@ def parse_generate(
         media = _order_media(prompts[b], imgs, vids, spec, where)
         rid = rids[b] or uuid.uuid4().hex
         units += _units(prompts[b], media, samplings[b], rid, bool(lps[b]), text_lp, spec, where)
+    if want_ids:
+        pads = (spec.image_token_id, spec.video_token_id)
+        f, tp = spec.image.factor, spec.image.temporal_patch_size
+        units = [
+            dataclasses.replace(
+                u, prompt_token_ids=tuple(expand_pads(u.request.input_ids, u.request.media, pads, f, tp))
+            )
+            for u in units
+        ]
     return units, batch or n > 1
 
 
@@ -474,6 +487,12 @@ def generate_response(
         "weight_version": r.weight_version,
         "e2e_latency": round(latency, 6),
     }
+    if finish["type"] == "abort":
+        # SGLang's abort handler answers without prompt_tokens (reference/sglang.md §12): clients must
+        # read finish_reason first, and so must ours.
+        del meta["prompt_tokens"], meta["cached_tokens"]
+    elif u.prompt_token_ids is not None:
+        out["prompt_token_ids"] = list(u.prompt_token_ids)
     if u.return_logprob:
         tok_text = (
             (lambda t: tokenizer.decode([t]))

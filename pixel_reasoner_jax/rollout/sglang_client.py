@@ -26,7 +26,7 @@ import httpx
 from PIL import Image
 
 from pixel_reasoner_jax.processing.vision import FACTOR
-from pixel_reasoner_jax.rollout.media import expanded_length, media_pad_count, png_data_url
+from pixel_reasoner_jax.rollout.media import expand_pads, expanded_length, media_pad_count, png_data_url
 from pixel_reasoner_jax.rollout.policy import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -181,9 +181,12 @@ class SGLangClient(Policy):
         self._lock = threading.Lock()
         self._urls_cache: dict[int, tuple[weakref.ref, str]] = {}
         self._video_ok: dict[str, bool] = {}
+        self._seeds_ok: dict[str, bool] = {}
+        self._info_lock = threading.Lock()
         self._pushed: list[Path] = []
         self.stale_samples = 0
         self.resubmits = 0
+        self.unseeded_requests = 0  # seeded requests sent without their seed (server ignores seeds)
 
     # ------------------------------------------------------------------------------------ Policy API
 
@@ -247,9 +250,13 @@ class SGLangClient(Policy):
                 raise ValueError(f"request {request.rid!r} media[{k}]: {e}") from None
         return expanded_length(len(request.input_ids), request.media, self.factor, self.temporal)
 
-    def build_payload(self, request: GenerationRequest) -> dict:
+    def build_payload(self, request: GenerationRequest, *, send_seed: bool = True) -> dict:
         """The /generate body: explicit sampling parameters (SGLang fills omitted ones from the model's
-        generation_config), untrimmed output, log-probs of the sampled tokens only."""
+        generation_config), untrimmed output, log-probs of the sampled tokens only, the expanded prompt ids.
+
+        The rid is the request's; `_post_generate` gives every attempt its own (SGLang answers 400 to a rid
+        still in flight, and notices a dropped connection only by polling, so a quick retry would collide).
+        """
         s = request.sampling
         sampling = {
             "max_new_tokens": s.max_new_tokens,
@@ -267,7 +274,7 @@ class SGLangClient(Policy):
             "ignore_eos": False,
             "n": 1,
         }
-        if request.seed is not None:
+        if request.seed is not None and send_seed:
             sampling["sampling_seed"] = request.seed
         payload = {
             "rid": request.rid or uuid.uuid4().hex,
@@ -277,6 +284,7 @@ class SGLangClient(Policy):
             "logprob_start_len": -1,
             "top_logprobs_num": 0,
             "stream": False,
+            "return_prompt_token_ids": True,  # sglang >= 0.5.13; older servers ignore unknown fields
         }
         images = [m for m in request.media if isinstance(m, Image.Image)]
         videos = [m for m in request.media if isinstance(m, Video)]
@@ -298,12 +306,17 @@ class SGLangClient(Policy):
     def _call(
         self, method: str, path: str, server: int, *, body=None, timeout=None, failover: bool = True
     ) -> tuple[str, httpx.Response]:
-        """One request with retries; moves to the next server on each retry when failover."""
+        """One request with retries; moves to the next server on each retry when failover.
+
+        `body` may be a callable: it is called once per attempt (a fresh rid for each /generate attempt).
+        """
         errors, transport_only = [], True
         for attempt in range(self.retries + 1):
             url = self.urls[(server + attempt) % len(self.urls) if failover else server]
             try:
-                r = self._http.request(method, url + path, json=body, timeout=timeout)
+                r = self._http.request(
+                    method, url + path, json=body() if callable(body) else body, timeout=timeout
+                )
             except httpx.TransportError as e:
                 errors.append(f"{url}: {type(e).__name__}: {e}")
             else:
@@ -319,12 +332,57 @@ class SGLangClient(Policy):
         summary = f"{method} {path} failed {self.retries + 1} times on {tried}: " + "; ".join(errors)
         raise SGLangUnavailable(summary) if transport_only else SGLangError(summary)
 
+    def _info(self, route: str, old_route: str, server: int) -> dict:
+        """GET the current route, falling back to its deprecated name on 404 (older servers)."""
+        try:
+            _, r = self._call("GET", route, server, failover=False)
+        except SGLangRequestError as e:
+            if e.status != 404:
+                raise
+            _, r = self._call("GET", old_route, server, failover=False)
+        body = r.json()
+        if not isinstance(body, dict):
+            raise SGLangError(f"{self.urls[server]}{route} answered {str(body)[:200]}, not an object")
+        return body
+
+    def model_info(self, server: int = 0) -> dict:
+        """/model_info (the current route since sglang 0.5.13; /get_model_info is deprecated there)."""
+        return self._info("/model_info", "/get_model_info", server)
+
+    def server_info(self, server: int = 0) -> dict:
+        """/server_info (falls back to /get_server_info): the server's launch arguments and state."""
+        return self._info("/server_info", "/get_server_info", server)
+
     def _supports_video(self, server: int) -> bool:
         url = self.urls[server]
         if url not in self._video_ok:
-            _, r = self._call("GET", "/get_model_info", server, failover=False)
-            self._video_ok[url] = r.json().get("accepts_video_frames") is True
+            self._video_ok[url] = self.model_info(server).get("accepts_video_frames") is True
         return self._video_ok[url]
+
+    def _honours_seeds(self, server: int) -> bool:
+        """SGLang applies `sampling_seed` only under --enable-deterministic-inference (launch/sglang_server.sh
+        with SGLANG_DETERMINISTIC=1); elsewhere a seed is ignored, and with flashinfer sampling plus top-p/k it
+        trips an assertion. So seeds go only to servers that say they honour them; the rest are reported once."""
+        url = self.urls[server]
+        with self._info_lock:  # concurrent first requests: one look-up, one report
+            if url not in self._seeds_ok:
+                self._seeds_ok[url] = self._probe_seeds(server)
+        return self._seeds_ok[url]
+
+    def _probe_seeds(self, server: int) -> bool:
+        url = self.urls[server]
+        try:
+            ok = self.server_info(server).get("enable_deterministic_inference") is True
+        except SGLangError as e:
+            logger.warning("%s: server_info unavailable (%s); sending no sampling seeds", url, e)
+            return False
+        if not ok:
+            logger.warning(
+                "%s ignores sampling_seed (not started with --enable-deterministic-inference): rollouts "
+                "there are not reproducible from the run seed; seeds are not sent to it",
+                url,
+            )
+        return ok
 
     # ------------------------------------------------------------------------------------ generation
 
@@ -365,7 +423,17 @@ class SGLangClient(Policy):
         )
 
     def _post_generate(self, request: GenerationRequest, server: int, expected: int) -> GenerationResult:
-        url, r = self._call("POST", "/generate", server, body=self.build_payload(request))
+        send_seed = request.seed is not None and self._honours_seeds(server)
+        if request.seed is not None and not send_seed:
+            with self._lock:
+                self.unseeded_requests += 1
+        payload = self.build_payload(request, send_seed=send_seed)
+        base = request.rid or "req"
+
+        def attempt_body() -> dict:
+            return {**payload, "rid": f"{base}.{uuid.uuid4().hex[:12]}"}
+
+        url, r = self._call("POST", "/generate", server, body=attempt_body)
         try:
             body = r.json()
         except ValueError:
@@ -379,6 +447,14 @@ class SGLangClient(Policy):
         meta = body.get("meta_info") if isinstance(body, dict) else None
         if not isinstance(meta, dict):
             raise SGLangError(f"{where}: response has no meta_info object: {str(body)[:200]}")
+        finish = meta.get("finish_reason") or {}
+        kind = finish.get("type") if isinstance(finish, dict) else None
+        if kind not in (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT):
+            raise SGLangError(f"{where}: unknown finish_reason {finish!r}")
+        if kind == FINISH_ABORT:
+            # SGLang's abort answer has no prompt_tokens and may lack the log-probs: the partial output is
+            # dropped and the caller resubmits from the same prompt (reference/sglang.md §12).
+            return GenerationResult((), (), FINISH_ABORT, None, str(meta.get("weight_version", "")), expected)
         if meta.get("prompt_tokens") != expected:
             raise SGLangError(
                 f"{where}: server counted {meta.get('prompt_tokens')} prompt tokens, expected {expected} "
@@ -397,10 +473,7 @@ class SGLangClient(Policy):
             raise SGLangError(
                 f"{where}: output_ids {body['output_ids'][:20]} disagree with output_token_logprobs"
             )
-        finish = meta.get("finish_reason") or {}
-        kind = finish.get("type") if isinstance(finish, dict) else None
-        if kind not in (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT):
-            raise SGLangError(f"{where}: unknown finish_reason {finish!r}")
+        self._check_prompt_ids(body.get("prompt_token_ids"), request, where)
         matched = finish.get("matched")
         version = str(meta.get("weight_version", ""))
         self._check_version(version, where)
@@ -408,6 +481,27 @@ class SGLangClient(Policy):
             ids, lps, kind, matched if isinstance(matched, int) and not isinstance(matched, bool) else None, version,
             expected,
         )  # fmt: skip
+
+    def _check_prompt_ids(self, got, request: GenerationRequest, where: str) -> None:
+        """The server's expanded prompt (`return_prompt_token_ids`, sglang >= 0.5.13) against ours.
+
+        Text positions must be identical (a re-tokenized prompt differs there even when its length agrees);
+        inside a media run only the length is compared, since a server may write cache keys in place of the
+        pad id there. Absent ids (older servers) are not checked: the count check above still applies.
+        """
+        if got is None:
+            return
+        pads = (IMAGE_PAD, VIDEO_PAD)
+        want = expand_pads(request.input_ids, request.media, pads, self.factor, self.temporal)
+        if not isinstance(got, list) or len(got) != len(want):
+            raise SGLangError(f"{where}: prompt_token_ids has {len(got) if isinstance(got, list) else got!r} ids, "
+                              f"expected {len(want)}")  # fmt: skip
+        for k, (g, w) in enumerate(zip(got, want)):
+            if w not in pads and g != w:
+                raise SGLangError(
+                    f"{where}: the server's prompt differs from ours at position {k} (id {g}, expected {w}): it "
+                    "re-tokenized the prompt (SGLANG_MM_AVOID_RETOKENIZE off, or its fallback after a failure)"
+                )
 
     def _check_version(self, version: str, where: str) -> None:
         if self._expected is None or version == self._expected or self.stale == "ignore":
@@ -484,8 +578,7 @@ class SGLangClient(Policy):
                 return str(e)
             if r.json().get("success") is not True:
                 return f"{self.urls[i]}: {r.json().get('message')}"
-            _, info = self._call("GET", "/get_model_info", i, failover=False)
-            got = info.json().get("weight_version")
+            got = self.model_info(i).get("weight_version")
             return (
                 None if got == version else f"{self.urls[i]}: serves weight_version {got!r} after the update"
             )
