@@ -20,7 +20,8 @@ from PIL import Image
 
 from pixel_reasoner_jax import metrics as progress_metrics
 from pixel_reasoner_jax.config import ConfigError, RunConfig, rollout_mesh_shape
-from pixel_reasoner_jax.data.records import BadMediaError, load_rl_records
+from pixel_reasoner_jax.data.benchmarks import load_eval_records
+from pixel_reasoner_jax.data.records import BadMediaError
 from pixel_reasoner_jax.eval import metrics as em
 from pixel_reasoner_jax.eval import report as er
 from pixel_reasoner_jax.models import hf_io
@@ -291,7 +292,7 @@ def run(cfg: RunConfig) -> dict | None:
     """
     ckpt = cfg.model.checkpoint
     wanted = set(cfg.eval.benchmark_names)
-    records, data_report = load_rl_records(cfg.data.eval_path, cfg.data.data_root)
+    records, data_report = load_eval_records(cfg.data.eval_path, cfg.data.data_root)
     data_report.log()
     records = [r for r in records if em.canonical_benchmark(r.benchmark) in wanted]
     if not records:
