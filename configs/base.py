@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
     r.crop_padding = "capped"  # "capped" min(0.1, 600/side) (released) | "fixed" 0.1 (current code) (§4.1)
     r.max_frames = 8  # frames per select_frames call (§4.2)
     r.min_crop_side = 28  # a crop must be > 28 px per side (§4.1)
+    # target_image after a video query returned images (§4.1, §12.4): "original" = the original's list
+    # [[video], sel1, ...], t >= 2 (what released checkpoints learned) | "observed" = as select numbers them
+    r.video_crop_index = "original"
     # What the model sees: the original's vLLM re-resize (MIN_PIXELS default, README MAX_PIXELS, §5). The
     # trainer tokenizes with the same limits, so sampler and trainer agree (pitfall §12.8).
     r.model_min_pixels = 256 * PIX
@@ -172,8 +175,13 @@ def base_config() -> ml_collections.ConfigDict:
     e.greedy = True  # T 0, top_p 1, top_k -1 (§8.2 eval sampling)
     e.temperature = 0.6  # `val_temperature`, only when greedy is False
     e.num_samples = 1  # samples per query (pass@k needs greedy False)
-    e.max_new_tokens = 8192  # `generate_max_len` (§3.1)
+    # eval_vlm_new.sh: `--max_out_tokens` 2048 per turn (experience_maker's default), `--prompt_max_len`
+    # 10000 + `--generate_max_len` 8192 = 18192 tokens of vLLM context, and the loop's force stop: no call
+    # runs once a turn ends above 12*1024-200 tokens (§3.1; the same code in training and eval).
+    e.max_new_tokens = 2048  # per turn
     e.prompt_max_len = 10000
+    e.max_total_tokens = 18192  # the whole conversation (expanded image pads included)
+    e.call_token_limit = 12088  # a call requested above this many tokens is not executed
     e.batch_size = 64  # `eval_bsz` (§10)
     e.crop_min_pixels = 256 * PIX  # eval crops [256, 5120]*784 (§5)
     e.crop_max_pixels = 5120 * PIX
@@ -268,6 +276,8 @@ def _apply_tiny(c: ml_collections.ConfigDict) -> None:
     e.every = 0
     e.max_new_tokens = 24
     e.prompt_max_len = 768
+    e.max_total_tokens = 1024
+    e.call_token_limit = 1024
     e.batch_size = 8
     e.crop_min_pixels = 4 * PIX
     e.crop_max_pixels = 16 * PIX

@@ -29,5 +29,9 @@ def get_config(arg: str = "7b"):
     c.mode = "eval"
     c.model.hf_id = base.HF_IDS_7B["eval"]
     base.apply_variant(c, variant)
+    if variant != "tiny":
+        # The in-process sampler holds the whole eval context (eval.max_total_tokens 18192) in one bucket.
+        c.data.max_seq_len = 18432
+        c.data.seq_buckets = (2048, 4096, 8192, 12288, 18432)
     c.lock()
     return c

@@ -138,6 +138,7 @@ class RolloutConfig:
     crop_padding: str
     max_frames: int
     min_crop_side: int
+    video_crop_index: str
     model_min_pixels: int
     model_max_pixels: int
     request_timeout_s: float
@@ -211,6 +212,8 @@ class EvalConfig:
     num_samples: int
     max_new_tokens: int
     prompt_max_len: int
+    max_total_tokens: int
+    call_token_limit: int
     batch_size: int
     crop_min_pixels: int
     crop_max_pixels: int

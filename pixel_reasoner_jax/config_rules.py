@@ -26,6 +26,7 @@ from pixel_reasoner_jax.config import (
     mesh_shape,
     rollout_mesh_shape,
 )
+from pixel_reasoner_jax.tools.ops import VIDEO_CROP_INDEXES  # the owner of the numbering choice
 
 # Names of the train/ registries, used only when those modules are absent (they are the source of truth).
 _FALLBACK_REGISTRIES = {
@@ -72,6 +73,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.backend": BACKENDS,
     "rollout.template": TEMPLATES,
     "rollout.crop_padding": CROP_PADDINGS,
+    "rollout.video_crop_index": VIDEO_CROP_INDEXES,
     "grpo.filter": FILTERS,
 }
 
@@ -152,6 +154,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.num_samples": _at_least_one,
     "eval.max_new_tokens": _pos,
     "eval.prompt_max_len": _pos,
+    "eval.max_total_tokens": _pos,
+    "eval.call_token_limit": _pos,
     "eval.batch_size": _pos,
     "log.every": _at_least_one,
     "log.plots_every": _nonneg,
@@ -240,6 +244,7 @@ def validate(cfg: RunConfig, num_devices: int) -> None:
             "eval.benchmarks",
             f"expected comma-separated names from {BENCHMARKS}, got {cfg.eval.benchmarks!r}",
         )
+    _validate_eval(cfg)
     if cfg.eval.greedy and cfg.eval.num_samples != 1:
         raise ConfigError(
             "eval.num_samples", f"greedy decoding repeats one sample; got {cfg.eval.num_samples}"
@@ -295,6 +300,27 @@ def _validate_rollout(cfg: RunConfig) -> None:
         raise ConfigError(
             "rollout.max_total_tokens",
             f"an episode of {r.max_total_tokens} tokens does not fit data.max_seq_len = {cfg.data.max_seq_len}",
+        )
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    e = cfg.eval
+    if e.prompt_max_len + e.max_new_tokens > e.max_total_tokens:
+        raise ConfigError(
+            "eval.max_total_tokens",
+            f"must hold a full prompt and one turn: prompt_max_len {e.prompt_max_len} + max_new_tokens "
+            f"{e.max_new_tokens} > {e.max_total_tokens}",
+        )
+    if e.call_token_limit > e.max_total_tokens:
+        raise ConfigError(
+            "eval.call_token_limit",
+            f"must be <= eval.max_total_tokens = {e.max_total_tokens}, got {e.call_token_limit}",
+        )
+    if cfg.mode == "eval" and cfg.rollout.backend == "jax" and e.max_total_tokens > cfg.data.seq_buckets[-1]:
+        raise ConfigError(
+            "eval.max_total_tokens",
+            f"the in-process sampler's largest sequence bucket (data.seq_buckets) is {cfg.data.seq_buckets[-1]}; "
+            f"raise data.max_seq_len and data.seq_buckets or lower this, got {e.max_total_tokens}",
         )
 
 

@@ -410,7 +410,10 @@ PAPER_7B = [
     ("eval", "eval.benchmarks", "vstar,tallyqa,infovqa,mvbench", "§10"),
     ("eval", "eval.num_samples", 1, "§10 one sample"),
     ("eval", "eval.batch_size", 64, "§10 eval_bsz"),
-    ("eval", "eval.max_new_tokens", 8192, "§3.1 eval generate_max_len"),
+    ("eval", "eval.max_new_tokens", 2048, "eval_vlm_new.sh: --max_out_tokens default, per turn"),
+    ("eval", "eval.max_total_tokens", 18192, "eval_vlm_new.sh: prompt_max_len 10000 + generate_max_len 8192"),
+    ("eval", "eval.call_token_limit", 12088, "§3.1 force stop 12*1024-200, same loop in eval"),
+    ("eval", "rollout.video_crop_index", "original", "§4.1 target_image >= 2 after a selection"),
     ("eval", "eval.prompt_max_len", 10000, "§3.1 eval prompt_max_len"),
 ]
 

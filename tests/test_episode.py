@@ -199,9 +199,11 @@ def test_crop_announces_the_size_the_model_sees(tok, proc):
 # ------------------------------------------------------------------------------------------ video
 
 
-def test_select_frames_on_a_video_then_crop_a_selected_frame(tok, proc):
-    script = [select_text([1, 5, 9]), crop_text([0.1, 0.1, 0.6, 0.6], target=2), ANSWER]
-    traj, _ = _run(tok, proc, script, video=True)
+@pytest.mark.parametrize("numbering, target", [("original", 3), ("observed", 2)])
+def test_select_frames_on_a_video_then_crop_a_selected_frame(tok, proc, numbering, target):
+    script = [select_text([1, 5, 9]), crop_text([0.1, 0.1, 0.6, 0.6], target=target), ANSWER]
+    cfg = dataclasses.replace(CFG, ops=dataclasses.replace(CFG.ops, video_crop_index=numbering))
+    traj, _ = _run(tok, proc, script, cfg=cfg, video=True)
     assert traj.status == "answered" and traj.num_valid_calls == 2
     assert "<|vision_start|><|video_pad|><|vision_end|>" in tok.decode(traj.input_ids[: traj.prompt_length])
     assert isinstance(traj.media[0], Video) and traj.is_video_item.tolist() == [
@@ -219,7 +221,8 @@ def test_select_frames_on_a_video_then_crop_a_selected_frame(tok, proc):
     )
     for got, k in zip(traj.media[1:4], (0, 4, 8)):
         assert np.array_equal(np.asarray(got), np.asarray(FRAMES[k]))
-    # target_image 2 is the second returned image (frame 5), as the selection numbered it.
+    # The second returned image (frame 5): number 2 as the selection numbered it, 3 in the original's list
+    # [[video], frame 1, frame 5, frame 9].
     expected = resize_to_limits(FRAMES[4].crop((0, 0, 78, 78)), 4 * 784, 1000 * 784)
     assert np.array_equal(np.asarray(traj.media[4]), np.asarray(expected))
 

@@ -285,6 +285,11 @@ def _color(img):
 def test_select_then_crop_numbering_is_consistent():
     frames = _video()
     state = VisualState.for_video(frames)
+    observed = OpsConfig(video_crop_index="observed")
+
+    def crop_image(state, bbox, t):
+        return ops.crop_image(state, bbox, t, observed)
+
     # Before anything is returned, target_image indexes the video frames.
     res = crop_image(state, [0.3, 0.3, 0.7, 0.7], 5)
     assert res.ok and _color(res.new_images[0]) == _color(frames[4])
@@ -306,6 +311,41 @@ def test_select_then_crop_numbering_is_consistent():
     assert sel2.text.endswith("Numbered 4 to 4):") and _color(sel2.new_images[0]) == _color(frames[15])
     state = apply_result(state, sel2)
     assert state.n_selected == 3 and len(state.images) == 4
+
+
+def test_original_video_crop_numbering_counts_the_video_as_image_1():
+    # The original's list after a selection is [[video], sel1, sel2]: target_image 2 is sel1 (reference §4.1).
+    frames = _video()
+    state = apply_result(VisualState.for_video(frames), select_frames(VisualState.for_video(frames), [3, 9]))
+    assert OpsConfig().video_crop_index == "original"
+    assert _color(crop_image(state, [0.3, 0.3, 0.7, 0.7], 2).new_images[0]) == _color(frames[2])
+    assert _color(crop_image(state, [0.3, 0.3, 0.7, 0.7], 3).new_images[0]) == _color(frames[8])
+    assert crop_image(state, [0.3, 0.3, 0.7, 0.7], 1).error.endswith(
+        "You can only pick an image within range [2,3], but the current argument `target_image=1`."
+    )
+    assert crop_image(state, [0.3, 0.3, 0.7, 0.7], 4).error == "list index out of range"
+    with pytest.raises(ValueError, match="video_crop_index"):
+        OpsConfig(video_crop_index="zero")
+
+
+def test_crop_origins_compose_through_crops_of_crops():
+    image = Image.new("RGB", (400, 200), "white")
+    state = VisualState.for_images([image])
+    assert state.origins == ((0, ops.FULL_BOX),)
+    cfg = OpsConfig(padding="fixed")
+    # [0.2, 0.2, 0.6, 0.6] + 0.1 padding -> [0.1, 0.1, 0.7, 0.7] of the original: pixels (40, 20, 280, 140).
+    first = crop_image(state, [0.2, 0.2, 0.6, 0.6], 1, cfg)
+    assert first.origins == ((0, (0.1, 0.1, 0.7, 0.7)),)
+    state = apply_result(state, first)
+    # Half of the crop, [0.1, 0.1, 0.6, 0.6] padded to [0.0, 0.0, 0.7, 0.7] of it: x 0.1 + 0.7 * 0.6 = 0.52.
+    second = crop_image(state, [0.1, 0.1, 0.6, 0.6], 2, cfg)
+    idx, box = second.origins[0]
+    assert idx == 0 and box == pytest.approx((0.1, 0.1, 0.52, 0.52), abs=0.01)
+    state = apply_result(state, second)
+    assert [o[0] for o in state.origins] == [0, 0, 0]
+    video = VisualState.for_video(_video())
+    assert select_frames(video, [3, 9]).origins == ((2, ops.FULL_BOX), (8, ops.FULL_BOX))
+    assert crop_image(video, [0.0, 0.0, 0.5, 0.5], 5, cfg).origins[0][0] == 4
 
 
 def test_select_frames_resizing():

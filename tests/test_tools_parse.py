@@ -294,20 +294,27 @@ TABLE = [
     ),
     # selected frame 1 is 56x56 -> (8, 11)-(44, 44) = 36x33 -> 84x56
     (
-        "crop selected frame 1 after a selection",
+        "crop selected frame 1 after a selection (the original's numbering: 2)",
         lambda: _after(_video(), SELECT_2),
-        _call("crop_image", bbox_2d=[0.25, 0.3, 0.7, 0.7], target_image=1),
+        _call("crop_image", bbox_2d=[0.25, 0.3, 0.7, 0.7], target_image=2),
         "\nHere is the cropped image (Image Size: 84x56):",
         1,
     ),
     (
         "crop after a selection out of range",
         lambda: _after(_video(), SELECT_2),
-        _call("crop_image", bbox_2d=[0.3, 0.3, 0.7, 0.7], target_image=3),
+        _call("crop_image", bbox_2d=[0.3, 0.3, 0.7, 0.7], target_image=1),
         _err(
             BAD_TARGET
-            + " You can only pick an image within range [1,2], but the current argument `target_image=3`."
+            + " You can only pick an image within range [2,3], but the current argument `target_image=1`."
         ),
+        0,
+    ),
+    (
+        "crop after a selection past the end (the original's IndexError text)",
+        lambda: _after(_video(), SELECT_2),
+        _call("crop_image", bbox_2d=[0.3, 0.3, 0.7, 0.7], target_image=4),
+        _err("list index out of range"),
         0,
     ),
     # dispatch errors
@@ -329,11 +336,11 @@ TABLE = [
         0,
     ),
     (
-        "extra argument",
+        "extra argument, ignored as the original did",
         _video,
         _call("select_frames", target_frames=[1], fps=2),
-        _err("Execution Error: `select_frames` got unexpected argument(s) `fps`; it takes `target_frames`."),
-        0,
+        "\nHere are the selected frames (Frame Size: 56x56, Numbered 1 to 1):",
+        1,
     ),
     # parse errors
     (
@@ -474,7 +481,7 @@ def test_execute_direct_calls_with_python_values():
     odd_keys = execute(
         ToolCall("crop_image", {1: 2, "bbox_2d": [0.1, 0.1, 0.5, 0.5], "target_image": 1}), state
     )
-    assert odd_keys.error.startswith("Execution Error: `crop_image` got unexpected argument(s) `1`")
+    assert odd_keys.ok and odd_keys.ignored_keys == ("1",)
     assert (
         execute("not a call", state).error
         == "Execution Error: expected a ToolCall or ToolCallError, got str."

@@ -1,15 +1,12 @@
-"""Evaluation metrics: ANLS (own Levenshtein), per-sample scoring, per-benchmark aggregation (accuracy, ANLS,
-RaPR, tool calls, statuses), per-sample dump I/O and the report as a dict and a markdown table.
+"""Evaluation metrics: ANLS (own Levenshtein), the per-sample result row and its scoring.
+
+Aggregation, the per-sample dump I/O and the report tables live in eval/report.py.
 
 Host-side Python only. Definitions follow reference/benchmarks.md §3 and reference/pixel_reasoner.md §10.
 """
 
 import dataclasses
-import json
-import math
-import os
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # Re-exported: the eval runner and reports name benchmarks through em.canonical_benchmark.
@@ -129,6 +126,16 @@ class SampleResult:
         status: how the episode ended (a key of rollout/episode.py STATUSES, or "media_error").
         sample: index of this response among the query's samples (0 for greedy).
         n_tokens: length of the conversation in model tokens (image pads expanded); 0 when unknown.
+        n_extra_keys: keys of the response's tool calls that no tool reads (ignored, as the original did).
+        category: the record's category (V* direct_attributes / relative_position, MVBench task), or None.
+        target_box: the record's normalised target box(es) in its first image, or None.
+        crop_boxes: normalised [x1, y1, x2, y2] of the executed crops of the first input image (image query),
+            in its coordinates through crops of crops: what the viewer draws over that image.
+        crop_origins: every executed crop as {"image": original image or video frame index, "box": [...]}.
+        faithful: rollout/faithfulness.sample_faithfulness of the response, or None (no target / video).
+        turns: the conversation after the prompt, for the viewer: {"role": "assistant" | "tool", "text",
+            "images": [paths relative to the eval folder]} in order.
+        inputs: the query's input images (a video: its first frame), as paths relative to the eval folder.
     """
 
     qid: str
@@ -145,6 +152,14 @@ class SampleResult:
     status: str
     sample: int = 0
     n_tokens: int = 0
+    n_extra_keys: int = 0
+    category: str | None = None
+    target_box: list | None = None
+    crop_boxes: list = dataclasses.field(default_factory=list)
+    crop_origins: list = dataclasses.field(default_factory=list)
+    faithful: dict | None = None
+    turns: list = dataclasses.field(default_factory=list)
+    inputs: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         for name in ("qid", "benchmark", "question", "response", "status"):
@@ -157,7 +172,7 @@ class SampleResult:
             raise TypeError(f"SampleResult.correct must be bool, got {self.correct!r}")
         if not (isinstance(self.anls, (int, float)) and 0.0 <= self.anls <= 1.0):
             raise ValueError(f"SampleResult.anls must be a number in [0, 1], got {self.anls!r}")
-        for name in ("n_calls", "n_failed", "n_valid", "sample", "n_tokens"):
+        for name in ("n_calls", "n_failed", "n_valid", "sample", "n_tokens", "n_extra_keys"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"SampleResult.{name} must be an int >= 0, got {v!r}")
@@ -175,7 +190,11 @@ class SampleResult:
     def from_json(cls, row: Mapping[str, Any]) -> "SampleResult":
         """Parses a dump row; unknown keys are ignored, missing ones raise naming the key."""
         names = [f.name for f in dataclasses.fields(cls)]
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [k for k in required if k not in row]
         if missing:
             raise ValueError(f"dump row {row.get('qid', '?')!r} lacks keys {missing}; expected {names}")
@@ -209,157 +228,3 @@ def score_response(
         == 1.0
     )
     return boxed, correct, anls_score(boxed if boxed is not None else "", gt)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Aggregation
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _as_results(samples: Iterable[SampleResult | Mapping[str, Any]]) -> list[SampleResult]:
-    out = []
-    for s in samples:
-        if isinstance(s, SampleResult):
-            out.append(s)
-        elif isinstance(s, Mapping):
-            out.append(SampleResult.from_json(s))
-        else:
-            raise TypeError(f"samples must be SampleResult or dump rows (dicts), got {type(s).__name__}")
-    return out
-
-
-def _summary(rows: list[SampleResult], primary: str) -> dict[str, Any]:
-    n = len(rows)
-    by_qid: dict[str, list[SampleResult]] = {}
-    for r in rows:
-        by_qid.setdefault(r.qid, []).append(r)
-    out = {
-        "n": n,
-        "n_queries": len(by_qid),
-        "accuracy": sum(r.correct for r in rows) / n,
-        "anls": sum(r.anls for r in rows) / n,
-        "primary": primary,
-        "rapr": sum(r.n_calls > 0 for r in rows) / n,
-        "rapr_valid": sum(r.n_valid > 0 for r in rows) / n,
-        "mean_calls": sum(r.n_calls for r in rows) / n,
-        "mean_failed": sum(r.n_failed for r in rows) / n,
-        "mean_valid": sum(r.n_valid for r in rows) / n,
-        "boxed_rate": sum(r.boxed is not None for r in rows) / n,
-        "mean_tokens": sum(r.n_tokens for r in rows) / n,
-        # Accuracy among responses that did / did not use a visual operation (None when there are none).
-        "accuracy_with_ops": _mean([r.correct for r in rows if r.n_calls > 0]),
-        "accuracy_without_ops": _mean([r.correct for r in rows if r.n_calls == 0]),
-        "status": dict(sorted(Counter(r.status for r in rows).items())),
-    }
-    out["score"] = out[primary]
-    k = max(len(v) for v in by_qid.values())
-    if k > 1:  # several samples per query: pass@k over the queries (k = the most samples any query has)
-        out[f"pass@{k}"] = sum(any(r.correct for r in v) for v in by_qid.values()) / len(by_qid)
-    return out
-
-
-def _mean(values: list) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def aggregate(samples: Iterable[SampleResult | Mapping[str, Any]]) -> dict[str, Any]:
-    """The eval report of a set of per-sample results.
-
-    Per benchmark (and "overall", a micro-average over every sample): n, n_queries, accuracy (rule reward),
-    anls, score (ANLS for infovqa, accuracy otherwise: what the paper reports), rapr (share of responses with
-    >= 1 tool call, the original's `round0_nwait > 0`), rapr_valid (>= 1 successful call, verl-tool's
-    count), mean_calls, mean_failed, mean_valid, boxed_rate, mean_tokens, accuracy_with_ops / _without_ops, status counts,
-    and pass@k when a query has k > 1 samples. `macro_score` is the mean of the benchmarks' scores.
-
-    Args:
-        samples: SampleResult objects or dump rows.
-
-    Raises:
-        ValueError: no samples.
-    """
-    rows = _as_results(samples)
-    if not rows:
-        raise ValueError("aggregate: no samples; expected at least one result")
-    groups: dict[str, list[SampleResult]] = {}
-    for r in rows:
-        groups.setdefault(r.benchmark, []).append(r)
-    benchmarks = {
-        name: _summary(group, "anls" if name in ANLS_BENCHMARKS else "accuracy")
-        for name, group in sorted(groups.items())
-    }
-    return {
-        "num_samples": len(rows),
-        "benchmarks": benchmarks,
-        "overall": _summary(rows, "accuracy"),
-        "macro_score": sum(b["score"] for b in benchmarks.values()) / len(benchmarks),
-    }
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def report_markdown(report: Mapping[str, Any], title: str = "Evaluation") -> str:
-    """A markdown table of a report from `aggregate` (percentages with one decimal; mean counts with two)."""
-    for key in ("benchmarks", "overall", "macro_score"):
-        if key not in report:
-            raise ValueError(f"report_markdown: report lacks {key!r}; expected the dict from aggregate()")
-    head = (
-        "| benchmark | n | score | accuracy | ANLS | RaPR | RaPR (valid) | calls | failed | boxed | status |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    lines = [f"# {title}", "", head]
-    rows = [*report["benchmarks"].items(), ("overall (micro)", report["overall"])]
-    for name, b in rows:
-        status = ", ".join(f"{k} {v}" for k, v in b["status"].items())
-        score = f"{_pct(b['score'])} ({'ANLS' if b['primary'] == 'anls' else 'acc'})"
-        lines.append(
-            f"| {name} | {b['n']} | {score} | {_pct(b['accuracy'])} | {_pct(b['anls'])} | {_pct(b['rapr'])} | "
-            f"{_pct(b['rapr_valid'])} | {b['mean_calls']:.2f} | {b['mean_failed']:.2f} | "
-            f"{_pct(b['boxed_rate'])} | {status} |"
-        )
-    lines += [
-        "",
-        f"Macro score (mean of the benchmark scores): {_pct(report['macro_score'])}",
-        "",
-        "score: ANLS for infovqa, rule-reward accuracy otherwise. RaPR: share of responses with >= 1 tool "
-        "call; RaPR (valid): >= 1 successful call. calls / failed: mean per response. boxed: share with a "
-        "\\boxed{} answer.",
-    ]
-    passes = [(n, k, v) for n, b in rows for k, v in b.items() if k.startswith("pass@")]
-    if passes:
-        lines += ["", *(f"- {n} {k}: {_pct(v)}" for n, k, v in passes)]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Dump I/O
-# ---------------------------------------------------------------------------------------------------------
-
-
-def write_dumps(path: str | os.PathLike, samples: Iterable[SampleResult]) -> None:
-    """Writes one JSON line per sample (ensure_ascii off: questions and answers stay readable)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # a reader never sees a half-written dump
-
-
-def read_dumps(path: str | os.PathLike) -> list[SampleResult]:
-    """Reads a dump written by `write_dumps`.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a line that is not JSON or not a valid dump row (the message names the line).
-    """
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(SampleResult.from_json(json.loads(line)))
-            except (json.JSONDecodeError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: not a dump row: {e}") from e
-    return out

@@ -1,33 +1,48 @@
-"""The eval mode: episodes over the eval records with the eval-time limits (greedy unless told otherwise),
-scored like the training reward plus ANLS, written to `workdir/eval/` as a per-sample dump and a report.
+"""The eval mode: episodes over the benchmark records with the original's eval limits, scored per sample,
+appended to `workdir/eval/samples.jsonl` chunk by chunk (a killed eval resumes), then report.json/report.md.
 
-Runs the checkpoint of `model.checkpoint` (e.g. a training run's `hf_export/`) through the JaxSampler or SGLang.
+Runs `model.checkpoint` (a released Pixel Reasoner / Qwen2.5-VL folder, or a run's `hf_export/`) through the
+in-process JaxSampler (data-parallel over this process's devices) or SGLang servers. Several processes each take
+their shard of the records; process 0 merges the shards' files and writes the report.
 """
 
 import dataclasses
 import json
 import pathlib
+import re
 import time
+import zlib
+from collections.abc import Callable, Sequence
 
 import jax
 from absl import logging
+from PIL import Image
 
+from pixel_reasoner_jax import metrics as progress_metrics
 from pixel_reasoner_jax.config import ConfigError, RunConfig, rollout_mesh_shape
-from pixel_reasoner_jax.data.records import load_rl_records
+from pixel_reasoner_jax.data.benchmarks import load_eval_records
+from pixel_reasoner_jax.data.records import BadMediaError
 from pixel_reasoner_jax.eval import metrics as em
+from pixel_reasoner_jax.eval import report as er
 from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.models.config import ModelConfig
 from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
-from pixel_reasoner_jax.rollout.episode import Episode, EpisodeConfig, load_media, run_episodes
+from pixel_reasoner_jax.rollout import faithfulness
+from pixel_reasoner_jax.rollout.episode import Episode, EpisodeConfig, Trajectory, load_media, run_episodes
+from pixel_reasoner_jax.rollout.policy import Policy, Video
 from pixel_reasoner_jax.sharding import make_mesh, use_mesh
 from pixel_reasoner_jax.train.grpo import SeededPolicy, open_policy
 
 EVAL_DIR = "eval"
+SAMPLES = "samples.jsonl"
+PARTS_DIR = "parts"  # one samples file per process when several run
+MEDIA_DIR = "media"
+MERGE_POLL_S = 10.0
 
 
 def episode_config(cfg: RunConfig) -> EpisodeConfig:
-    """The rollout settings with the eval section's decoding, crop and image limits (reference §5, §10)."""
+    """The rollout settings with the eval section's decoding, token limits, crop and image limits (§3.1, §5, §10)."""
     e, d = cfg.eval, cfg.data
     base = EpisodeConfig.from_rollout(cfg.rollout)
     select = (base.ops.select_min_pixels, base.ops.select_max_pixels) if e.resize_selected else (None, None)
@@ -42,6 +57,8 @@ def episode_config(cfg: RunConfig) -> EpisodeConfig:
     return dataclasses.replace(
         base,
         max_new_tokens=e.max_new_tokens,
+        max_total_tokens=e.max_total_tokens,
+        call_token_limit=e.call_token_limit,
         temperature=temperature,
         temperature_after_tool=temperature,
         top_p=1.0 if e.greedy else base.top_p,
@@ -55,81 +72,248 @@ def episode_config(cfg: RunConfig) -> EpisodeConfig:
     )
 
 
-def run(cfg: RunConfig) -> dict:
+def safe_name(qid: str) -> str:
+    """A file name for a qid (data, not model output): [A-Za-z0-9._-] only, plus a checksum of the raw qid so
+    that two qids that clean to the same text stay apart."""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", qid)[:80].lstrip(".") or "q"
+    return f"{clean}-{zlib.crc32(qid.encode()):08x}"
+
+
+def shard(items: Sequence, index: int, count: int) -> list:
+    """Process `index` of `count` takes every count-th item from its index (disjoint, covering)."""
+    if not 0 <= index < count:
+        raise ValueError(f"process index {index} outside [0, {count})")
+    return list(items[index::count])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-sample rows and their media
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _save_png(img: Image.Image, out: pathlib.Path, rel: str) -> str:
+    path = out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG", compress_level=1)
+    return rel
+
+
+def conversation_rows(traj: Trajectory, tok: QwenTokenizer, out: pathlib.Path, j: int) -> tuple[list, list]:
+    """(turns, inputs) of the viewer's row: the images are written under out/media/<safe qid>/."""
+    base = f"{MEDIA_DIR}/{safe_name(traj.record.qid)}"
+    appended = sum(len(t.tool_origins) for t in traj.turns if t.tool_ok)
+    prompt_media = traj.media[: len(traj.media) - appended]
+    inputs = []
+    for k, item in enumerate(prompt_media):
+        frame = item.frames[0] if isinstance(item, Video) else item
+        inputs.append(_save_png(frame, out, f"{base}/input{k}.png"))
+    turns, next_media = [], len(prompt_media)
+    for k, t in enumerate(traj.turns):
+        text = tok.decode(traj.input_ids[t.start : t.end].tolist(), skip_special_tokens=False)
+        turns.append({"role": "assistant", "text": text, "images": []})
+        if t.observation is None:
+            continue
+        n = len(t.tool_origins) if t.tool_ok else 0
+        images = [_save_png(traj.media[next_media + i], out, f"{base}/s{j}_t{k}_{i}.png") for i in range(n)]
+        next_media += n
+        turns.append({"role": "tool", "text": t.observation, "images": images})
+    return turns, inputs
+
+
+def score_trajectory(
+    traj: Trajectory, j: int, tok: QwenTokenizer, out: pathlib.Path, require_boxed: bool
+) -> em.SampleResult:
+    """The per-sample row of one finished episode. Eval never zeroes a correct answer after a failed call:
+    `zero_after_failed_call` shaped the original's training reward only (its eval dumps score the answer)."""
+    rec = traj.record
+    boxed, correct, anls = em.score_response(traj.response_text, rec.answer, require_boxed=require_boxed)
+    turns, inputs = conversation_rows(traj, tok, out, j)
+    crops = faithfulness.executed_crops(traj)
+    return em.SampleResult(
+        qid=rec.qid, benchmark=em.canonical_benchmark(rec.benchmark), question=rec.question, gt=rec.answer,
+        response=traj.response_text, boxed=boxed, correct=correct, anls=anls, n_calls=traj.num_calls,
+        n_failed=traj.num_failed_calls, n_valid=traj.num_valid_calls, status=traj.status, sample=j,
+        n_tokens=traj.expanded_length, n_extra_keys=traj.num_ignored_keys,
+        category=getattr(rec, "category", None), target_box=getattr(rec, "target_box", None),
+        crop_boxes=[list(b) for i, b in crops if i == 0 and not rec.is_video],
+        crop_origins=[{"image": i, "box": list(b)} for i, b in crops],
+        faithful=faithfulness.sample_faithfulness(traj), turns=turns, inputs=inputs,
+    )  # fmt: skip
+
+
+def media_error_row(rec, j: int, error: Exception) -> em.SampleResult:
+    """The row of a sample whose record's media could not be read: counted in the report, not scored."""
+    return em.SampleResult(
+        qid=rec.qid, benchmark=em.canonical_benchmark(rec.benchmark), question=rec.question, gt=rec.answer,
+        response="", boxed=None, correct=False, anls=0.0, n_calls=0, n_failed=0, n_valid=0,
+        status=er.MEDIA_ERROR, sample=j, category=getattr(rec, "category", None),
+        target_box=getattr(rec, "target_box", None), turns=[{"role": "tool", "text": str(error), "images": []}],
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The resumable loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _own_file(out: pathlib.Path, index: int, count: int) -> pathlib.Path:
+    return out / SAMPLES if count == 1 else out / PARTS_DIR / f"samples.{index:05d}-of-{count:05d}.jsonl"
+
+
+def _all_rows(out: pathlib.Path, own: pathlib.Path | None = None) -> dict[tuple[str, int], em.SampleResult]:
+    """Every finished row in the eval folder's sample files, by (qid, sample); `own` is repaired first."""
+    files = [out / SAMPLES, *sorted((out / PARTS_DIR).glob("samples.*.jsonl"))]
+    rows = {}
+    for f in files:
+        if f.is_file():
+            for r in er.read_dumps(f, tail="cut" if f == own else "skip"):
+                rows.setdefault((r.qid, r.sample), r)
+    return rows
+
+
+def evaluate(
+    cfg: RunConfig,
+    records: Sequence,
+    policy: Policy | Callable[[], Policy],
+    tok: QwenTokenizer,
+    processor: ImageProcessorConfig,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    title: str | None = None,
+) -> dict | None:
+    """Runs this process's shard of (record, sample) pairs not yet in the eval folder, appending each chunk of
+    eval.batch_size rows as it finishes; process 0 then merges every process's rows and writes the report.
+
+    Args:
+      policy: the sampler, or a function that opens it (called only when something is left to run).
+
+    Returns:
+      The report (eval/report.aggregate) on process 0, None elsewhere.
+    """
+    out = pathlib.Path(cfg.workdir) / EVAL_DIR
+    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    own = _own_file(out, process_index, process_count)
+    keys = [(rec, j) for rec in records for j in range(cfg.eval.num_samples)]
+    done = _all_rows(out, own)
+    pending = [(rec, j) for rec, j in shard(keys, process_index, process_count) if (rec.qid, j) not in done]
+    ep_cfg, bs = episode_config(cfg), cfg.eval.batch_size
+    if pending and not isinstance(policy, Policy):
+        policy = policy()
+    seeded = SeededPolicy(policy, cfg.seed, 0)  # seeds from the rid (qid/sample): chunking changes nothing
+    bar = progress_metrics.progress(len(pending), desc=f"eval p{process_index}", enabled=cfg.log.progress)
+    t0, media_of = time.perf_counter(), {}
+    for start in range(0, len(pending), bs):
+        rows, episodes, meta = [], [], []
+        for rec, j in pending[start : start + bs]:
+            try:
+                if rec.qid not in media_of:
+                    media_of = {rec.qid: load_media(rec, ep_cfg)}  # a query's samples are adjacent
+                ep = Episode.start(
+                    rec, tok, ep_cfg, None, processor, media=media_of[rec.qid], episode_id=f"{rec.qid}/{j}"
+                )
+            except (BadMediaError, ValueError, OSError) as e:  # a broken record is counted and skipped
+                logging.warning("eval: skipping %s sample %d: %s", rec.qid, j, e)
+                rows.append(media_error_row(rec, j, e))
+                continue
+            episodes.append(ep)
+            meta.append(j)
+        trajs = run_episodes(seeded, episodes, max_concurrency=bs) if episodes else []
+        rows += [score_trajectory(t, j, tok, out, cfg.reward.require_boxed) for t, j in zip(trajs, meta)]
+        er.append_dumps(own, rows)
+        bar.update(len(rows))
+    bar.close()
+    logging.info("eval p%d: %d samples in %.1f s", process_index, len(pending), time.perf_counter() - t0)
+    if process_index != 0:
+        return None
+    wanted = {(rec.qid, j) for rec, j in keys}
+    while not wanted <= set(rows := _all_rows(out, own if process_count == 1 else None)):
+        missing = len(wanted - set(rows))
+        logging.info("eval: waiting for the other processes' %d samples (rerun resumes if one died)", missing)
+        time.sleep(MERGE_POLL_S)
+    merged = [rows[(rec.qid, j)] for rec, j in keys]  # the records' order
+    er.write_dumps(out / SAMPLES, merged)
+    result = er.aggregate(merged)
+    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    ckpt = cfg.model.checkpoint
+    table = er.report_markdown(
+        result, title=title or f"Evaluation of {ckpt}", paper_model=er.paper_model_for(ckpt)
+    )
+    (out / "report.md").write_text(table)
+    logging.info("eval report:\n%s", table)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The mode
+# ---------------------------------------------------------------------------------------------------------
+
+
+def open_eval_policy(cfg: RunConfig, model_cfg, processor) -> tuple[Policy, Callable[[], None]]:
+    """(policy, close) for cfg.rollout.backend: the JaxSampler over THIS process's devices (each process
+    evaluates its own shard, so the model is replicated per process), or the SGLang servers."""
+    ckpt = cfg.model.checkpoint
+    if cfg.rollout.backend == "jax":
+        from pixel_reasoner_jax.rollout.sampler import JaxSampler  # imported here: SGLang-only runs skip it
+
+        devices = jax.local_devices()
+        data, tensor = rollout_mesh_shape(cfg.mesh, len(devices))
+        mesh = make_mesh(data, 1, tensor, devices=devices)
+        # Eval holds no optimizer: weights load in the compute dtype (the original's vLLM served bf16).
+        with use_mesh(mesh, "rollout"):
+            model = hf_io.load_model(
+                ckpt, dtype=cfg.model.dtype, param_dtype=cfg.model.dtype, mesh=mesh, rules="rollout",
+                attention=cfg.model.attention,
+            )  # fmt: skip
+        sampler = JaxSampler(
+            model, model_cfg, processor, max_batch=-(-cfg.eval.batch_size // data) * data,
+            seq_buckets=cfg.data.seq_buckets, patch_buckets=cfg.data.patch_buckets,
+            decode_bucket=cfg.rollout.decode_bucket, mesh=mesh, rules="rollout", weight_version="eval",
+        )  # fmt: skip
+        return sampler, lambda: None
+    policy, client, server = open_policy(
+        cfg, model_cfg, processor, None, version="eval", workdir=cfg.workdir, max_batch=cfg.eval.batch_size
+    )
+
+    def close():
+        if client is not None:
+            client.close()
+        if server is not None:
+            server.stop()
+
+    return policy, close
+
+
+def run(cfg: RunConfig) -> dict | None:
     """Evaluates `model.checkpoint` on the records of `data.eval_path` whose benchmark is in eval.benchmarks.
 
-    Writes `workdir/eval/samples.jsonl` (one SampleResult per response), `report.json` and `report.md`.
-    Returns the report (eval/metrics.aggregate).
+    Writes `workdir/eval/samples.jsonl` (one row per response, with its conversation and media under
+    `workdir/eval/media/`), `report.json` and `report.md`. Returns the report on process 0.
     """
     ckpt = cfg.model.checkpoint
     wanted = set(cfg.eval.benchmark_names)
-    records, report = load_rl_records(cfg.data.eval_path, cfg.data.data_root)
-    report.log()
+    records, data_report = load_eval_records(cfg.data.eval_path, cfg.data.data_root)
+    data_report.log()
     records = [r for r in records if em.canonical_benchmark(r.benchmark) in wanted]
     if not records:
         raise ConfigError("eval.benchmarks", f"no record of {cfg.data.eval_path} belongs to {sorted(wanted)}")
-    model_cfg = ModelConfig.from_pretrained(ckpt)
     processor = dataclasses.replace(
         ImageProcessorConfig.from_pretrained(ckpt),
         min_pixels=cfg.eval.model_min_pixels,
         max_pixels=cfg.eval.model_max_pixels,
     )
+    closers = []
 
-    def model_fn():
-        data, tensor = rollout_mesh_shape(cfg.mesh, jax.device_count())
-        mesh = make_mesh(data, 1, tensor)
-        with use_mesh(mesh, "rollout"):
-            return hf_io.load_model(ckpt, mesh=mesh, rules="rollout")
+    def policy_fn() -> Policy:
+        policy, close = open_eval_policy(cfg, ModelConfig.from_pretrained(ckpt), processor)
+        closers.append(close)
+        return policy
 
-    policy, client, server = open_policy(
-        cfg,
-        model_cfg,
-        processor,
-        model_fn,
-        version="eval",
-        workdir=cfg.workdir,
-        max_batch=cfg.eval.batch_size,
-    )
-    tok = QwenTokenizer.from_pretrained(ckpt)
-    ep_cfg = episode_config(cfg)
-    t0 = time.perf_counter()
     try:
-        episodes, meta = [], []
-        for rec in records:
-            media = load_media(rec, ep_cfg)
-            for j in range(cfg.eval.num_samples):
-                episodes.append(
-                    Episode.start(rec, tok, ep_cfg, None, processor, media=media, episode_id=f"{rec.qid}/{j}")
-                )
-                meta.append((rec, j))
-        trajs = run_episodes(SeededPolicy(policy, cfg.seed, 0), episodes, max_concurrency=cfg.eval.batch_size)
-    finally:
-        if client is not None:
-            client.close()
-        if server is not None:
-            server.stop()
-    results = []
-    for traj, (rec, j) in zip(trajs, meta):
-        boxed, correct, anls = em.score_response(
-            traj.response_text,
-            rec.answer,
-            require_boxed=cfg.reward.require_boxed,
-            ended_after_failed_call=cfg.reward.zero_after_failed_call and traj.ended_after_failed_call,
-        )
-        results.append(
-            em.SampleResult(
-                qid=rec.qid, benchmark=em.canonical_benchmark(rec.benchmark), question=rec.question,
-                gt=rec.answer, response=traj.response_text, boxed=boxed, correct=correct, anls=anls,
-                n_calls=traj.num_calls, n_failed=traj.num_failed_calls, n_valid=traj.num_valid_calls,
-                status=traj.status, sample=j, n_tokens=traj.expanded_length,
-            )
+        return evaluate(
+            cfg, records, policy_fn, QwenTokenizer.from_pretrained(ckpt), processor,
+            process_index=jax.process_index(), process_count=jax.process_count(),
         )  # fmt: skip
-    out = pathlib.Path(cfg.workdir) / EVAL_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    em.write_dumps(out / "samples.jsonl", results)
-    result = em.aggregate(results)
-    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = em.report_markdown(result, title=f"Evaluation of {ckpt}")
-    (out / "report.md").write_text(table + "\n")
-    logging.info("eval of %d responses in %.1f s:\n%s", len(results), time.perf_counter() - t0, table)
-    return result
+    finally:
+        for close in closers:
+            close()

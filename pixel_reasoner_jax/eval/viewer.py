@@ -20,6 +20,7 @@ from absl import logging
 from PIL import Image
 
 from pixel_reasoner_jax.eval import metrics as em
+from pixel_reasoner_jax.eval import report as er
 from pixel_reasoner_jax.processing.vision import to_rgb
 from pixel_reasoner_jax.rollout.media import image_to_png_bytes
 
@@ -196,7 +197,7 @@ def _sample(row: Mapping[str, Any], media: _Media) -> str:
 def _summary(rows: list[Mapping[str, Any]]) -> str:
     if not rows:
         return "<p>No samples.</p>"
-    report = em.aggregate(rows)
+    report = er.aggregate(rows)
     head = "<tr><th>benchmark</th><th>n</th><th>correct</th><th>score</th><th>ANLS</th><th>RaPR</th><th>status</th></tr>"
     body = []
     for name, b in [*report["benchmarks"].items(), ("overall", report["overall"])]:

@@ -96,7 +96,13 @@ RULES: tuple[Rule, ...] = (
         for m in ("q_proj", "k_proj", "v_proj")
         for w, k, kind in (("weight", "kernel", "kernel"), ("bias", "bias", "flat"))
     ),
-    Rule(_TL + "self_attn.o_proj.weight", _p("model.layers.self_attn.o_proj.kernel"), "kernel", n_in=2, stack="text"),
+    Rule(
+        _TL + "self_attn.o_proj.weight",
+        _p("model.layers.self_attn.o_proj.kernel"),
+        "kernel",
+        n_in=2,
+        stack="text",
+    ),
     *(
         Rule(_TL + f"mlp.{m}.weight", _p(f"model.layers.mlp.{m}.kernel"), "kernel", stack="text")
         for m in ("gate_proj", "up_proj", "down_proj")
@@ -229,7 +235,9 @@ def from_hf_tensor(name: str, x: np.ndarray, cfg: ModelConfig) -> tuple[Path, in
         shape = _param_shapes(cfg)[rule.path]
         shape = shape if layer is None else shape[1:]
         if tuple(x.shape) != _hf_shape(rule, shape, cfg):
-            raise CheckpointError(f"tensor {name}: expected shape {_hf_shape(rule, shape, cfg)}, got {x.shape}")
+            raise CheckpointError(
+                f"tensor {name}: expected shape {_hf_shape(rule, shape, cfg)}, got {x.shape}"
+            )
         return rule.path, layer, _to_ours(np.asarray(x), rule, shape)
     raise CheckpointError(f"unexpected tensor {name!r}: no rule maps it to a parameter")
 
@@ -406,7 +414,9 @@ def load_model(
             )
         )
     graphdef, abs_state = nnx.split(abstract)
-    shardings = None if mesh is None else sh.state_shardings(nnx.filter_state(abs_state, nnx.Param), mesh, rules)
+    shardings = (
+        None if mesh is None else sh.state_shardings(nnx.filter_state(abs_state, nnx.Param), mesh, rules)
+    )
     params = load_hf_params(ckpt_dir, cfg, dtype=param_dtype, shardings=shardings)
     return nnx.merge(graphdef, params)
 
@@ -422,7 +432,9 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def to_hf_tensors(params_or_model, cfg: ModelConfig, *, dtype=None) -> list[tuple[str, Callable[[], np.ndarray], tuple, np.dtype]]:
+def to_hf_tensors(
+    params_or_model, cfg: ModelConfig, *, dtype=None
+) -> list[tuple[str, Callable[[], np.ndarray], tuple, np.dtype]]:
     """(HF name, thunk producing the torch-layout array, HF shape, dtype) for every tensor, table order.
 
     Thunks let writers materialise one tensor (one layer slice) at a time.
@@ -431,7 +443,9 @@ def to_hf_tensors(params_or_model, cfg: ModelConfig, *, dtype=None) -> list[tupl
     out = []
     for rule in _rules(cfg):
         if rule.path not in flat:
-            raise CheckpointError(f"parameter {'.'.join(rule.path)} (for {rule.hf}) is missing from the params")
+            raise CheckpointError(
+                f"parameter {'.'.join(rule.path)} (for {rule.hf}) is missing from the params"
+            )
         value = flat[rule.path]
         n_layers = _num_layers(rule, cfg)
         layer_shape = tuple(value.shape) if n_layers is None else tuple(value.shape[1:])
@@ -495,7 +509,9 @@ def export_hf(
         os.makedirs(tmp)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        fname = (
+            "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
         arrays = {name: thunk() for name, thunk, _, _ in shard}
         total += sum(a.nbytes for a in arrays.values())
         weight_map.update({name: fname for name in arrays})
@@ -525,4 +541,3 @@ def export_hf(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir
-

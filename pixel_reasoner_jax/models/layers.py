@@ -74,7 +74,9 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(_normal(init_std)(rngs.params(), shape, param_dtype), out_sharding=full_names)
         if bias_names is not None:
             shape, full_names = _stack(out_shape, bias_names, num_layers)
-            self.bias = nnx.Param(_normal(init_std)(rngs.params(), shape, param_dtype), out_sharding=full_names)
+            self.bias = nnx.Param(
+                _normal(init_std)(rngs.params(), shape, param_dtype), out_sharding=full_names
+            )
         else:
             self.bias = None
 

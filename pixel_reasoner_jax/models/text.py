@@ -47,7 +47,9 @@ def init_cache(cfg: ModelConfig | TextConfig, batch: int, max_len: int, dtype=jn
     """An empty cache of `max_len` slots per row."""
     t = cfg.text if isinstance(cfg, ModelConfig) else cfg
     shape = (t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), mask=jnp.zeros((batch, max_len), jnp.int32))
+    return KVCache(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), mask=jnp.zeros((batch, max_len), jnp.int32)
+    )
 
 
 def mrope_cos_sin(
@@ -164,7 +166,9 @@ class Qwen2Decoder(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         self.attention = attention
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.layers = DecoderLayers(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, names=("embed",), param_dtype=param_dtype)
 

@@ -113,7 +113,11 @@ def prepare_vision(
     seg_all = np.concatenate(segs + [np.zeros((pb - n_p,), np.int64)])[perm]
     # Padding rows fill their own windows (never mixed with real rows).
     pad_windows = -(-(pb - n_p) // lw_slots)
-    sizes = win_sizes + [lw_slots] * (pad_windows - 1) + ([pb - n_p - lw_slots * (pad_windows - 1)] if pad_windows else [])
+    sizes = (
+        win_sizes
+        + [lw_slots] * (pad_windows - 1)
+        + ([pb - n_p - lw_slots * (pad_windows - 1)] if pad_windows else [])
+    )
     need = max(1, len(sizes))
     nw = _next_pow2(need) if window_bucket is None else int(window_bucket)
     if nw < need:
@@ -224,7 +228,9 @@ class VisionBlocks(nnx.Module):
 
         def full(q, k, v):
             seg = vi.full_segments[None]
-            return attention(q[None], k[None], v[None], q_segments=seg, kv_segments=seg, causal=False, impl=impl)[0]
+            return attention(
+                q[None], k[None], v[None], q_segments=seg, kv_segments=seg, causal=False, impl=impl
+            )[0]
 
         def windowed(q, k, v):
             g = vi.window_gather
@@ -244,7 +250,9 @@ class PatchMerger(nnx.Module):
     def __init__(self, cfg: VisionConfig, out_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         e4 = cfg.hidden_size * cfg.merge_unit
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ln_q = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS, names=("vit_embed",), param_dtype=param_dtype)
+        self.ln_q = RMSNorm(
+            cfg.hidden_size, eps=VISION_NORM_EPS, names=("vit_embed",), param_dtype=param_dtype
+        )
         self.mlp_0 = Linear(
             (e4,), (e4,), names=("vit_merge", "vit_merge_out"), bias_names=("vit_merge_out",), **kw
         )

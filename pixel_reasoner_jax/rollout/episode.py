@@ -74,8 +74,13 @@ class EpisodeConfig:
       max_tool_calls: a call requested after more than this many executed calls ends the episode (§3.1:
         3, so at most 4 calls run).
       max_images: most vision items in the conversation (a video counts as one, as the original's list).
-      max_total_tokens: budget of the EXPANDED sequence (each pad counted as its grid's tokens).
-      max_new_tokens: per-turn cap; each turn also gets at most the remaining budget.
+      max_total_tokens: budget of the EXPANDED sequence (each pad counted as its grid's tokens): the
+        model's context. Each turn gets at most the remaining budget.
+      call_token_limit: a call requested when the expanded sequence is above this is not executed
+        (status context_limit): the original's force stop at 12*1024-200 tokens, checked after each turn.
+        None = max_total_tokens. Eval sets it below the context, as the original's eval did (its vLLM
+        context was prompt_max_len + generate_max_len = 18192 while the loop stopped calls at 12088).
+      max_new_tokens: per-turn cap (the original's `--max_out_tokens`, 2048 in training and eval).
       temperature, temperature_after_tool: first turn, and turns after a tool observation (§8.2).
       top_p, top_k: sampling truncation (-1 = no top-k).
       stop_token_ids: ids that end a turn.
@@ -92,6 +97,7 @@ class EpisodeConfig:
     max_tool_calls: int = 3
     max_images: int = 16
     max_total_tokens: int = 12 * 1024 - 200
+    call_token_limit: int | None = None
     max_new_tokens: int = 2048
     temperature: float = 1.0
     temperature_after_tool: float = 0.9
@@ -116,6 +122,7 @@ class EpisodeConfig:
             (self.max_images >= 1, "max_images", ">= 1"),
             (self.max_total_tokens >= 1, "max_total_tokens", ">= 1"),
             (self.max_new_tokens >= 1, "max_new_tokens", ">= 1"),
+            (self.call_token_limit is None or self.call_token_limit >= 1, "call_token_limit", "None or >= 1"),
             (self.temperature >= 0, "temperature", ">= 0"),
             (self.temperature_after_tool >= 0, "temperature_after_tool", ">= 0"),
             (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
@@ -141,6 +148,7 @@ class EpisodeConfig:
             padding=rc.crop_padding,
             max_frames=rc.max_frames,
             min_crop_side=rc.min_crop_side,
+            video_crop_index=rc.video_crop_index,
         )
         return cls(
             max_tool_calls=rc.max_tool_calls,
@@ -275,12 +283,15 @@ class Episode:
         if record.is_video:
             if not media.video_frames:
                 raise ValueError(f"record {record.qid!r} is a video query but no video frames were given")
-            # Frames keep the video size (<= 512*784 px): the original sends them without another resize.
+            # qwen_vl_utils sized the frames (<= 512*784 px) and the server's processor re-resized them into
+            # its MIN/MAX_PIXELS (reference §5), as it does every image. Crops and selections cut the first
+            # size; absolute bbox pixels are read in the size the model saw.
             frames = resize_video_frames(
                 media.video_frames, cfg.video_min_pixels, cfg.video_max_pixels, proc_cfg.factor
             )
-            items = [Video(frames=frames, fps=cfg.video_fps)]
-            state = VisualState.for_video(frames)
+            seen = resize_video_frames(frames, proc_cfg.min_pixels, proc_cfg.max_pixels, proc_cfg.factor)
+            items = [Video(frames=seen, fps=cfg.video_fps)]
+            state = VisualState.for_video(frames, seen_sizes=[f.size for f in seen])
         else:
             if not media.images:
                 raise ValueError(f"record {record.qid!r} is an image query but has no images")
@@ -429,11 +440,12 @@ class Episode:
         turn = dataclasses.replace(turn, tool_call=True)
         if self.num_valid_calls + self.num_failed_calls > self.cfg.max_tool_calls:
             return self._end(turn, "max_tool_calls")
-        if self._expanded >= self.cfg.max_total_tokens:
+        limit = self.cfg.call_token_limit
+        if self._expanded >= self.cfg.max_total_tokens or (limit is not None and self._expanded > limit):
             return self._end(turn, "context_limit")
         call = parse_tool_call(text)
         result = execute(call, self._state, self._ops)
-        turn = dataclasses.replace(turn, tool_name=result.name)
+        turn = dataclasses.replace(turn, tool_name=result.name, ignored_keys=result.ignored_keys)
         proc = self.proc_cfg
         new_media = [
             resize_to_limits(im, proc.min_pixels, proc.max_pixels, proc.factor) for im in result.new_images
@@ -460,7 +472,15 @@ class Episode:
         else:
             self.num_failed_calls += 1
         self._last_call_failed = not result.ok
-        self._turns.append(dataclasses.replace(turn, tool_ok=result.ok, tool_error=result.error))
+        self._turns.append(
+            dataclasses.replace(
+                turn,
+                tool_ok=result.ok,
+                tool_error=result.error,
+                tool_origins=tuple(result.origins),
+                observation=result.text,
+            )
+        )
 
     # ------------------------------------------------------------------------------------------ result
 

@@ -55,6 +55,10 @@ class Turn:
       tool_name: the called tool's name, when one could be read.
       tool_ok: True/False when the call was executed and appended, None otherwise.
       tool_error: the error message of a failed call.
+      tool_origins: where each image the executed call appended comes from (tools/ops.Origin: original
+        image or video frame index, normalised box in it), in order; () when nothing was appended.
+      ignored_keys: keys of the call no tool reads (the original ignored them too), e.g. "reason".
+      observation: the text of the tool turn appended after this one (its images follow it), or None.
     """
 
     start: int
@@ -66,6 +70,9 @@ class Turn:
     tool_name: str | None = None
     tool_ok: bool | None = None
     tool_error: str | None = None
+    tool_origins: tuple = ()
+    ignored_keys: tuple[str, ...] = ()
+    observation: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +144,11 @@ class Trajectory:
     @property
     def trainable(self) -> bool:
         return self.status not in UNTRAINABLE
+
+    @property
+    def num_ignored_keys(self) -> int:
+        """Keys of the episode's tool calls that no tool reads (released checkpoints add e.g. "reason")."""
+        return sum(len(t.ignored_keys) for t in self.turns)
 
 
 def resize_video_frames(

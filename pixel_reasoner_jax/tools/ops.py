@@ -15,6 +15,15 @@ from pixel_reasoner_jax.tools.prompts import PromptTemplates
 
 PIX = 28 * 28  # pixel limits below are in units of one merged 28x28 patch, as in the reference
 PADDINGS = ("capped", "fixed")
+# How a crop's `target_image` counts images after something was returned on a VIDEO query (reference §4.1):
+# "original": the original's list [[video], sel1, sel2, ...], so t >= 2 and t picks returned image t - 1
+# (one more than the select observation announced); what the released checkpoints were trained with.
+# "observed": returned images numbered from 1, as the select observation numbers them.
+VIDEO_CROP_INDEXES = ("original", "observed")
+FULL_BOX = (0.0, 0.0, 1.0, 1.0)
+# Where an image of the conversation comes from: (index of the query's original image, or of the video
+# frame, 0-based; normalised [x1, y1, x2, y2] of that original). Crops of crops compose their boxes.
+Origin = tuple[int, tuple[float, float, float, float]]
 _SHOW_CHARS = 200  # cap on how much of a bad argument an error message quotes
 
 
@@ -30,6 +39,8 @@ class OpsConfig:
         boxes are rounded, as PIL does with the float box of the current code.
       max_frames: most frames one select_frames call may return.
       min_crop_side: a crop must be strictly larger than this on both sides.
+      video_crop_index: numbering of `target_image` after images were returned on a video query, one of
+        VIDEO_CROP_INDEXES; default the original's (released checkpoints).
       crop_tool_name: the crop tool's name in messages that recommend it.
       templates: observation texts.
     """
@@ -41,6 +52,7 @@ class OpsConfig:
     padding: str = "capped"
     max_frames: int = 8
     min_crop_side: int = 28
+    video_crop_index: str = "original"
     crop_tool_name: str = "crop_image"
     templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
 
@@ -61,6 +73,10 @@ class OpsConfig:
             raise ValueError(
                 f"OpsConfig select pixel range must satisfy 0 < min <= max, got "
                 f"[{self.select_min_pixels}, {self.select_max_pixels}]"
+            )
+        if self.video_crop_index not in VIDEO_CROP_INDEXES:
+            raise ValueError(
+                f"OpsConfig.video_crop_index must be one of {VIDEO_CROP_INDEXES}, got {self.video_crop_index!r}"
             )
         if self.max_frames < 1 or self.min_crop_side < 0:
             raise ValueError(
@@ -85,15 +101,16 @@ class OpsConfig:
 class VisualState:
     """The images a conversation holds, in the order the model saw them; never mutated (see apply_result).
 
-    Numbering rule (target_image), fixing the original's off-by-one (reference §4.1, §12.4):
+    Numbering rule (target_image), reference §4.1, §12.4:
       * Image query: images = originals, then every returned image (crops); target_image t in [1, N] is
         images[t - 1]. Identical to the original.
       * Video query: the video is not an entry of `images`; images holds only returned images (selected
-        frames and crops), numbered from 1 in the order they arrived. select_frames reports
-        "Numbered a to b" with a = (returned images so far) + 1, exactly the original's text, and a later
-        crop's target_image t in [1, n_returned] picks that same returned image t. Before anything was
-        returned, target_image t in [1, F] picks video frame t (as the original). The original instead
-        required target_image >= 2 after a selection, one more than the number it had announced.
+        frames and crops) in the order they arrived. select_frames reports "Numbered a to b" with
+        a = (returned images so far) + 1, exactly the original's text. Before anything was returned,
+        target_image t in [1, F] picks video frame t (as the original). After that, OpsConfig.video_crop_index
+        decides: "original" (default) keeps the original's list [[video], returned...], so t in
+        [2, n_returned + 1] picks returned image t - 1, one more than the selection announced; "observed"
+        reads t in [1, n_returned] as the returned image the observation numbered t.
 
     Attributes:
       is_video: the query carries one video (frames) instead of images.
@@ -104,6 +121,8 @@ class VisualState:
       seen_sizes: optional (width, height) the model saw for each original image (image query) or each
         video frame (video query). Absolute bbox coordinates on those are read in that size, since the
         model reads its input after the processor's resize; None = the stored image's own size.
+      origins: where each entry of `images` comes from (Origin, or None when unknown); filled for the
+        originals when empty.
     """
 
     is_video: bool
@@ -112,6 +131,7 @@ class VisualState:
     n_original: int = 0
     n_selected: int = 0
     seen_sizes: tuple[tuple[int, int], ...] | None = None
+    origins: tuple[Origin | None, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "images", tuple(self.images))
@@ -135,6 +155,11 @@ class VisualState:
                 raise ValueError(
                     f"VisualState: seen_sizes must hold {expected} positive (width, height) pairs, got {sizes}"
                 )
+        if not self.origins:
+            originals = tuple((i, FULL_BOX) for i in range(self.n_original))
+            object.__setattr__(self, "origins", originals + (None,) * (len(self.images) - self.n_original))
+        if len(self.origins) != len(self.images):
+            raise ValueError(f"VisualState: {len(self.origins)} origins for {len(self.images)} images")
 
     @classmethod
     def for_images(
@@ -166,6 +191,9 @@ class ToolResult:
       new_images: images to show after `text` (empty on error).
       error: the error message, None on success.
       name: the tool name as the model called it (None when no name could be read).
+      origins: where each of `new_images` comes from (see Origin), in order; () when unknown.
+      ignored_keys: keys of the call that no tool reads (extra top-level keys, then extra arguments), which
+        the original ignored as well; counted in the trajectory.
     """
 
     ok: bool
@@ -173,6 +201,8 @@ class ToolResult:
     new_images: list[Image.Image]
     error: str | None
     name: str | None
+    origins: tuple[Origin | None, ...] = ()
+    ignored_keys: tuple[str, ...] = ()
 
 
 def error_result(message: str, name: str | None, cfg: OpsConfig | None = None) -> ToolResult:
@@ -213,9 +243,9 @@ def _as_coord(value: Any) -> float | None:
 
 
 def _pick_crop_source(
-    state: VisualState, t: int, name: str
-) -> tuple[Image.Image, tuple[int, int], None] | tuple[None, None, str]:
-    """(image to crop, size its absolute coordinates refer to, None) or (None, None, error message)."""
+    state: VisualState, t: int, name: str, video_crop_index: str = "original"
+) -> tuple[Image.Image, tuple[int, int], Origin | None, None] | tuple[None, None, None, str]:
+    """(image to crop, size its absolute coordinates refer to, its origin, None) or (None, None, None, error)."""
     prefix = f"Execution Error: Incorrect `target_image` argument in `{name}` operation."
     if state.is_video and state.n_returned == 0:
         frames = state.video_frames
@@ -223,29 +253,54 @@ def _pick_crop_source(
             return (
                 None,
                 None,
+                None,
                 f"{prefix} You can only pick an image **from** the video within [1,{len(frames)}], but the "
                 f"current argument `target_image={show(t)}`.",
             )
         seen = state.seen_sizes[t - 1] if state.seen_sizes is not None else frames[t - 1].size
-        return frames[t - 1], seen, None
+        return frames[t - 1], seen, (t - 1, FULL_BOX), None
     if state.is_video:
         n = state.n_returned
-        if not 1 <= t <= n:
+        # "original": the list [[video], returned...] is indexed by t - 1, and t - 1 >= 1 is asserted.
+        first = 2 if video_crop_index == "original" else 1
+        if t < first:
             return (
                 None,
                 None,
-                f"{prefix} You can only pick an image within range [1,{n}], but the current argument "
-                f"`target_image={show(t)}`.",
+                None,
+                f"{prefix} You can only pick an image within range [{first},{n + first - 1}], but the current "
+                f"argument `target_image={show(t)}`.",
             )
-        image = state.images[t - 1]
-        return image, image.size, None
+        if t > n + first - 1:
+            # The original had no upper check: Python's IndexError text became the observation.
+            message = (
+                "list index out of range"
+                if video_crop_index == "original"
+                else f"{prefix} You can only pick an image within range [1,{n}], but the current argument "
+                f"`target_image={show(t)}`."
+            )
+            return None, None, None, message
+        k = t - first
+        image = state.images[k]
+        return image, image.size, state.origins[k], None
     n = len(state.images)
     if not 1 <= t <= n:  # the original let 0 and negatives wrap around to the last images
-        return None, None, f"{prefix} You can only pick an image within [1,{n}]"
+        return None, None, None, f"{prefix} You can only pick an image within [1,{n}]"
     image = state.images[t - 1]
     if t <= state.n_original and state.seen_sizes is not None:
-        return image, state.seen_sizes[t - 1], None
-    return image, image.size, None
+        return image, state.seen_sizes[t - 1], state.origins[t - 1], None
+    return image, image.size, state.origins[t - 1], None
+
+
+def compose_box(outer: tuple[float, ...], inner: tuple[float, ...]) -> tuple[float, float, float, float]:
+    """The normalised box `inner` (relative to the image `outer` cut out) in the coordinates `outer` is in.
+
+    A crop is resized as a whole, so fractions of the crop map linearly onto its box.
+    """
+    ox1, oy1, ox2, oy2 = outer
+    w, h = ox2 - ox1, oy2 - oy1
+    ix1, iy1, ix2, iy2 = inner
+    return (ox1 + ix1 * w, oy1 + iy1 * h, ox1 + ix2 * w, oy1 + iy2 * h)
 
 
 def crop_box(
@@ -308,7 +363,7 @@ def crop_image(
             name,
             cfg,
         )
-    image, seen, message = _pick_crop_source(state, t, name)
+    image, seen, source, message = _pick_crop_source(state, t, name, cfg.video_crop_index)
     if message is not None:
         return error_result(message, name, cfg)
     coords = (
@@ -337,7 +392,11 @@ def crop_image(
     except ValueError as e:  # smart_resize refuses aspect ratios above 200
         return error_result(f"Execution Error: The cropped region {w}x{h} cannot be shown: {e}", name, cfg)
     text = cfg.templates.crop_ok.format(width=out.width, height=out.height)
-    return ToolResult(True, text, [out], None, name)
+    iw, ih = image.size
+    origin = None
+    if source is not None:
+        origin = (source[0], compose_box(source[1], (box[0] / iw, box[1] / ih, box[2] / iw, box[3] / ih)))
+    return ToolResult(True, text, [out], None, name, origins=(origin,))
 
 
 def select_frames(
@@ -412,7 +471,7 @@ def select_frames(
     text = cfg.templates.select_ok.format(
         width=out[0].width, height=out[0].height, start=start, end=start + len(out) - 1
     )
-    return ToolResult(True, text, out, None, name)
+    return ToolResult(True, text, out, None, name, origins=tuple((i - 1, FULL_BOX) for i in indices))
 
 
 def apply_result(state: VisualState, result: ToolResult) -> VisualState:
@@ -420,6 +479,12 @@ def apply_result(state: VisualState, result: ToolResult) -> VisualState:
     if not result.ok or not result.new_images:
         return state
     selected = len(result.new_images) if result.name == "select_frames" else 0
+    origins = (
+        result.origins if len(result.origins) == len(result.new_images) else (None,) * len(result.new_images)
+    )
     return dataclasses.replace(
-        state, images=state.images + tuple(result.new_images), n_selected=state.n_selected + selected
+        state,
+        images=state.images + tuple(result.new_images),
+        n_selected=state.n_selected + selected,
+        origins=state.origins + tuple(origins),
     )

@@ -22,10 +22,15 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ToolCall:
-    """A well-formed call: the tool name and its argument dict, as the model wrote them."""
+    """A well-formed call: the tool name and its argument dict, as the model wrote them.
+
+    `extra_keys` are the call object's keys besides "name" and "arguments": the original read only those
+    two (`json.loads`, then `["name"]`, `["arguments"]`), so the others are ignored and counted.
+    """
 
     name: str
     arguments: dict[str, Any]
+    extra_keys: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +85,8 @@ def parse_tool_call(text: str) -> ToolCall | ToolCallError:
         return ToolCallError(
             f'Execution Error: The tool call "arguments" must be a JSON object, got {show(obj["arguments"])}'
         )
-    return ToolCall(obj["name"], obj["arguments"])
+    extra = tuple(str(k) for k in obj if k not in ("name", "arguments"))
+    return ToolCall(obj["name"], obj["arguments"], extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +101,9 @@ class ToolSpec:
 _CROP = ToolSpec(ops.crop_image, ("bbox_2d", "target_image"))
 # `crop_image_normalized` (the repo's current name) and `zoom_in` (an unused class of the original) are
 # aliases: the released models call `crop_image`, and the bbox rule reads both coordinate kinds anyway.
+CROP_TOOLS = ("crop_image", "crop_image_normalized", "zoom_in")
 TOOLS: dict[str, ToolSpec] = {
-    "crop_image": _CROP,
-    "crop_image_normalized": _CROP,
-    "zoom_in": _CROP,
+    **dict.fromkeys(CROP_TOOLS, _CROP),
     "select_frames": ToolSpec(ops.select_frames, ("target_frames",)),
 }
 
@@ -151,27 +156,27 @@ def _dispatch(call: Any, state: VisualState, cfg: OpsConfig) -> ToolResult:
             name,
             cfg,
         )
-    extra = [k for k in args if k not in spec.required and k not in spec.optional]
-    if extra:
-        return error_result(
-            f"Execution Error: `{name}` got unexpected argument(s) {_names(extra)}; it takes "
-            f"{_names(spec.required + spec.optional)}.",
-            name,
-            cfg,
-        )
-    return spec.fn(state, cfg=cfg, name=name, **args)
+    # The original read its arguments by key (`args['bbox_2d']`, ...), so released checkpoints that add a
+    # key (e.g. "reason") had it ignored; so do we, and count it.
+    known = spec.required + spec.optional
+    extra = tuple(str(k) for k in args if k not in known)
+    result = spec.fn(state, cfg=cfg, name=name, **{k: v for k, v in args.items() if k in known})
+    return dataclasses.replace(result, ignored_keys=extra)
 
 
 def execute(call: ToolCall | ToolCallError, state: VisualState, cfg: OpsConfig | None = None) -> ToolResult:
     """Runs a parsed call on `state`; every failure becomes an error ToolResult, nothing is raised.
 
-    Expected failures (bad JSON, unknown tool, missing/extra/wrong arguments, bad indices) are handled where
+    Expected failures (bad JSON, unknown tool, missing/wrong arguments, bad indices) are handled where
     they arise. The last guard below catches anything else, so one bad rollout cannot kill a training run,
     and records it in `unexpected_errors()` so that tests see such bugs.
     """
     cfg = OpsConfig() if cfg is None else cfg
     try:
-        return _dispatch(call, state, cfg)
+        result = _dispatch(call, state, cfg)
+        if isinstance(call, ToolCall) and call.extra_keys:
+            result = dataclasses.replace(result, ignored_keys=tuple(call.extra_keys) + result.ignored_keys)
+        return result
     except Exception as e:  # the final guard: see the docstring
         tb = traceback.format_exc()
         if len(_UNEXPECTED) < _UNEXPECTED_LIMIT:

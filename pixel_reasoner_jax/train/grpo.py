@@ -20,6 +20,7 @@ from pixel_reasoner_jax.data import loader
 from pixel_reasoner_jax.data.records import RLRecord, load_rl_records
 from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.processing.batch import Example, expand_trajectory
+from pixel_reasoner_jax.rollout import faithfulness
 from pixel_reasoner_jax.rollout.episode import (
     STATUSES,
     Episode,
@@ -353,6 +354,7 @@ class GRPOTrainer:
             "reward/informative_samples": _mean(informative),
             "time/reward_s": time.perf_counter() - t0,
         }
+        metrics.update(faithfulness.rollout_metrics(trajs, acc > 0.5))  # crops that show the target box
         return adv, informative, metrics
 
     def select(self, trajs, adv, informative) -> tuple[list[Example], np.ndarray]:
