@@ -24,7 +24,7 @@ from test_server_backend import (
 from pixel_reasoner_jax.processing import chat
 from pixel_reasoner_jax.rollout.media import png_data_url
 from pixel_reasoner_jax.rollout.policy import GenerationRequest, SamplingParams
-from pixel_reasoner_jax.rollout.server import SGLangServer, start_local_server
+from pixel_reasoner_jax.serve.http import SGLangServer, start_local_server
 
 IMG_BLOCK = [151652, 151655, 151653]
 PROMPT = [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]  # <|im_start|>user\nHello...assistant\n

@@ -21,7 +21,7 @@ from pixel_reasoner_jax.rollout.policy import (
     Policy,
     SamplingParams,
 )
-from pixel_reasoner_jax.rollout.server_backend import (
+from pixel_reasoner_jax.serve.backend import (
     Backend,
     BatchWorker,
     Job,
@@ -149,7 +149,7 @@ class ScriptedBackend(Backend):
 
 
 def make_backend(checkpoint: str, weight_version: str) -> ScriptedBackend:
-    """Factory for `python -m pixel_reasoner_jax.rollout.server --backend tests.test_server_backend:make_backend`."""
+    """Factory for `python -m pixel_reasoner_jax.serve.http --backend tests.test_server_backend:make_backend`."""
     return ScriptedBackend(checkpoint, weight_version)
 
 

@@ -1,7 +1,7 @@
 """SGLang-API-compatible HTTP server over any Backend: /generate, weight updates from disk, pause/abort, chat.
 
 Speaks the subset of SGLang's native API the rollout uses (reference/sglang.md §6), stricter where that
-surfaces client bugs. `python -m pixel_reasoner_jax.rollout.server --checkpoint DIR [--port P]`.
+surfaces client bugs. `python -m pixel_reasoner_jax.serve.http --checkpoint DIR [--port P]`.
 """
 
 import argparse
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pixel_reasoner_jax import __version__
-from pixel_reasoner_jax.rollout import server_protocol as proto
 from pixel_reasoner_jax.rollout.policy import GenerationResult
-from pixel_reasoner_jax.rollout.server_backend import (
+from pixel_reasoner_jax.serve import protocol as proto
+from pixel_reasoner_jax.serve.backend import (
     PAUSE_MODES,
     Backend,
     BatchWorker,
@@ -32,11 +32,11 @@ from pixel_reasoner_jax.rollout.server_backend import (
     check_weights_folder,
     resolve_factory,
 )
-from pixel_reasoner_jax.rollout.server_protocol import HttpError
+from pixel_reasoner_jax.serve.protocol import HttpError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKEND = "pixel_reasoner_jax.rollout.server_backend:jax_backend"
+DEFAULT_BACKEND = "pixel_reasoner_jax.serve.backend:jax_backend"
 
 
 # ------------------------------------------------------------------------------------------ server
@@ -470,7 +470,7 @@ def start_local_server(
     log_path: str | os.PathLike | None = None,
     env: dict[str, str] | None = None,
 ) -> tuple[str, LocalServer]:
-    """Launches `python -m pixel_reasoner_jax.rollout.server` and waits until /health answers 200.
+    """Launches `python -m pixel_reasoner_jax.serve.http` and waits until /health answers 200.
 
     Args:
       checkpoint: folder served at start.
@@ -494,7 +494,7 @@ def start_local_server(
     if log_path is None:
         fd, log_path = tempfile.mkstemp(prefix="prj-server-", suffix=".log")
         os.close(fd)
-    cmd = [sys.executable, "-m", "pixel_reasoner_jax.rollout.server", "--checkpoint", os.fspath(checkpoint),
+    cmd = [sys.executable, "-m", "pixel_reasoner_jax.serve.http", "--checkpoint", os.fspath(checkpoint),
            "--host", host, "--port", str(port), "--max-batch", str(max_batch), "--backend", backend,
            "--weight-version", weight_version, *extra_args]  # fmt: skip
     child_env = dict(os.environ if env is None else env)

@@ -23,7 +23,7 @@ from pixel_reasoner_jax.rollout.policy import (
     SamplingParams,
     Video,
 )
-from pixel_reasoner_jax.rollout.server_backend import ModelSpec
+from pixel_reasoner_jax.serve.backend import ModelSpec
 
 
 class HttpError(Exception):
@@ -90,7 +90,14 @@ OTHER_SAMPLING = {
 }
 UPDATE_FIELDS = {"model_path", "load_format", "weight_version", "abort_all_requests", "flush_cache"}
 # Newer SGLang update options with no meaning here (no CUDA graphs, no async loading): accepted, ignored.
-UPDATE_IGNORED = {"is_async", "keep_pause", "recapture_cuda_graph", "torch_empty_cache", "token_step", "manifest"}
+UPDATE_IGNORED = {
+    "is_async",
+    "keep_pause",
+    "recapture_cuda_graph",
+    "torch_empty_cache",
+    "token_step",
+    "manifest",
+}
 LOAD_FORMATS = (None, "auto", "safetensors")
 
 
