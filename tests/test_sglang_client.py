@@ -9,7 +9,7 @@ import time
 import numpy as np
 import portpicker
 import pytest
-from test_server_backend import IM_END, ScriptedBackend, image, logprob, run_script, write_weights
+from server_helpers import IM_END, ScriptedBackend, image, logprob, run_script, write_weights
 
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.media import media_pad_count

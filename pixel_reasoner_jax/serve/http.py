@@ -1,42 +1,58 @@
-"""SGLang-API-compatible HTTP server over any Backend: /generate, weight updates from disk, pause/abort, chat.
+"""SGLang-API-compatible HTTP server over any Backend: the handler, the routes, SGLangServer and its config.
 
 Speaks the subset of SGLang's native API the rollout uses (reference/sglang.md §6), stricter where that
-surfaces client bugs. `python -m pixel_reasoner_jax.serve.http --checkpoint DIR [--port P]`.
+surfaces client bugs. Bodies are parsed by serve/protocol.py and serve/chat.py; requests are batched by
+serve/batching.py.
 """
 
-import argparse
+import dataclasses
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
 
 from pixel_reasoner_jax import __version__
 from pixel_reasoner_jax.rollout.policy import GenerationResult
+from pixel_reasoner_jax.serve import chat
 from pixel_reasoner_jax.serve import protocol as proto
-from pixel_reasoner_jax.serve.backend import (
-    PAUSE_MODES,
-    Backend,
-    BatchWorker,
-    DuplicateRequestError,
-    Job,
-    WeightsFolderError,
-    check_weights_folder,
-    resolve_factory,
-)
+from pixel_reasoner_jax.serve.backend import Backend, WeightsFolderError, check_weights_folder
+from pixel_reasoner_jax.serve.batching import PAUSE_MODES, BatchWorker, DuplicateRequestError, Job
 from pixel_reasoner_jax.serve.protocol import HttpError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKEND = "pixel_reasoner_jax.serve.backend:jax_backend"
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """How the server listens and batches; /server_info reports every field.
+
+    Attributes:
+      host: bind address (loopback unless told otherwise).
+      port: 0 picks a free port at start(); the server's `config` then holds the bound one.
+      max_batch: requests per policy call.
+      batch_wait_s: how long a batch waits for company before it runs.
+      allow_local_paths: accept local image file paths in image_data (off: a request must not read files).
+      max_request_bytes: larger request bodies are answered 413 unread.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_batch: int = 32
+    batch_wait_s: float = 0.005
+    allow_local_paths: bool = False
+    max_request_bytes: int = 1 << 30
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"ServerConfig.port must be in 0..65535, got {self.port}")
+        if self.max_batch < 1:
+            raise ValueError(f"ServerConfig.max_batch must be >= 1, got {self.max_batch}")
+        if self.batch_wait_s < 0:
+            raise ValueError(f"ServerConfig.batch_wait_s must be >= 0, got {self.batch_wait_s}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"ServerConfig.max_request_bytes must be >= 1, got {self.max_request_bytes}")
 
 
 # ------------------------------------------------------------------------------------------ server
@@ -45,8 +61,8 @@ DEFAULT_BACKEND = "pixel_reasoner_jax.serve.backend:jax_backend"
 class _State:
     """Everything the request handlers share."""
 
-    def __init__(self, args: dict[str, Any]):
-        self.args = args
+    def __init__(self, config: ServerConfig):
+        self.config = config
         self.backend: Backend | None = None
         self.load_error: str | None = None
         self.ready = threading.Event()
@@ -101,9 +117,9 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(n)
         except ValueError:
             raise HttpError(400, f"Content-Length must be an integer, got {n!r}") from None
-        if length > self.state.args["max_request_bytes"]:
+        if length > self.state.config.max_request_bytes:
             raise HttpError(
-                413, f"request body of {length} bytes exceeds {self.state.args['max_request_bytes']}"
+                413, f"request body of {length} bytes exceeds {self.state.config.max_request_bytes}"
             )
         return self.rfile.read(length)
 
@@ -162,7 +178,7 @@ def _model_info(st: _State, body: dict):
 def _server_info(st: _State, body: dict):
     b = st.need_backend()
     return 200, {
-        **{k: v for k, v in st.args.items() if k != "backend"},
+        **dataclasses.asdict(st.config),
         "model_path": st.model_path,
         "context_length": b.spec.context_length,
         "weight_version": b.policy.weight_version,
@@ -174,13 +190,15 @@ def _server_info(st: _State, body: dict):
     }
 
 
-def _wait(st: _State, jobs: list[Job]) -> list[GenerationResult]:
+def _wait(st: _State, units: list[proto.Unit]) -> tuple[list[Job], list[GenerationResult]]:
+    """Queues one job per unit and waits for all of them: (jobs, their results)."""
+    jobs = [Job(u.request, u.rid, u.prompt_tokens) for u in units]
     try:
         st.worker.submit(jobs)
     except DuplicateRequestError as e:  # SGLang: ValueError in the tokenizer manager -> HTTP 400
         raise HttpError(400, str(e)) from None
     try:
-        return [j.future.result() for j in jobs]
+        return jobs, [j.future.result() for j in jobs]
     except Exception as e:  # noqa: BLE001 - a failing policy call: message to the client, traceback logged
         raise HttpError(500, f"generation failed: {type(e).__name__}: {e}") from None
 
@@ -188,9 +206,8 @@ def _wait(st: _State, jobs: list[Job]) -> list[GenerationResult]:
 def _generate(st: _State, body: dict):
     t0 = time.monotonic()
     b = st.need_backend()
-    units, as_list = proto.parse_generate(body, b.spec, b.tokenizer, st.args["allow_local_paths"])
-    jobs = [Job(u.request, u.rid, u.prompt_tokens) for u in units]
-    results = _wait(st, jobs)
+    units, as_list = proto.parse_generate(body, b.spec, b.tokenizer, st.config.allow_local_paths)
+    jobs, results = _wait(st, units)
     for r, u in zip(results, units):
         # The policy expands pads itself; a different count means server and policy resize differently.
         if r.prompt_tokens and r.prompt_tokens != u.prompt_tokens:
@@ -209,14 +226,13 @@ def _generate(st: _State, body: dict):
 def _chat(st: _State, body: dict):
     t0 = time.monotonic()
     b = st.need_backend()
-    units, model = proto.parse_chat(body, b.spec, b.tokenizer, st.args["allow_local_paths"])
-    jobs = [Job(u.request, u.rid, u.prompt_tokens) for u in units]
-    results = _wait(st, jobs)
+    units, model = chat.parse_chat(body, b.spec, b.tokenizer, st.config.allow_local_paths)
+    jobs, results = _wait(st, units)
     outs = [
         proto.generate_response(u, r, j.abort_message, b.tokenizer, 0.0)
         for u, r, j in zip(units, results, jobs)
     ]
-    return 200, proto.chat_response(
+    return 200, chat.chat_response(
         units, outs, model or b.spec.served_model_name, b.tokenizer, time.monotonic() - t0
     )
 
@@ -326,37 +342,21 @@ class SGLangServer:
     """
 
     def __init__(
-        self,
-        backend: "Backend | Callable[[], Backend]",
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        max_batch: int = 32,
-        batch_wait_s: float = 0.005,
-        allow_local_paths: bool = False,
-        max_request_bytes: int = 1 << 30,
+        self, backend: "Backend | Callable[[], Backend]", config: ServerConfig | None = None, **options
     ):
+        """`options` are ServerConfig fields that override `config` (e.g. `port=0, max_batch=8`)."""
         self._backend_src = backend
-        self.state = _State(
-            {
-                "host": host,
-                "port": port,
-                "max_batch": max_batch,
-                "batch_wait_s": batch_wait_s,
-                "allow_local_paths": allow_local_paths,
-                "max_request_bytes": max_request_bytes,
-            }
-        )
+        self.state = _State(dataclasses.replace(config or ServerConfig(), **options))
         self._httpd: _HTTPServer | None = None
         self._serve_thread: threading.Thread | None = None
 
     def start(self) -> "SGLangServer":
         st = self.state
         handler = type("Handler", (_Handler,), {"state": st})
-        self._httpd = _HTTPServer((st.args["host"], st.args["port"]), handler)
-        st.args["port"] = self._httpd.server_address[1]
+        self._httpd = _HTTPServer((st.config.host, st.config.port), handler)
+        st.config = dataclasses.replace(st.config, port=self._httpd.server_address[1])
         st.worker = BatchWorker(
-            lambda: st.backend.policy, st.args["max_batch"], st.args["batch_wait_s"], st.model_lock
+            lambda: st.backend.policy, st.config.max_batch, st.config.batch_wait_s, st.model_lock
         )
         # A short poll interval keeps stop() quick (shutdown waits for the loop to notice).
         self._serve_thread = threading.Thread(
@@ -386,10 +386,15 @@ class SGLangServer:
         )
 
     @property
+    def config(self) -> ServerConfig:
+        """The options; after start() `port` is the bound one."""
+        return self.state.config
+
+    @property
     def url(self) -> str:
-        host = self.state.args["host"]
+        host = self.config.host
         host = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.state.args['port']}"
+        return f"http://{host}:{self.config.port}"
 
     @property
     def backend(self) -> Backend | None:
@@ -421,152 +426,3 @@ class SGLangServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-# ------------------------------------------------------------------------------------ local server
-
-
-class LocalServer:
-    """A server subprocess started by `start_local_server`; `stop()` ends it (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, process: subprocess.Popen, url: str, log_path: str):
-        self.process, self.url, self.log_path = process, url, log_path
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return Path(self.log_path).read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning(
-                    "server pid %d ignored SIGTERM for %.0f s; killing it", self.process.pid, timeout
-                )
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> "LocalServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def start_local_server(
-    checkpoint: str | os.PathLike,
-    port: int | None = None,
-    *,
-    host: str = "127.0.0.1",
-    backend: str = DEFAULT_BACKEND,
-    max_batch: int = 32,
-    weight_version: str = "0",
-    extra_args: Sequence[str] = (),
-    timeout_s: float = 600.0,
-    log_path: str | os.PathLike | None = None,
-    env: dict[str, str] | None = None,
-) -> tuple[str, LocalServer]:
-    """Launches `python -m pixel_reasoner_jax.serve.http` and waits until /health answers 200.
-
-    Args:
-      checkpoint: folder served at start.
-      port: None picks a free one (portpicker).
-      backend: factory 'module:callable' (checkpoint, weight_version) -> Backend, importable from the cwd.
-      extra_args: more CLI flags (e.g. ["--allow-local-paths"]).
-      timeout_s: how long to wait for /health.
-      log_path: where stdout/stderr go (a temp file by default; its tail is in every error).
-
-    Returns:
-      (url, handle); handle.stop() ends the process.
-
-    Raises:
-      RuntimeError: the process exited before it was healthy (with its log tail).
-      TimeoutError: not healthy within timeout_s (the process is stopped).
-    """
-    import httpx
-    import portpicker
-
-    port = port or portpicker.pick_unused_port()
-    if log_path is None:
-        fd, log_path = tempfile.mkstemp(prefix="prj-server-", suffix=".log")
-        os.close(fd)
-    cmd = [sys.executable, "-m", "pixel_reasoner_jax.serve.http", "--checkpoint", os.fspath(checkpoint),
-           "--host", host, "--port", str(port), "--max-batch", str(max_batch), "--backend", backend,
-           "--weight-version", weight_version, *extra_args]  # fmt: skip
-    child_env = dict(os.environ if env is None else env)
-    # The package and the cwd (for test factories) must import in the child whatever its cwd resolution.
-    roots = [str(Path(__file__).resolve().parents[2]), os.getcwd()]
-    child_env["PYTHONPATH"] = os.pathsep.join(roots + [p for p in [child_env.get("PYTHONPATH")] if p])
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
-    handle = LocalServer(
-        proc, f"http://{host if ':' not in host else f'[{host}]'}:{port}", os.fspath(log_path)
-    )
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=2.0) as http:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with code {proc.returncode} before it was healthy:\n{handle.log_tail()}"
-                )
-            try:
-                if http.get(handle.url + "/health").status_code == 200:
-                    return handle.url, handle
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                handle.stop()
-                raise TimeoutError(
-                    f"server at {handle.url} not healthy after {timeout_s} s:\n{handle.log_tail()}"
-                )
-            time.sleep(0.1)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="HF checkpoint folder served at start")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--max-batch", type=int, default=32, help="requests per policy call")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
-    p.add_argument("--allow-local-paths", action="store_true", help="accept local file paths in image_data")
-    p.add_argument("--weight-version", default="0", help="label of the starting weights")
-    p.add_argument(
-        "--backend", default=DEFAULT_BACKEND, help="factory 'module:callable'(checkpoint, version)"
-    )
-    p.add_argument("--log-level", default="INFO")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    factory = resolve_factory(a.backend)
-    server = SGLangServer(
-        lambda: factory(a.checkpoint, a.weight_version),
-        host=a.host,
-        port=a.port,
-        max_batch=a.max_batch,
-        batch_wait_s=a.batch_wait_ms / 1000,
-        allow_local_paths=a.allow_local_paths,
-    ).start()
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    logger.info("listening on %s", server.url)
-    server.state.ready.wait()
-    if server.backend is None:
-        server.stop()
-        logger.error("%s", server.state.load_error)
-        return 1
-    done.wait()
-    logger.info("shutting down")
-    server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
