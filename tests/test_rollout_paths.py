@@ -16,9 +16,9 @@ from pixel_reasoner_jax.processing.batch import collate, expand_trajectory
 from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.episode import UNTRAINABLE, run_episodes
-from pixel_reasoner_jax.rollout.server import SGLangServer
-from pixel_reasoner_jax.rollout.server_backend import JaxBackend
 from pixel_reasoner_jax.rollout.sglang_client import SGLangClient
+from pixel_reasoner_jax.serve.backend import JaxBackend
+from pixel_reasoner_jax.serve.http import SGLangServer
 
 VERSION = "memo-1"
 CFG = greedy_config()

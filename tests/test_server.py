@@ -1,30 +1,38 @@
 """The SGLang-compatible server over a scripted backend: every endpoint's happy and error paths, exact shapes."""
 
 import base64
+import dataclasses
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import portpicker
 import pytest
-from test_server_backend import (
+from server_helpers import (
     HELLO,
     IM_END,
     TOOL_CALL_END,
     ScriptedBackend,
     image,
     logprob,
+    run_script,
     script,
     tokenizer,
     write_weights,
 )
 
 from pixel_reasoner_jax.processing import chat
+from pixel_reasoner_jax.rollout import server as alias
 from pixel_reasoner_jax.rollout.media import png_data_url
 from pixel_reasoner_jax.rollout.policy import GenerationRequest, SamplingParams
-from pixel_reasoner_jax.rollout.server import SGLangServer, start_local_server
+from pixel_reasoner_jax.serve import __main__ as serve_cli
+from pixel_reasoner_jax.serve.http import ServerConfig, SGLangServer
+from pixel_reasoner_jax.serve.launch import start_local_server
 
 IMG_BLOCK = [151652, 151655, 151653]
 PROMPT = [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]  # <|im_start|>user\nHello...assistant\n
@@ -82,6 +90,34 @@ def test_info_endpoints(http, server):
     assert sinfo["port"] == int(server.url.rsplit(":", 1)[1])
     assert "unknown endpoint" in _error(http.get("/nope"), 404)
     assert "accepts POST" in _error(http.get("/generate"), 405)
+
+
+def test_server_config_is_what_server_info_reports(backend):
+    """The frozen ServerConfig (port: the bound one) is /server_info's; max_request_bytes answers 413."""
+    cfg = ServerConfig(max_batch=3, max_request_bytes=64)
+    srv = SGLangServer(backend, cfg, batch_wait_s=0.02).start()  # port 0: the OS picks a free one
+    try:
+        assert srv.config.port > 0 and srv.config == dataclasses.replace(
+            cfg, batch_wait_s=0.02, port=srv.config.port
+        )
+        with httpx.Client(base_url=srv.url, timeout=5) as c:
+            info = c.get("/server_info").json()
+            assert {k: info[k] for k in dataclasses.asdict(cfg)} == dataclasses.asdict(srv.config)
+        with httpx.Client(base_url=srv.url, timeout=5) as c:
+            assert "exceeds 64" in _error(c.post("/generate", json={"input_ids": list(range(40))}), 413)
+    finally:
+        srv.stop()
+    with pytest.raises(TypeError, match="max_batchh"):
+        SGLangServer(backend, max_batchh=2)
+
+
+@pytest.mark.parametrize(
+    "options", [{"port": 70000}, {"max_batch": 0}, {"batch_wait_s": -1.0}, {"max_request_bytes": 0}]
+)
+def test_server_config_rejects_bad_fields(backend, options):
+    (field,) = options
+    with pytest.raises(ValueError, match=f"ServerConfig.{field} must be"):
+        SGLangServer(backend, **options)
 
 
 def test_health_503_while_loading():
@@ -225,8 +261,6 @@ def test_batch_and_n(http, backend):
 
 
 def run(req):
-    from test_server_backend import run_script
-
     return run_script(req)[0]
 
 
@@ -570,7 +604,7 @@ def test_chat_completions(http, backend):
 
 
 def test_start_local_server_subprocess(tmp_path):
-    url, handle = start_local_server(tmp_path, backend="tests.test_server_backend:make_backend", timeout_s=60,
+    url, handle = start_local_server(tmp_path, backend="tests.server_helpers:make_backend", timeout_s=60,
                                      weight_version="3")  # fmt: skip
     try:
         with httpx.Client(base_url=url, timeout=10) as c:
@@ -582,4 +616,24 @@ def test_start_local_server_subprocess(tmp_path):
         handle.stop()
     assert handle.process.returncode == 0  # SIGTERM -> graceful shutdown
     with pytest.raises(RuntimeError, match="cannot read checkpoint"):
-        start_local_server(tmp_path, backend="tests.test_server_backend:broken_backend", timeout_s=60)
+        start_local_server(tmp_path, backend="tests.server_helpers:broken_backend", timeout_s=60)
+
+
+def test_cli_and_its_rollout_server_alias(capsys):
+    """`python -m pixel_reasoner_jax.rollout.server` is an alias: the same CLI and the same public objects."""
+    assert (alias.main, alias.SGLangServer, alias.ServerConfig, alias.start_local_server) == (
+        serve_cli.main,
+        SGLangServer,
+        ServerConfig,
+        start_local_server,
+    )
+    with pytest.raises(SystemExit) as e:
+        serve_cli.main(["--checkpoint", "x", "--max-batch", "0"])
+    assert e.value.code == 2 and "ServerConfig.max_batch must be >= 1, got 0" in capsys.readouterr().err
+    root = Path(__file__).resolve().parents[1]
+    for module in ("pixel_reasoner_jax.serve", "pixel_reasoner_jax.rollout.server"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=root, capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+        assert r.returncode == 0 and "--checkpoint" in r.stdout and "--allow-local-paths" in r.stdout, (
+            r.stderr
+        )

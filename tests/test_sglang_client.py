@@ -9,12 +9,11 @@ import time
 import numpy as np
 import portpicker
 import pytest
-from test_server_backend import IM_END, ScriptedBackend, image, logprob, run_script, write_weights
+from server_helpers import IM_END, ScriptedBackend, image, logprob, run_script, write_weights
 
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.media import media_pad_count
 from pixel_reasoner_jax.rollout.policy import FINISH_STOP, GenerationRequest, SamplingParams, Video
-from pixel_reasoner_jax.rollout.server import SGLangServer
 from pixel_reasoner_jax.rollout.sglang_client import (
     SGLangClient,
     SGLangError,
@@ -23,6 +22,7 @@ from pixel_reasoner_jax.rollout.sglang_client import (
     StaleWeightsError,
     WeightPushError,
 )
+from pixel_reasoner_jax.serve.http import SGLangServer
 
 BLOCK = (151652, 151655, 151653)
 HEAD = (151644, 872, 198)
@@ -303,7 +303,7 @@ def test_jax_backend_end_to_end(tiny_ckpt, tmp_path):
     pytest.importorskip("pixel_reasoner_jax.rollout.sampler")
     import shutil
 
-    from pixel_reasoner_jax.rollout.server_backend import JaxBackend
+    from pixel_reasoner_jax.serve.backend import JaxBackend
 
     srv = _server(JaxBackend(str(tiny_ckpt), "0"))
     req = _request(

@@ -1,11 +1,11 @@
 """SGLang client as a Policy: token-in/token-out POST /generate over one or more servers, and weight push.
 
-Works against real SGLang (>= 0.5.13, launch/sglang_server.sh) and the in-repo stand-in (rollout/server.py).
+Works against real SGLang (>= 0.5.13, launch/sglang_server.sh) and the in-repo stand-in (serve/).
 
 Video: real SGLang's `video_data` items are video files (path, URL or base64 container) that the server
 decodes, samples and resizes itself, so the frames and token counts would not be the trainer's. Video items
 are therefore sent as `{"frames": [PNG data URLs], "fps": x}` only to servers whose /get_model_info says
-`accepts_video_frames: true` (rollout/server.py); any other server gets a clear error instead.
+`accepts_video_frames: true` (serve/); any other server gets a clear error instead.
 """
 
 import concurrent.futures
@@ -393,7 +393,7 @@ class SGLangClient(Policy):
             raise SGLangError(
                 f"request {request.rid!r} has a video, but {self.urls[server]} does not take frame lists in "
                 "video_data (real SGLang samples and resizes video files itself, so its frames and token counts "
-                "would not be the trainer's); serve with rollout/server.py or send the frames as images"
+                "would not be the trainer's); serve with pixel_reasoner_jax.serve or send the frames as images"
             )
         ids: list[int] = []
         lps: list[float] = []

@@ -145,8 +145,8 @@ def open_policy(cfg: RunConfig, model_cfg, processor, model_fn, *, version: str,
             weight_version=version,
         )
         return sampler, None, None
-    from pixel_reasoner_jax.rollout.server import start_local_server
     from pixel_reasoner_jax.rollout.sglang_client import SGLangClient
+    from pixel_reasoner_jax.serve.launch import start_local_server
 
     urls, server = list(cfg.rollout.urls), None
     if cfg.rollout.launch_local_server:

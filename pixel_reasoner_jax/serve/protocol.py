@@ -1,19 +1,17 @@
-"""Request parsing and response shapes of the SGLang-compatible server: JSON <-> GenerationRequest/Result.
+"""/generate and the control endpoints: request parsing (JSON -> GenerationRequest) and response shapes.
 
 No I/O besides decoding media; every bad field becomes HttpError(400) naming the field and what was expected.
 """
 
 import dataclasses
 import math
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image
 
-from pixel_reasoner_jax.processing.vision import resize_to_limits, smart_resize
-from pixel_reasoner_jax.rollout.media import MediaError, decode_image_data, expand_pads, expanded_length
+from pixel_reasoner_jax.rollout.media import expand_pads, expanded_length
 from pixel_reasoner_jax.rollout.policy import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -23,7 +21,8 @@ from pixel_reasoner_jax.rollout.policy import (
     SamplingParams,
     Video,
 )
-from pixel_reasoner_jax.rollout.server_backend import ModelSpec
+from pixel_reasoner_jax.serve.media import MediaError, load_frames, load_image
+from pixel_reasoner_jax.serve.spec import ModelSpec
 
 
 class HttpError(Exception):
@@ -90,7 +89,14 @@ OTHER_SAMPLING = {
 }
 UPDATE_FIELDS = {"model_path", "load_format", "weight_version", "abort_all_requests", "flush_cache"}
 # Newer SGLang update options with no meaning here (no CUDA graphs, no async loading): accepted, ignored.
-UPDATE_IGNORED = {"is_async", "keep_pause", "recapture_cuda_graph", "torch_empty_cache", "token_step", "manifest"}
+UPDATE_IGNORED = {
+    "is_async",
+    "keep_pause",
+    "recapture_cuda_graph",
+    "torch_empty_cache",
+    "token_step",
+    "manifest",
+}
 LOAD_FORMATS = (None, "auto", "safetensors")
 
 
@@ -106,7 +112,7 @@ def _is_default(v, default) -> bool:
     return v is None or v == default or (isinstance(v, (list, dict)) and not v and default is None)
 
 
-def _check_fields(body: Mapping, allowed: set, default_only: Mapping, where: str) -> None:
+def check_fields(body: Mapping, allowed: set, default_only: Mapping, where: str) -> None:
     for k, v in body.items():
         if k in default_only:
             if not _is_default(v, default_only[k]):
@@ -226,12 +232,11 @@ def _media_items(value, batch: bool, size: int, n: int, name: str, kind: type) -
     return per
 
 
-def _image(item: str, where: str, spec: ModelSpec, allow_local_paths: bool) -> Image.Image:
+def decode_image(item: str, where: str, spec: ModelSpec, allow_local_paths: bool) -> Image.Image:
     """Decoded and resized as SGLang does (multiples of 28 within the pixel bounds)."""
     try:
-        img = decode_image_data(item, allow_local_paths=allow_local_paths, where=where)
-        return resize_to_limits(img, spec.image.min_pixels, spec.image.max_pixels, spec.image.factor)
-    except (MediaError, ValueError) as e:
+        return load_image(item, where, spec.image, allow_local_paths)
+    except MediaError as e:
         raise bad(str(e)) from None
 
 
@@ -245,27 +250,14 @@ def _video(item: dict, where: str, spec: ModelSpec, allow_local_paths: bool) -> 
         raise bad(f"{where}.frames must be a non-empty list of image items")
     if not _is_num(fps) or fps <= 0:
         raise bad(f"{where}.fps must be a positive number, got {fps!r}")
-    imgs = []
-    for i, f in enumerate(frames):
-        try:
-            imgs.append(
-                decode_image_data(f, allow_local_paths=allow_local_paths, where=f"{where}.frames[{i}]")
-            )
-        except MediaError as e:
-            raise bad(str(e)) from None
-    w0, h0 = imgs[0].size
-    if any(im.size != (w0, h0) for im in imgs):
-        raise bad(f"{where}: frames differ in size; all must be {w0}x{h0} like frame 0")
     try:
-        h, w = smart_resize(h0, w0, spec.image.factor, spec.image.min_pixels, spec.image.max_pixels)
-    except ValueError as e:
-        raise bad(f"{where}: {e}") from None
-    if (w, h) != (w0, h0):
-        imgs = [im.resize((w, h), resample=Image.BICUBIC) for im in imgs]
+        imgs = load_frames(frames, where, spec.image, allow_local_paths)
+    except MediaError as e:
+        raise bad(str(e)) from None
     return Video(tuple(imgs), float(fps))
 
 
-def _order_media(ids, images, videos, spec: ModelSpec, where: str) -> tuple:
+def order_media(ids, images, videos, spec: ModelSpec, where: str) -> tuple:
     n_img = sum(1 for t in ids if t == spec.image_token_id)
     n_vid = sum(1 for t in ids if t == spec.video_token_id)
     if n_img != len(images):
@@ -296,7 +288,7 @@ def check_context(expanded: int, max_new: int, ctx: int, where: str) -> None:
         )
 
 
-def _units(
+def make_units(
     ids, media, s: _Sampling, rid: str, return_logprob: bool, text_lp: bool, spec: ModelSpec, where: str
 ):
     expanded = expanded_length(len(ids), media, spec.image.factor, spec.image.temporal_patch_size)
@@ -325,7 +317,7 @@ def parse_generate(
     body: dict, spec: ModelSpec, tokenizer, allow_local_paths: bool
 ) -> tuple[list[Unit], bool]:
     """A /generate body -> samples to run, and whether the answer is a list (batch or n > 1)."""
-    _check_fields(body, GENERATE_FIELDS, DEFAULT_ONLY, "")
+    check_fields(body, GENERATE_FIELDS, DEFAULT_ONLY, "")
     want_ids = body.get("return_prompt_token_ids", False)
     if not isinstance(want_ids, bool):
         raise bad(f"return_prompt_token_ids must be a boolean, got {want_ids!r}")
@@ -389,15 +381,16 @@ def parse_generate(
     for b in range(size):
         tag = f"[{b}]" if batch or n > 1 else ""
         imgs = [
-            _image(it, f"image_data{tag}[{k}]", spec, allow_local_paths) for k, it in enumerate(images[b])
+            decode_image(it, f"image_data{tag}[{k}]", spec, allow_local_paths)
+            for k, it in enumerate(images[b])
         ]
         vids = [
             _video(it, f"video_data{tag}[{k}]", spec, allow_local_paths) for k, it in enumerate(videos[b])
         ]
         where = f"input_ids{f'[{b}]' if batch else ''}"
-        media = _order_media(prompts[b], imgs, vids, spec, where)
+        media = order_media(prompts[b], imgs, vids, spec, where)
         rid = rids[b] or uuid.uuid4().hex
-        units += _units(prompts[b], media, samplings[b], rid, bool(lps[b]), text_lp, spec, where)
+        units += make_units(prompts[b], media, samplings[b], rid, bool(lps[b]), text_lp, spec, where)
     if want_ids:
         pads = (spec.image_token_id, spec.video_token_id)
         f, tp = spec.image.factor, spec.image.temporal_patch_size
@@ -412,7 +405,7 @@ def parse_generate(
 
 def parse_update(body: dict) -> dict:
     """An /update_weights_from_disk body -> model_path, weight_version, abort_all_requests, flush_cache."""
-    _check_fields(body, UPDATE_FIELDS | UPDATE_IGNORED, {}, "")
+    check_fields(body, UPDATE_FIELDS | UPDATE_IGNORED, {}, "")
     path = body.get("model_path")
     if not isinstance(path, str) or not path:
         raise bad(f"model_path is required: the folder to load, as a string; got {path!r}")
@@ -502,135 +495,3 @@ def generate_response(
         meta["output_token_logprobs"] = [[float(lp), int(t), tok_text(t)] for lp, t in zip(lps, ids)]
     out["meta_info"] = meta
     return out
-
-
-# --------------------------------------------------------------------------------------------- chat
-
-CHAT_FIELDS = {
-    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop",
-    "stop_token_ids", "n", "seed", "logprobs", "tools", "tool_choice", "skip_special_tokens", "no_stop_trim",
-    "ignore_eos", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "user", "rid",
-}  # fmt: skip
-CHAT_DEFAULT_ONLY = {"stream": False, "top_logprobs": 0, "response_format": None, "logit_bias": None}
-# OpenAI name -> our sampling key.
-_CHAT_SAMPLING = {
-    "max_tokens": "max_new_tokens",
-    "max_completion_tokens": "max_new_tokens",
-    "seed": "sampling_seed",
-}
-
-
-def _chat_images(messages: list, spec: ModelSpec, allow_local_paths: bool) -> list[Image.Image]:
-    """Images of image items in conversation order (the order processing/chat.py meets them)."""
-    images = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise bad(f"messages[{i}] must be an object, got {type(msg).__name__}")
-        content = msg.get("content")
-        for j, item in enumerate(content if isinstance(content, list) else []):
-            if not isinstance(item, dict) or not (
-                item.get("type") == "image" or "image" in item or "image_url" in item
-            ):
-                continue
-            url = item.get("image_url", item.get("image"))
-            url = url.get("url") if isinstance(url, dict) else url
-            images.append(_image(url, f"messages[{i}].content[{j}].image_url", spec, allow_local_paths))
-    return images
-
-
-def parse_chat(body: dict, spec: ModelSpec, tokenizer, allow_local_paths: bool) -> tuple[list[Unit], str]:
-    """A /v1/chat/completions body -> samples (rendered by processing/chat.py, one pad per image), model name."""
-    from pixel_reasoner_jax.processing import chat
-
-    _check_fields(body, CHAT_FIELDS, CHAT_DEFAULT_ONLY, "")
-    if tokenizer is None:
-        raise HttpError(501, "chat completions need a tokenizer and this server has none")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages must be a non-empty list of {role, content} objects")
-    if body.get("tool_choice") not in (None, "auto", "none"):
-        raise bad(f"tool_choice must be 'auto' or 'none', got {body['tool_choice']!r}")
-    images = _chat_images(messages, spec, allow_local_paths)
-    p = spec.image.patch_size
-    grids = [(1, im.height // p, im.width // p) for im in images]
-    try:
-        enc = chat.encode_conversation(
-            tokenizer,
-            messages,
-            image_grids=grids,
-            add_generation_prompt=True,
-            tools=body.get("tools"),
-            expand=False,
-        )
-    except (ValueError, TypeError, KeyError) as e:
-        raise bad(f"messages: {e}") from None
-    ids = [int(t) for t in enc.input_ids]
-    media = _order_media(ids, images, [], spec, "the rendered messages")
-    expanded = expanded_length(len(ids), media, spec.image.factor, spec.image.temporal_patch_size)
-    sp, names = {}, {}
-    for k, v in body.items():
-        if (
-            k in ("model", "messages", "tools", "tool_choice", "user", "rid", "logprobs")
-            or k in CHAT_DEFAULT_ONLY
-        ):
-            continue
-        key = _CHAT_SAMPLING.get(k, k)
-        sp[key], names[key] = v, k
-    if sp.get("max_new_tokens") is None:
-        sp["max_new_tokens"] = max(spec.context_length - expanded - 1, 1)
-    s = parse_sampling(sp, "", spec, tokenizer, names)
-    logprobs = body.get("logprobs", False)
-    if not isinstance(logprobs, bool):
-        raise bad(f"logprobs must be a boolean, got {logprobs!r}")
-    rid = body.get("rid") or f"chatcmpl-{uuid.uuid4().hex}"
-    if not isinstance(rid, str):
-        raise bad(f"rid must be a string, got {rid!r}")
-    return _units(ids, media, s, rid, logprobs, False, spec, "messages"), body.get("model") or ""
-
-
-def chat_response(units: list[Unit], outs: list[dict], model: str, tokenizer, latency: float) -> dict:
-    """OpenAI ChatCompletion (+ SGLang's matched_stop and metadata.weight_version) from /generate objects."""
-    choices = []
-    for i, (u, o) in enumerate(zip(units, outs)):
-        fr = o["meta_info"]["finish_reason"]
-        logprobs = None
-        if u.return_logprob:
-            content = []
-            for lp, t, _ in o["meta_info"]["output_token_logprobs"]:
-                tok = tokenizer.decode([t])
-                content.append(
-                    {"token": tok, "bytes": list(tok.encode("utf-8")), "logprob": lp, "top_logprobs": []}
-                )
-            logprobs = {"content": content}
-        choices.append(
-            {
-                "index": i,
-                "message": {
-                    "role": "assistant",
-                    "content": o.get("text", ""),
-                    "reasoning_content": None,
-                    "tool_calls": None,
-                },
-                "logprobs": logprobs,
-                "finish_reason": fr["type"],
-                "matched_stop": fr.get("matched"),
-            }
-        )
-    completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
-    prompt = units[0].prompt_tokens
-    return {
-        "id": units[0].rid if len(units) == 1 else units[0].rid.rsplit("-", 1)[0],
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
-        "metadata": {
-            "weight_version": outs[0]["meta_info"]["weight_version"],
-            "e2e_latency": round(latency, 6),
-        },
-    }
