@@ -533,8 +533,8 @@ def test_end_to_end_against_our_server(tmp_path, tiny_ckpt):
     """Our /v1/chat/completions with the tiny random checkpoint writes garbage: every pixel trajectory fails
     the part format and every textual answer is wrong, each counted; usage comes from the server; a rerun
     with more seeds asks the server only for the new ones."""
-    from pixel_reasoner_jax.serve.http import SGLangServer
     from pixel_reasoner_jax.serve.backend import JaxBackend
+    from pixel_reasoner_jax.serve.http import SGLangServer
 
     seeds = make_seeds(tmp_path, n_image=4, n_video=1)
     backend = JaxBackend(str(tiny_ckpt), "0", max_batch=1, seq_buckets=(1024,), patch_buckets=(1024,),
