@@ -22,9 +22,9 @@ from pixel_reasoner_jax.data.records import (
     DataReport,
     check_media,
     list_frame_files,
-    read_rows,
     resolve_path,
 )
+from pixel_reasoner_jax.data.tables import read_rows
 
 SEED_FORMATS = ("jsonl", "vstar", "webpage")
 
