@@ -1,5 +1,5 @@
-"""Evaluation metrics: ANLS (own Levenshtein), per-sample scoring, per-benchmark aggregation (accuracy, ANLS,
-RaPR, tool calls, statuses), per-sample dump I/O and the report as a dict and a markdown table.
+"""Evaluation metrics: ANLS (the Qwen-VL script's, on rapidfuzz), per-sample scoring (answers.py), per-benchmark
+aggregation (accuracy, ANLS, RaPR, tool calls, statuses), per-sample dump I/O and the report (dict, markdown).
 
 Host-side Python only. Definitions follow reference/benchmarks.md §3 and reference/pixel_reasoner.md §10.
 """
@@ -13,7 +13,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pixel_reasoner_jax.train.rewards import accuracy_reward, extract_boxed
+from rapidfuzz.distance import Levenshtein
+
+from pixel_reasoner_jax import answers
+from pixel_reasoner_jax.answers import extract_boxed
 
 ANLS_THRESHOLD = 0.5
 # Benchmarks whose reported number is ANLS (the author computed it offline from the dumps, issue #6); the
@@ -36,24 +39,6 @@ _BENCHMARK_PREFIXES = (
 # ---------------------------------------------------------------------------------------------------------
 
 
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insertions, deletions, substitutions, each cost 1) between two strings.
-
-    Two-row dynamic programme, O(len(a) * len(b)) time and O(min) memory.
-    """
-    if not isinstance(a, str) or not isinstance(b, str):
-        raise TypeError(f"levenshtein: both arguments must be str, got {type(a).__name__}, {type(b).__name__}")
-    if len(a) < len(b):
-        a, b = b, a  # the shorter string indexes the rows we keep
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, cb in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
-        prev = cur
-    return prev[-1]
-
-
 def anls_normalize(s: str) -> str:
     """Lower-cased, leading/trailing whitespace stripped, inner whitespace runs collapsed to one space."""
     if not isinstance(s, str):
@@ -62,16 +47,19 @@ def anls_normalize(s: str) -> str:
 
 
 def normalized_levenshtein(pred: str, gt: str) -> float:
-    """NL = edit distance / max(len(gt), len(pred)) of the normalised strings; 0.0 when both are empty.
+    """NL as the Qwen-VL infographicsvqa script computes it: the edit distance of the NORMALISED strings
+    divided by max(len(gt.upper()), len(pred.upper())) of the RAW strings; 0.0 when both are empty.
 
-    The Qwen-VL script divides by the lengths of the RAW strings; we use the normalised ones (the DocVQA
-    definition), which differs only when normalisation changes a length (extra inner/outer whitespace).
+    So extra whitespace lowers NL: pred "a  b" vs gt "a b" is distance 0; "ab " vs "ac" is 1/3, not 1/2.
     """
-    p, g = anls_normalize(pred), anls_normalize(gt)
-    longest = max(len(p), len(g))
+    if not isinstance(pred, str) or not isinstance(gt, str):
+        raise TypeError(
+            f"normalized_levenshtein: pred and gt must be str, got {type(pred).__name__}, {type(gt).__name__}"
+        )
+    longest = max(len(gt.upper()), len(pred.upper()))
     if longest == 0:
         return 0.0
-    return levenshtein(p, g) / longest
+    return Levenshtein.distance(anls_normalize(gt), anls_normalize(pred)) / longest
 
 
 def _gt_list(gt: str | Sequence[str], what: str) -> list[str]:
@@ -83,25 +71,25 @@ def _gt_list(gt: str | Sequence[str], what: str) -> list[str]:
 
 
 def anls_score(pred: str, gt: str | Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
-    """ANLS of one question: max over its ground truths of (1 - NL if NL < threshold else 0).
+    """ANLS of one question as the Qwen-VL script scores it: s = 1 - min over its ground truths of NL, and
+    0 when s < threshold (so NL exactly 0.5 keeps 0.5 under the benchmark's 0.5).
 
     Args:
         pred: the predicted answer text (the boxed content; "" when there is none).
         gt: one accepted answer or a non-empty list of them.
-        threshold: tau; a prediction at NL >= tau scores 0 (0.5 in the benchmark).
+        threshold: the lowest similarity kept (0.5 in the benchmark).
     """
     if not isinstance(pred, str):
         raise TypeError(f"anls_score: pred must be str, got {type(pred).__name__}")
     if not (isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0):
         raise ValueError(f"anls_score: threshold must be in (0, 1], got {threshold!r}")
-    best = 0.0
-    for g in _gt_list(gt, "anls_score"):
-        nl = normalized_levenshtein(pred, g)
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
+    score = 1.0 - min(normalized_levenshtein(pred, g) for g in _gt_list(gt, "anls_score"))
+    return score if score >= threshold else 0.0
 
 
-def anls(preds: Sequence[str], gts: Sequence[str | Sequence[str]], threshold: float = ANLS_THRESHOLD) -> float:
+def anls(
+    preds: Sequence[str], gts: Sequence[str | Sequence[str]], threshold: float = ANLS_THRESHOLD
+) -> float:
     """Mean ANLS over questions (`preds[i]` against `gts[i]`)."""
     if len(preds) != len(gts):
         raise ValueError(f"anls: {len(preds)} predictions but {len(gts)} ground truths")
@@ -206,28 +194,29 @@ def score_response(
     response: str,
     gt: str | Sequence[str],
     *,
+    scoring: str,
     require_boxed: bool = True,
     ended_after_failed_call: bool = False,
 ) -> tuple[str | None, bool, float]:
-    """Scores one response as the training reward does, plus ANLS of its boxed answer.
+    """Scores one response with the answer checker named `scoring` (answers.py), plus ANLS of its boxed answer.
 
     Args:
-        response: the assistant text of the trajectory.
+        response: the trajectory's text; for "original" the string the original scored
+            (Trajectory.solution_text, answers.original_solution).
         gt: accepted answer(s).
-        require_boxed: passed to `accuracy_reward`.
-        ended_after_failed_call: passed to `accuracy_reward` (a correct answer right after a failed call
-            scores 0 there); ANLS ignores it, as the offline ANLS of the original read only the answer.
+        scoring: "original" (correct = the original's rule_reward > 0) or "strict".
+        require_boxed: "strict" only.
+        ended_after_failed_call: "strict" only: a correct answer right after a failed call counts wrong.
+            The original's eval counted the raw rule_reward verdict (its failed-call zeroing lives in the
+            training reward only), so "original" ignores it. ANLS ignores it too: the offline ANLS of the
+            original read only the answer.
 
     Returns:
         (boxed answer or None, correct, anls).
     """
     boxed = extract_boxed(response)
-    correct = (
-        accuracy_reward(
-            response, gt, require_boxed=require_boxed, ended_after_failed_call=ended_after_failed_call
-        )
-        == 1.0
-    )
+    verdict = answers.score(scoring, response, gt, require_boxed=require_boxed)
+    correct = verdict.correct and not (scoring == "strict" and ended_after_failed_call)
     return boxed, correct, anls_score(boxed if boxed is not None else "", gt)
 
 

@@ -111,8 +111,9 @@ def run(cfg: RunConfig) -> dict:
     results = []
     for traj, (rec, j) in zip(trajs, meta):
         boxed, correct, anls = em.score_response(
-            traj.response_text,
+            traj.solution_text,
             rec.answer,
+            scoring=cfg.eval.scoring,
             require_boxed=cfg.reward.require_boxed,
             ended_after_failed_call=cfg.reward.zero_after_failed_call and traj.ended_after_failed_call,
         )

@@ -90,6 +90,9 @@ class Trajectory:
       has_answer: the last turn holds a closed \\boxed{}.
       truncated: the last turn stopped on its token limit (finish "length").
       response_text: the assistant turns' text (special tokens dropped), joined with newlines.
+      solution_text: what the original's rule_reward read (answers.original_solution): every token after
+        the prompt decoded with special tokens, tool-result turns included, vision pads and later
+        assistant headers dropped.
       expanded_length: tokens of the expanded sequence.
     """
 
@@ -111,6 +114,7 @@ class Trajectory:
     has_answer: bool
     truncated: bool
     response_text: str
+    solution_text: str
     expanded_length: int
 
     @property
