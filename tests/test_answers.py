@@ -41,6 +41,12 @@ ORIGINAL_TABLE = [
     ("\\boxed{blue}", "B", 0.0, "whole_text"),  # rule 3: the option text is not the letter
     ("The answer is B.", "B", -1.0, "whole_text"),  # rule 3: no box, nothing math_verify extracts -> -1
     ("<answer>B</answer>", "B", 1.0, "answer_tag"),  # rule 3
+    # the response restating the row's choices: only the box counts
+    ("The choices are A: red and B: blue. The bag is blue, so \\boxed{B}.<|im_end|>", "B", 1.0, "boxed"),
+    ("Among the choices, (A) red and (B) blue, it is B.", "B", -1.0, "whole_text"),  # rule 3: no number
+    ("\\boxed{B}", "A", 0.0, "whole_text"),  # rule 3: b != a
+    ("\\boxed{\\text{B}}", "B", 1.0, "boxed"),  # rule 2: \text dropped, leaving \boxed{{b}}
+    ("on the right side. \\boxed{(B) right}", "B", 0.0, "whole_text"),  # rule 3: letter + words != b
     # --- MVBench (letters as well)
     ("\\boxed{A}", "A", 1.0, "boxed"),
     ("\\boxed{C}", "A", 0.0, "whole_text"),  # rule 3: c != a, the whole text holds the same box

@@ -111,7 +111,7 @@ def run(cfg: RunConfig) -> dict:
     results = []
     for traj, (rec, j) in zip(trajs, meta):
         boxed, correct, anls = em.score_response(
-            traj.solution_text,
+            traj.scored_text(cfg.eval.scoring),
             rec.answer,
             scoring=cfg.eval.scoring,
             require_boxed=cfg.reward.require_boxed,

@@ -117,6 +117,16 @@ class Trajectory:
     solution_text: str
     expanded_length: int
 
+    def scored_text(self, scoring: str) -> str:
+        """The text an answer scoring reads (answers.SCORINGS): the original's solution string for
+        "original" (what its rule_reward saw), the assistant turns for "strict" (no special tokens, so a
+        fallback "Answer: B" line reads "B", not "B<|im_end|>")."""
+        if scoring == "original":
+            return self.solution_text
+        if scoring == "strict":
+            return self.response_text
+        raise ValueError(f"scoring must be 'original' or 'strict', got {scoring!r}")
+
     @property
     def is_video_item(self) -> np.ndarray:
         """(N,) bool: which media items are videos."""

@@ -77,11 +77,11 @@ class SeededPolicy(Policy):
 
 def default_accuracy(cfg: RunConfig) -> AccuracyFn:
     """The accuracy reward under `reward.scoring` (train/rewards.accuracy_reward, reference §9.1): "original"
-    gives {-1, 0, 1} on the text the original scored (Trajectory.solution_text), "strict" {0, 1}."""
+    gives {-1, 0, 1} on the text the original scored (Trajectory.scored_text), "strict" {0, 1}."""
 
     def accuracy(traj: Trajectory) -> float:
         return rewards.accuracy_reward(
-            traj.solution_text,
+            traj.scored_text(cfg.reward.scoring),
             traj.record.answer,
             scoring=cfg.reward.scoring,
             require_boxed=cfg.reward.require_boxed,
