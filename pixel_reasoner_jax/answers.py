@@ -252,9 +252,10 @@ def score_original(solution: str, gt: Gt, **_options) -> Verdict:
          -> -1 for this gt.
       3. Else try, in order, the text from the LAST `\boxed` to the end ("boxed"), the first
          `<answer>..</answer>` on one line ("answer_tag"), the text after the last "Answer:" (dead after
-         lower-casing: "Answer: 3" is decided by rule 4), each normalised, parsed and verified; the first
-         score > 0.99 wins. Else the whole solution ("whole_text"): "There are 3 dogs." matches gt 3 (the
-         last number), and so does the tool-result text ("image size: 3x4" can decide a count).
+         lower-casing: "Answer: 3" is decided by the whole text), each normalised, parsed and verified;
+         the first score > 0.99 wins. Else the whole solution ("whole_text"): "There are 3 dogs." matches
+         gt 3, and the tool-result turns are part of it: a response with no answer after an observation
+         "(Image Size: 448x336)" matches gt 448.
          math_verify compares math: `\boxed{45 percent}` == 45% (its unit handling), `\boxed{three}` != 3,
          `\boxed{(A) sitting}` != a (a product of symbols), `\boxed{the red one}` == "the red one" but
          `\boxed{one red the}` != it. A prediction that parses to nothing, any exception and a parse

@@ -58,7 +58,8 @@ ORIGINAL_TABLE = [
     ("\\boxed{12 cm}", "12", 1.0, "boxed"),  # rule 2: "cm" dropped
     ("\\boxed{2 minutes}", "2", 1.0, "boxed"),  # rule 2: "minutes" dropped
     ("\\boxed{3", "3", -1.0, "whole_text"),  # rule 3: an unclosed box parses to nothing -> -1
-    (OBS + "there are several dogs", "2", 0.0, "whole_text"),  # rule 3: tool text parses (bbox numbers)
+    (OBS + "there are several dogs", "2", 0.0, "whole_text"),  # rule 3: the whole text parses to 448
+    (OBS + "there are several dogs", "448", 1.0, "whole_text"),  # rule 3: the tool result's image size
     # --- InfoVQA (strings, percentages, multi-span, lists)
     ("\\boxed{the siege of krishnapur}", "The Siege of Krishnapur", 1.0, "boxed"),  # same symbol product
     ("\\boxed{one red the}", "the red one", 0.0, "whole_text"),  # rule 3: the words' order counts

@@ -129,7 +129,7 @@ class SampleResult:
         gt: the accepted answer(s).
         response: the assistant text of the whole trajectory (tool observations excluded).
         boxed: the content of the last `\\boxed{}`, or None.
-        correct: the accuracy rule reward was 1.
+        correct: the verdict of the answer checker named by eval.scoring (answers.py).
         anls: ANLS of `boxed` ("" when None) against `gt`.
         n_calls: tool-call turns, failed ones and an unexecuted last one (stopped by a limit) included.
         n_failed: executed calls that returned an error observation.
