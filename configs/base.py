@@ -166,11 +166,20 @@ def base_config() -> ml_collections.ConfigDict:
     rw.H = 0.3  # H: target RaPR
     rw.beta = 0.05  # beta
     rw.N = 1  # N: free visual operations
-    rw.require_boxed = True  # what the original meant (bug §12.2 made it False)
+    # Answer checker of the accuracy reward (pixel_reasoner_jax/answers.py): "original" = the seed's
+    # rule_reward verdict for verdict (math_verify, no box required, -1 for an unparsable response; what
+    # RL-v1 trained with, §9.1) | "strict" = our own matcher on the last \boxed{} answer.
+    rw.scoring = "original"
+    # "strict" only: True = a \boxed{} answer is required (what the original meant; bug §12.2 made it
+    # False); False = fall back to <answer>...</answer>, then "Answer:". "original" never requires a box.
+    rw.require_boxed = True
     rw.zero_after_failed_call = True  # a correct answer right after a failed call scores 0 (§9.1)
 
     c.eval = e = ml_collections.ConfigDict()
     e.benchmarks = "vstar,tallyqa,infovqa,mvbench"  # §10
+    # Answer checker of eval accuracy: "original" (the seed's rule_reward, so numbers compare with the
+    # paper, §10) | "strict" (our boxed matcher, with reward.require_boxed). ANLS is scored either way.
+    e.scoring = "original"
     e.every = 64  # optimizer steps between evals in grpo mode: every 4 rollouts x 16 steps (§8.2); 0 = off
     e.greedy = True  # T 0, top_p 1, top_k -1 (§8.2 eval sampling)
     e.temperature = 0.6  # `val_temperature`, only when greedy is False

@@ -197,6 +197,7 @@ class RewardConfig:
     H: float
     beta: float
     N: int
+    scoring: str
     require_boxed: bool
     zero_after_failed_call: bool
 
@@ -206,6 +207,7 @@ class EvalConfig:
     """Benchmarks, decoding and eval-time image limits."""
 
     benchmarks: str
+    scoring: str
     every: int
     greedy: bool
     temperature: float

@@ -8,6 +8,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from pixel_reasoner_jax.answers import SCORINGS
 from pixel_reasoner_jax.config import (
     ATTENTIONS,
     BACKENDS,
@@ -75,6 +76,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.crop_padding": CROP_PADDINGS,
     "rollout.video_crop_index": VIDEO_CROP_INDEXES,
     "grpo.filter": FILTERS,
+    "reward.scoring": tuple(SCORINGS),
+    "eval.scoring": tuple(SCORINGS),
 }
 
 _pos = (lambda v: v > 0, "must be > 0")

@@ -162,6 +162,8 @@ RULES = [
     ("grpo", "tiny", {"reward__alpha": -0.5}, "reward.alpha"),
     ("grpo", "tiny", {"reward__beta": -0.05}, "reward.beta"),
     ("grpo", "tiny", {"reward__N": -1}, "reward.N"),
+    ("grpo", "tiny", {"reward__scoring": "exact"}, "reward.scoring"),
+    ("eval", "tiny", {"eval__scoring": "anls"}, "eval.scoring"),
     ("grpo", "tiny", {"eval__benchmarks": "vstar,foo"}, "eval.benchmarks"),
     ("grpo", "tiny", {"eval__num_samples": 4}, "eval.num_samples"),
     ("eval", "tiny", {"eval__batch_size": 12}, "eval.batch_size"),
@@ -196,6 +198,7 @@ VALID = [
     {"mesh__data": 2, "mesh__fsdp": -1},
     {"eval__greedy": False, "eval__num_samples": 8, "eval__benchmarks": "vstar,infovqa"},
     {"grpo__prompts_per_rollout": 8, "log__checkpoint_every": 4},
+    {"reward__scoring": "strict", "reward__require_boxed": False, "eval__scoring": "strict"},
 ]
 
 

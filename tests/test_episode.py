@@ -73,6 +73,12 @@ def _check(tok, traj, policy):
     np.testing.assert_array_equal(mask, expected_mask)
     np.testing.assert_array_equal(lps, expected_lp)
     assert not mask[: traj.prompt_length].any()
+    # What the original's rule_reward read: the whole decoded conversation, pads dropped, split at every
+    # assistant header and re-joined from the first one on (extract_qwen_query_and_response).
+    full = tok.decode(ids.tolist()).replace("<|image_pad|>", "").replace("<|video_pad|>", "")
+    assert traj.solution_text == "".join(full.split("<|im_start|>assistant\n")[1:])
+    assert traj.scored_text("original") == traj.solution_text
+    assert traj.scored_text("strict") == traj.response_text
     # One <|vision_start|> pad <|vision_end|> block per item, the pad kind matching the item.
     pads = np.flatnonzero(np.isin(ids, (tok.image_pad, tok.video_pad)))
     assert len(pads) == len(traj.media) == len(traj.grids)

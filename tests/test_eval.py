@@ -8,41 +8,27 @@ import pytest
 from pixel_reasoner_jax.eval import metrics as M
 
 # ---------------------------------------------------------------------------------------------------------
-# Levenshtein and ANLS golden values
+# ANLS golden values (the Qwen-VL infographicsvqa script: distance of the normalised strings over the RAW
+# strings' max(len(upper())), s = 1 - min NL, s < 0.5 -> 0)
 # ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "a, b, d",
-    [
-        ("kitten", "sitting", 3),  # k->s, e->i, +g
-        ("sitting", "kitten", 3),  # symmetric
-        ("flaw", "lawn", 2),  # -f, +n
-        ("intention", "execution", 5),  # textbook example
-        ("sunday", "saturday", 3),  # +a, +t, n->r
-        ("ab", "ba", 2),  # no transposition operation
-        ("", "abc", 3),
-        ("abc", "", 3),
-        ("", "", 0),
-        ("same", "same", 0),
-    ],
-)
-def test_levenshtein_golden(a, b, d):
-    assert M.levenshtein(a, b) == d
 
 
 @pytest.mark.parametrize(
     "pred, gt, expected",
     [
-        ("Hello  World", "hello world", 1.0),  # case and inner whitespace normalised
-        (" 2019 ", "2018", 0.75),  # 1 edit / 4 chars -> NL 0.25
+        ("Hello  World", "hello world", 1.0),  # case and inner whitespace normalised: distance 0
+        ("2019", "2018", 0.75),  # 1 edit / 4 chars
+        (" 2019 ", "2018", 5 / 6),  # 1 edit / 6: the raw prediction's length counts, spaces included
         ("abc", "abd", 2 / 3),  # NL 1/3
-        ("kitten", "sitting", 4 / 7),  # NL 3/7 = 0.43 < 0.5
-        ("ab", "ac", 0.0),  # NL exactly 0.5 is NOT below the threshold
+        ("kitten", "sitting", 4 / 7),  # k->s, e->i, +g: NL 3/7
+        ("sunday", "saturday", 5 / 8),  # +a, +t, n->r: NL 3/8
+        ("ab", "ba", 0.0),  # 2 edits (no transposition) / 2
+        ("ab", "ac", 0.5),  # NL exactly 0.5: s = 0.5 is not below the threshold, kept
+        ("ab ", "ac", 2 / 3),  # 1 edit / raw length 3
+        ("aß", "a", 2 / 3),  # 1 edit / len("ASS") = 3: the script measures upper-cased lengths
         ("ab", "cd", 0.0),  # NL 1
         ("", "x", 0.0),  # no answer
         ("", "", 1.0),  # both empty: NL 0
-        ("a  b", "a b", 1.0),  # lengths are those of the normalised strings
         ("2019", ["two thousand", "2018"], 0.75),  # max over ground truths
         ("2019", ["2018", "2019"], 1.0),
         ("NEW YORK", ["new york city", "New York"], 1.0),
@@ -53,9 +39,10 @@ def test_anls_score_golden(pred, gt, expected):
 
 
 def test_anls_threshold_argument():
-    # kitten/sitting: NL 3/7 = 0.4286, scored under tau 0.5, zero under tau 0.4.
-    assert M.anls_score("kitten", "sitting", threshold=0.4) == 0.0
+    # kitten/sitting: s = 4/7 = 0.571, kept under thresholds 0.4 and 0.5, zero under 0.6.
+    assert M.anls_score("kitten", "sitting", threshold=0.4) == pytest.approx(4 / 7)
     assert M.anls_score("kitten", "sitting", threshold=0.5) == pytest.approx(4 / 7)
+    assert M.anls_score("kitten", "sitting", threshold=0.6) == 0.0
 
 
 def test_anls_mean():
@@ -66,7 +53,7 @@ def test_anls_mean():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: M.levenshtein("a", None), "must be str"),
+        (lambda: M.normalized_levenshtein("a", None), "must be str"),
         (lambda: M.anls_score(None, "a"), "pred must be str"),
         (lambda: M.anls_score("a", []), "non-empty list"),
         (lambda: M.anls_score("a", [1]), "non-empty list"),
@@ -106,14 +93,30 @@ def test_canonical_benchmark(name, canon):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_score_response():
+@pytest.mark.parametrize("scoring", ["original", "strict"])
+def test_score_response(scoring):
     text = "The year on the poster reads 2018. The answer is \\boxed{2018}."
-    assert M.score_response(text, "2018") == ("2018", True, 1.0)
+    assert M.score_response(text, "2018", scoring=scoring) == ("2018", True, 1.0)
     # Wrong by one digit: accuracy 0, ANLS 0.75.
-    assert M.score_response(text, ["2019"]) == ("2018", False, 0.75)
-    # No box: no answer, ANLS of "" is 0.
-    assert M.score_response("it is 2018", "2018") == (None, False, 0.0)
-    # A correct answer right after a failed call scores 0 in the rule reward, but ANLS reads the answer.
-    assert M.score_response(text, "2018", ended_after_failed_call=True) == ("2018", False, 1.0)
-    # Letters compare case-free through the rule reward.
-    assert M.score_response("\\boxed{(B)}", "b")[1] is True
+    assert M.score_response(text, ["2019"], scoring=scoring) == ("2018", False, 0.75)
+    # Letters compare case-free in both.
+    assert M.score_response("\\boxed{(B)}", "b", scoring=scoring)[1] is True
+
+
+def test_score_response_differences():
+    # No box: strict finds no answer; the original parses the whole text to 2018. ANLS of "" is 0 in both.
+    assert M.score_response("it is 2018", "2018", scoring="strict") == (None, False, 0.0)
+    assert M.score_response("it is 2018", "2018", scoring="original") == (None, True, 0.0)
+    # A correct answer right after a failed call: strict counts it wrong; the original's eval counted the
+    # raw rule_reward verdict. ANLS reads the answer either way.
+    text = "\\boxed{2018}"
+    assert M.score_response(text, "2018", scoring="strict", ended_after_failed_call=True) == (
+        "2018",
+        False,
+        1.0,
+    )
+    assert M.score_response(text, "2018", scoring="original", ended_after_failed_call=True) == (
+        "2018",
+        True,
+        1.0,
+    )

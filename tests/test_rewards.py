@@ -1,4 +1,4 @@
-"""Tests for train/rewards.py: boxed extraction, answer matching table, accuracy, RaPR, both shaping forms.
+"""Tests for train/rewards.py: the accuracy reward over both scorings (answers.py), RaPR, both shaping forms.
 
 Expected values are worked out by hand in the comments, never taken from the code under test.
 """
@@ -9,134 +9,40 @@ import pytest
 from pixel_reasoner_jax.train import rewards as R
 
 # ---------------------------------------------------------------------------------------------------------
-# extract_boxed
-# ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("so \\boxed{5}.", "5"),
-        ("first \\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # the LAST box
-        ("\\boxed{a{b{c}}d} tail", "a{b{c}}d"),  # nested braces balanced
-        ("\\boxed{\\text{(B)}}", "\\text{(B)}"),
-        ("\\boxed{}", ""),
-        ("no box here", None),
-        ("\\boxed{1} and a truncated \\boxed{2", None),  # last box unclosed -> no answer
-    ],
-)
-def test_extract_boxed(text, expected):
-    assert R.extract_boxed(text) == expected
-
-
-def test_extract_boxed_rejects_non_str():
-    with pytest.raises(TypeError, match="text must be str"):
-        R.extract_boxed(None)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# answer_matches: a table of 40 cases
-# ---------------------------------------------------------------------------------------------------------
-
-ANSWER_TABLE = [
-    ("5", "5", True),
-    ("5.0", "5", True),  # numbers
-    ("three", "3", True),  # number words
-    ("3", "Three", True),
-    ("2", "two", True),
-    ("  Paris ", "paris", True),  # case + whitespace
-    ("\\text{Paris}", "Paris", True),  # \text{} unwrapped
-    ("\\textbf{\\text{Yes}}", "yes", True),  # nested wrappers
-    ("Paris.", "paris", True),  # trailing period
-    ("\\dfrac{1}{2}", "\\frac{1}{2}", True),  # dfrac -> frac
-    ("\\frac{1}{2}", "0.5", True),  # 1/2 = 0.5
-    ("1/2", "\\frac{1}{2}", True),
-    ("-\\frac{1}{2}", "-0.5", True),
-    ("5 cm", "5", True),  # units
-    ("12 minutes", "12", True),
-    ("\\text{7 cm}", "7", True),
-    ("45", "45%", True),  # percentages
-    ("45\\%", "45%", True),
-    ("45%", "45", True),
-    ("B", "B", True),  # letters
-    ("(B)", "B", True),
-    ("B.", "B", True),
-    ("B: the red car", "B", True),
-    ("b) red", "(B)", True),
-    ("\\text{(C)}", "C", True),
-    ("C", "B", False),
-    ("a cat", "A", False),  # a word starting with a letter is not a choice
-    ("bat", "B", False),
-    ("4", ["3", "4"], True),  # list of accepted answers
-    ("5", ["3", "4"], False),
-    ("red, blue", "blue, red", True),  # multi-span, order-free
-    ("the red one and a blue one", "red, blue", True),
-    ("red only", "red, blue", False),
-    ("12, 3", "1, 2", False),  # "1" is not inside "12" (whole-token spans)
-    ("1000", "1,000", True),  # thousands separator
-    ("x + 1", "x+1", True),  # spaces inside expressions
-    ("3.14", "3.14159", False),
-    ("$10$", "10", True),
-    ("\\varnothing", "\\emptyset", True),
-    ("30^\\circ", "30", True),
-    ("", "5", False),
-    ("No", "yes", False),
-]
-
-
-@pytest.mark.parametrize("pred, gt, expected", ANSWER_TABLE)
-def test_answer_matches_table(pred, gt, expected):
-    assert R.answer_matches(pred, gt) is expected
-
-
-def test_answer_table_is_large_enough():
-    assert len(ANSWER_TABLE) >= 30
-
-
-@pytest.mark.parametrize(
-    "pred, gt, err",
-    [(5, "5", TypeError), ("5", 5, TypeError), ("5", [], ValueError), ("5", ["5", 5], TypeError)],
-)
-def test_answer_matches_bad_input(pred, gt, err):
-    with pytest.raises(err, match="pred|gt"):
-        R.answer_matches(pred, gt)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # accuracy_reward
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_accuracy_boxed_nested():
-    # \frac{\text{1}}{2} -> unwrap -> \frac{1}{2} -> 0.5
-    assert R.accuracy_reward("thinking... \\boxed{\\frac{\\text{1}}{2}}", "0.5") == 1.0
-    assert R.accuracy_reward("\\boxed{3} no wait \\boxed{4}", "3") == 0.0  # last box wins
+@pytest.mark.parametrize(
+    "scoring, solution, gt, require_boxed, expected",
+    [
+        ("strict", "\\boxed{3} no wait \\boxed{4}", "3", True, 0.0),  # the last box
+        ("strict", "I looked closely.\nAnswer: B. the red car", "B", True, 0.0),  # box required
+        ("strict", "I looked closely.\nAnswer: B. the red car", "B", False, 1.0),  # fallback allowed
+        ("original", "There are 3 dogs.", "3", True, 1.0),  # no box needed; require_boxed is strict's
+        ("original", "The answer is B.", "B", True, -1.0),  # nothing parsable: the original's -1
+        ("strict", "The answer is B.", "B", False, 0.0),
+    ],
+)
+def test_accuracy_follows_the_scoring(scoring, solution, gt, require_boxed, expected):
+    assert R.accuracy_reward(solution, gt, scoring=scoring, require_boxed=require_boxed) == expected
 
 
-def test_accuracy_require_boxed_is_honoured():
-    text = "I looked closely.\nAnswer: B. the red car"
-    assert R.accuracy_reward(text, "B", require_boxed=True) == 0.0
-    assert R.accuracy_reward(text, "B", require_boxed=False) == 1.0
+@pytest.mark.parametrize("scoring", ["original", "strict"])
+def test_accuracy_failed_call_zeroes_only_a_correct_answer(scoring):
+    assert R.accuracy_reward("\\boxed{5}", "5", scoring=scoring, ended_after_failed_call=True) == 0.0
+    assert R.accuracy_reward("\\boxed{5}", "5", scoring=scoring, ended_after_failed_call=False) == 1.0
+    # The original zeroes `r > 0.5` only: its -1 stays.
+    assert (
+        R.accuracy_reward("The answer is B.", "B", scoring="original", ended_after_failed_call=True) == -1.0
+    )
 
 
-def test_accuracy_answer_tag_fallback_order():
-    # <answer> comes before "Answer:" in the fallback order.
-    text = "<answer>7</answer> ... Answer: 8"
-    assert R.accuracy_reward(text, "7", require_boxed=False) == 1.0
-    assert R.accuracy_reward(text, "8", require_boxed=False) == 0.0
-    # A box beats both fallbacks.
-    assert R.accuracy_reward("<answer>7</answer> \\boxed{9}", "9", require_boxed=False) == 1.0
-
-
-def test_accuracy_failed_call_flag_is_own():
-    assert R.accuracy_reward("\\boxed{5}", "5", ended_after_failed_call=True) == 0.0
-    assert R.accuracy_reward("\\boxed{5}", "5", ended_after_failed_call=False) == 1.0
-
-
-def test_accuracy_no_answer():
-    assert R.accuracy_reward("I do not know", "5", require_boxed=False) == 0.0
-    with pytest.raises(TypeError, match="response_text"):
-        R.accuracy_reward(None, "5")
+def test_accuracy_bad_input():
+    with pytest.raises(TypeError, match="response must be str"):
+        R.accuracy_reward(None, "5", scoring="strict")
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        R.accuracy_reward("\\boxed{5}", "5", scoring="exact")
 
 
 # ---------------------------------------------------------------------------------------------------------

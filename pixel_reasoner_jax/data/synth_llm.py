@@ -16,11 +16,11 @@ from typing import Any
 import openai
 from PIL import Image
 
+from pixel_reasoner_jax.answers import answer_matches, extract_boxed
 from pixel_reasoner_jax.data.synth_seeds import Seed
 from pixel_reasoner_jax.data.trajectories import Op
 from pixel_reasoner_jax.tools import ops
 from pixel_reasoner_jax.tools.prompts import PromptTemplates, user_text
-from pixel_reasoner_jax.train.rewards import answer_matches, extract_boxed
 
 WRITER_SYSTEM = (
     "You write the reasoning text of a vision-language assistant that answers questions about images and "

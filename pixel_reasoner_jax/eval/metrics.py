@@ -1,6 +1,5 @@
-"""Evaluation metrics: ANLS (own Levenshtein), the per-sample result row and its scoring.
-
-Aggregation, the per-sample dump I/O and the report tables live in eval/report.py.
+"""Evaluation metrics: ANLS (the Qwen-VL script's, on rapidfuzz), the per-sample result row and its scoring
+(answers.py). Aggregation, the per-sample dump I/O and the report tables live in eval/report.py.
 
 Host-side Python only. Definitions follow reference/benchmarks.md §3 and reference/pixel_reasoner.md §10.
 """
@@ -9,9 +8,13 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rapidfuzz.distance import Levenshtein
+
+from pixel_reasoner_jax import answers
+from pixel_reasoner_jax.answers import extract_boxed
+
 # Re-exported: the eval runner and reports name benchmarks through em.canonical_benchmark.
 from pixel_reasoner_jax.data.benchmarks import canonical_benchmark as canonical_benchmark
-from pixel_reasoner_jax.train.rewards import accuracy_reward, extract_boxed
 
 ANLS_THRESHOLD = 0.5
 # Benchmarks whose reported number is ANLS (the author computed it offline from the dumps, issue #6); the
@@ -24,26 +27,6 @@ ANLS_BENCHMARKS = frozenset({"infovqa"})
 # ---------------------------------------------------------------------------------------------------------
 
 
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insertions, deletions, substitutions, each cost 1) between two strings.
-
-    Two-row dynamic programme, O(len(a) * len(b)) time and O(min) memory.
-    """
-    if not isinstance(a, str) or not isinstance(b, str):
-        raise TypeError(
-            f"levenshtein: both arguments must be str, got {type(a).__name__}, {type(b).__name__}"
-        )
-    if len(a) < len(b):
-        a, b = b, a  # the shorter string indexes the rows we keep
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, cb in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
-        prev = cur
-    return prev[-1]
-
-
 def anls_normalize(s: str) -> str:
     """Lower-cased, leading/trailing whitespace stripped, inner whitespace runs collapsed to one space."""
     if not isinstance(s, str):
@@ -52,16 +35,19 @@ def anls_normalize(s: str) -> str:
 
 
 def normalized_levenshtein(pred: str, gt: str) -> float:
-    """NL = edit distance / max(len(gt), len(pred)) of the normalised strings; 0.0 when both are empty.
+    """NL as the Qwen-VL infographicsvqa script computes it: the edit distance of the NORMALISED strings
+    divided by max(len(gt.upper()), len(pred.upper())) of the RAW strings; 0.0 when both are empty.
 
-    The Qwen-VL script divides by the lengths of the RAW strings; we use the normalised ones (the DocVQA
-    definition), which differs only when normalisation changes a length (extra inner/outer whitespace).
+    So extra whitespace lowers NL: pred "a  b" vs gt "a b" is distance 0; "ab " vs "ac" is 1/3, not 1/2.
     """
-    p, g = anls_normalize(pred), anls_normalize(gt)
-    longest = max(len(p), len(g))
+    if not isinstance(pred, str) or not isinstance(gt, str):
+        raise TypeError(
+            f"normalized_levenshtein: pred and gt must be str, got {type(pred).__name__}, {type(gt).__name__}"
+        )
+    longest = max(len(gt.upper()), len(pred.upper()))
     if longest == 0:
         return 0.0
-    return levenshtein(p, g) / longest
+    return Levenshtein.distance(anls_normalize(gt), anls_normalize(pred)) / longest
 
 
 def _gt_list(gt: str | Sequence[str], what: str) -> list[str]:
@@ -73,22 +59,20 @@ def _gt_list(gt: str | Sequence[str], what: str) -> list[str]:
 
 
 def anls_score(pred: str, gt: str | Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
-    """ANLS of one question: max over its ground truths of (1 - NL if NL < threshold else 0).
+    """ANLS of one question as the Qwen-VL script scores it: s = 1 - min over its ground truths of NL, and
+    0 when s < threshold (so NL exactly 0.5 keeps 0.5 under the benchmark's 0.5).
 
     Args:
         pred: the predicted answer text (the boxed content; "" when there is none).
         gt: one accepted answer or a non-empty list of them.
-        threshold: tau; a prediction at NL >= tau scores 0 (0.5 in the benchmark).
+        threshold: the lowest similarity kept (0.5 in the benchmark).
     """
     if not isinstance(pred, str):
         raise TypeError(f"anls_score: pred must be str, got {type(pred).__name__}")
     if not (isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0):
         raise ValueError(f"anls_score: threshold must be in (0, 1], got {threshold!r}")
-    best = 0.0
-    for g in _gt_list(gt, "anls_score"):
-        nl = normalized_levenshtein(pred, g)
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
+    score = 1.0 - min(normalized_levenshtein(pred, g) for g in _gt_list(gt, "anls_score"))
+    return score if score >= threshold else 0.0
 
 
 def anls(
@@ -118,7 +102,7 @@ class SampleResult:
         gt: the accepted answer(s).
         response: the assistant text of the whole trajectory (tool observations excluded).
         boxed: the content of the last `\\boxed{}`, or None.
-        correct: the accuracy rule reward was 1.
+        correct: the verdict of the answer checker named by eval.scoring (answers.py).
         anls: ANLS of `boxed` ("" when None) against `gt`.
         n_calls: tool-call turns, failed ones and an unexecuted last one (stopped by a limit) included.
         n_failed: executed calls that returned an error observation.
@@ -136,6 +120,8 @@ class SampleResult:
         turns: the conversation after the prompt, for the viewer: {"role": "assistant" | "tool", "text",
             "images": [paths relative to the eval folder]} in order.
         inputs: the query's input images (a video: its first frame), as paths relative to the eval folder.
+        solution: the text the "original" scoring read (everything after the prompt, tool results included,
+            as the original's rule_reward saw it), so a dump re-scores exactly; None in older dumps.
     """
 
     qid: str
@@ -160,6 +146,7 @@ class SampleResult:
     faithful: dict | None = None
     turns: list = dataclasses.field(default_factory=list)
     inputs: list = dataclasses.field(default_factory=list)
+    solution: str | None = None
 
     def __post_init__(self):
         for name in ("qid", "benchmark", "question", "response", "status"):
@@ -205,26 +192,27 @@ def score_response(
     response: str,
     gt: str | Sequence[str],
     *,
+    scoring: str,
     require_boxed: bool = True,
     ended_after_failed_call: bool = False,
 ) -> tuple[str | None, bool, float]:
-    """Scores one response as the training reward does, plus ANLS of its boxed answer.
+    """Scores one response with the answer checker named `scoring` (answers.py), plus ANLS of its boxed answer.
 
     Args:
-        response: the assistant text of the trajectory.
+        response: the trajectory's text; for "original" the string the original scored
+            (Trajectory.solution_text, answers.original_solution).
         gt: accepted answer(s).
-        require_boxed: passed to `accuracy_reward`.
-        ended_after_failed_call: passed to `accuracy_reward` (a correct answer right after a failed call
-            scores 0 there); ANLS ignores it, as the offline ANLS of the original read only the answer.
+        scoring: "original" (correct = the original's rule_reward > 0) or "strict".
+        require_boxed: "strict" only.
+        ended_after_failed_call: "strict" only: a correct answer right after a failed call counts wrong.
+            The original's eval counted the raw rule_reward verdict (its failed-call zeroing lives in the
+            training reward only), so "original" ignores it. ANLS ignores it too: the offline ANLS of the
+            original read only the answer.
 
     Returns:
         (boxed answer or None, correct, anls).
     """
     boxed = extract_boxed(response)
-    correct = (
-        accuracy_reward(
-            response, gt, require_boxed=require_boxed, ended_after_failed_call=ended_after_failed_call
-        )
-        == 1.0
-    )
+    verdict = answers.score(scoring, response, gt, require_boxed=require_boxed)
+    correct = verdict.correct and not (scoring == "strict" and ended_after_failed_call)
     return boxed, correct, anls_score(boxed if boxed is not None else "", gt)

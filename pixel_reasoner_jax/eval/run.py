@@ -121,12 +121,14 @@ def conversation_rows(traj: Trajectory, tok: QwenTokenizer, out: pathlib.Path, j
 
 
 def score_trajectory(
-    traj: Trajectory, j: int, tok: QwenTokenizer, out: pathlib.Path, require_boxed: bool
+    traj: Trajectory, j: int, tok: QwenTokenizer, out: pathlib.Path, scoring: str, require_boxed: bool
 ) -> em.SampleResult:
     """The per-sample row of one finished episode. Eval never zeroes a correct answer after a failed call:
     `zero_after_failed_call` shaped the original's training reward only (its eval dumps score the answer)."""
     rec = traj.record
-    boxed, correct, anls = em.score_response(traj.response_text, rec.answer, require_boxed=require_boxed)
+    boxed, correct, anls = em.score_response(
+        traj.scored_text(scoring), rec.answer, scoring=scoring, require_boxed=require_boxed
+    )
     turns, inputs = conversation_rows(traj, tok, out, j)
     crops = faithfulness.executed_crops(traj)
     return em.SampleResult(
@@ -138,6 +140,7 @@ def score_trajectory(
         crop_boxes=[list(b) for i, b in crops if i == 0 and not rec.is_video],
         crop_origins=[{"image": i, "box": list(b)} for i, b in crops],
         faithful=faithfulness.sample_faithfulness(traj), turns=turns, inputs=inputs,
+        solution=traj.solution_text,
     )  # fmt: skip
 
 
@@ -219,7 +222,10 @@ def evaluate(
             episodes.append(ep)
             meta.append(j)
         trajs = run_episodes(seeded, episodes, max_concurrency=bs) if episodes else []
-        rows += [score_trajectory(t, j, tok, out, cfg.reward.require_boxed) for t, j in zip(trajs, meta)]
+        rows += [
+            score_trajectory(t, j, tok, out, cfg.eval.scoring, cfg.reward.require_boxed)
+            for t, j in zip(trajs, meta)
+        ]
         er.append_dumps(own, rows)
         bar.update(len(rows))
     bar.close()

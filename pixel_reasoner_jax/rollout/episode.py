@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pixel_reasoner_jax.answers import extract_boxed, original_solution
 from pixel_reasoner_jax.data.records import RLRecord, load_image, load_video_frames
 from pixel_reasoner_jax.processing import chat
 from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
@@ -38,7 +39,6 @@ from pixel_reasoner_jax.rollout.trajectory import (
 from pixel_reasoner_jax.tools.ops import PIX, OpsConfig, VisualState, apply_result
 from pixel_reasoner_jax.tools.parse import TOOL_START, execute, is_tool_call_turn, parse_tool_call
 from pixel_reasoner_jax.tools.prompts import DEFAULT_TOOLS, PromptTemplates, system_prompt, user_text
-from pixel_reasoner_jax.train.rewards import extract_boxed
 
 # <|im_end|>, </tool_call>, <|endoftext|>. Stopping on </tool_call> saves decoding past a call; the
 # <|im_end|> the policy then did not write is appended with mask 0 (reference/sglang.md §5 step 3).
@@ -516,6 +516,10 @@ class Episode:
             has_answer=bool(texts) and extract_boxed(texts[-1]) is not None,
             truncated=last is not None and last.finish_reason == FINISH_LENGTH,
             response_text="\n".join(texts),
+            # The prompt ends with the first assistant header: what follows is what the original scored.
+            solution_text=original_solution(
+                self.tok.decode(self._ids[self.prompt_length :], skip_special_tokens=False)
+            ),
             expanded_length=self._expanded,
         )
 

@@ -97,6 +97,9 @@ class Trajectory:
       has_answer: the last turn holds a closed \\boxed{}.
       truncated: the last turn stopped on its token limit (finish "length").
       response_text: the assistant turns' text (special tokens dropped), joined with newlines.
+      solution_text: what the original's rule_reward read (answers.original_solution): every token after
+        the prompt decoded with special tokens, tool-result turns included, vision pads and later
+        assistant headers dropped.
       expanded_length: tokens of the expanded sequence.
     """
 
@@ -118,7 +121,18 @@ class Trajectory:
     has_answer: bool
     truncated: bool
     response_text: str
+    solution_text: str
     expanded_length: int
+
+    def scored_text(self, scoring: str) -> str:
+        """The text an answer scoring reads (answers.SCORINGS): the original's solution string for
+        "original" (what its rule_reward saw), the assistant turns for "strict" (no special tokens, so a
+        fallback "Answer: B" line reads "B", not "B<|im_end|>")."""
+        if scoring == "original":
+            return self.solution_text
+        if scoring == "strict":
+            return self.response_text
+        raise ValueError(f"scoring must be 'original' or 'strict', got {scoring!r}")
 
     @property
     def is_video_item(self) -> np.ndarray:

@@ -77,12 +77,14 @@ class SeededPolicy(Policy):
 
 
 def default_accuracy(cfg: RunConfig) -> AccuracyFn:
-    """r in {0, 1} from the final \\boxed{} answer (train/rewards.accuracy_reward, reference §9.1)."""
+    """The accuracy reward under `reward.scoring` (train/rewards.accuracy_reward, reference §9.1): "original"
+    gives {-1, 0, 1} on the text the original scored (Trajectory.scored_text), "strict" {0, 1}."""
 
     def accuracy(traj: Trajectory) -> float:
         return rewards.accuracy_reward(
-            traj.response_text,
+            traj.scored_text(cfg.reward.scoring),
             traj.record.answer,
+            scoring=cfg.reward.scoring,
             require_boxed=cfg.reward.require_boxed,
             ended_after_failed_call=cfg.reward.zero_after_failed_call and traj.ended_after_failed_call,
         )
@@ -233,7 +235,7 @@ class GRPOTrainer:
       ctx: the run (its state is updated in place).
       records: the RL prompts.
       sft_steps: loop steps taken by the warm start (GRPO checkpoints count from there).
-      accuracy_fn: trajectory -> accuracy reward in [0, 1]; default: the boxed-answer match.
+      accuracy_fn: trajectory -> accuracy reward; default: `default_accuracy` (reward.scoring).
     """
 
     def __init__(
@@ -347,6 +349,8 @@ class GRPOTrainer:
         metrics = {
             "reward/shaped": _mean(shaped["shaped"]),
             "reward/accuracy": _mean(acc),
+            # The original's "exceptions": share of -1 scores (nothing parsable), which lower the mean above.
+            "reward/unparsed": _mean(acc < 0),
             "reward/rapr": shaped["rapr"],
             "reward/curiosity_bonus": _mean(shaped["bonus"]),
             "reward/penalty": _mean(shaped["penalty"]),

@@ -1,277 +1,45 @@
-"""Rewards for GRPO: answer extraction and matching, accuracy, RaPR, curiosity bonus and operation penalty.
-
-Host-side NumPy/Python only; the shaped rewards feed `train/advantages.py` (reference/pixel_reasoner.md §9).
+"""Rewards for GRPO: accuracy (from the answer checker in answers.py), RaPR, curiosity bonus and operation
+penalty. Host-side NumPy/Python only; the shaped rewards feed `train/advantages.py` (reference §9).
 """
 
 import math
-import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-# ---------------------------------------------------------------------------------------------------------
-# Answer extraction
-# ---------------------------------------------------------------------------------------------------------
-
-_BOXED = "\\boxed{"
-
-
-def _balanced_content(text: str, open_idx: int) -> str | None:
-    """Returns the text between the brace at `open_idx` and its matching close brace, or None if unclosed."""
-    depth = 0
-    for i in range(open_idx, len(text)):
-        ch = text[i]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_idx + 1 : i]
-    return None
-
-
-def extract_boxed(text: str) -> str | None:
-    r"""Content of the LAST `\boxed{...}` in `text`, with nested braces balanced.
-
-    An unclosed last `\boxed{` (a truncated answer) gives None rather than an earlier box: the model's final
-    word is what is graded, and a truncated final word is no answer.
-
-    Args:
-        text: model output.
-
-    Returns:
-        The content (may be empty) or None when there is no `\boxed{` or the last one is unclosed.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"extract_boxed: text must be str, got {type(text).__name__}")
-    idx = text.rfind(_BOXED)
-    if idx < 0:
-        return None
-    return _balanced_content(text, idx + len(_BOXED) - 1)
-
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_ANSWER_PREFIX = re.compile(r"answer\s*:", re.IGNORECASE)
-
-
-def _fallback_answer(text: str) -> str | None:
-    """First `<answer>...</answer>`, else the rest of the line after the last `Answer:` (original order)."""
-    m = _ANSWER_TAG.search(text)
-    if m:
-        return m.group(1)
-    matches = list(_ANSWER_PREFIX.finditer(text))
-    if not matches:
-        return None
-    return text[matches[-1].end() :].strip().split("\n", 1)[0]
-
+from pixel_reasoner_jax import answers
 
 # ---------------------------------------------------------------------------------------------------------
-# Normalisation
+# Accuracy
 # ---------------------------------------------------------------------------------------------------------
-
-# Wrappers whose content is kept: `\text{5 cm}` -> `5 cm`.
-_UNWRAP = ("\\text{", "\\textbf{", "\\textit{", "\\mathrm{", "\\mathbf{", "\\mbox{")
-# Plain substitutions, applied in order after lower-casing.
-_SUBST = (
-    ("\\dfrac", "\\frac"),
-    ("\\tfrac", "\\frac"),
-    ("\\varnothing", "\\emptyset"),
-    ("\\%", "%"),
-    ("^{\\circ}", ""),
-    ("^\\circ", ""),
-    ("°", ""),
-    ("\\,", " "),
-    ("\\;", " "),
-    ("\\!", ""),
-    ("\\ ", " "),
-    ("$", ""),
-)
-# Units stripped after a number (the original's normalize_answer drops "cm" and "minutes"); deliberately
-# narrow, since stripping arbitrary words would merge answers that differ in meaning.
-_UNIT = re.compile(r"^(.*[\d}])\s*(?:cm|minutes|minute|mins|min)$")
-_WS = re.compile(r"\s+")
-_SIZING = re.compile(r"\\(?:left|right)(?![a-z])")
-
-
-def _unwrap(s: str) -> str:
-    for cmd in _UNWRAP:
-        while True:
-            idx = s.find(cmd)
-            if idx < 0:
-                break
-            inner = _balanced_content(s, idx + len(cmd) - 1)
-            if inner is None:  # unclosed: drop the command name only
-                s = s[:idx] + s[idx + len(cmd) :]
-            else:
-                s = s[:idx] + inner + s[idx + len(cmd) + len(inner) + 1 :]
-    return s
-
-
-def normalize_answer(s: str) -> str:
-    r"""Canonical text of an answer: the rules shared by predictions and ground truths.
-
-    Rules, in order: lower-case; `\text{}`-like wrappers unwrapped; `\dfrac`/`\tfrac` -> `\frac`,
-    `\varnothing` -> `\emptyset`, `\%` -> `%`, degree marks, `\left`/`\right`, LaTeX spaces and `$` removed;
-    whitespace collapsed; trailing periods stripped; a trailing unit ("cm", "minutes", "min") after a number
-    removed.
-    """
-    s = s.lower().strip()
-    s = _unwrap(s)
-    for old, new in _SUBST:
-        s = s.replace(old, new)
-    s = _SIZING.sub("", s)
-    s = _WS.sub(" ", s).strip()
-    s = s.rstrip(". ").strip()
-    m = _UNIT.match(s)
-    if m:
-        s = m.group(1).strip()
-    return s
-
-
-_NUMBER_WORDS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-        "sixteen seventeen eighteen nineteen twenty".split()
-    )
-}
-_NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?"
-_PLAIN_NUM = re.compile(rf"^{_NUM}$")
-_FRAC_TEX = re.compile(rf"^([-+]?)\\frac\{{({_NUM})\}}\{{({_NUM})\}}$")
-_FRAC_SLASH = re.compile(rf"^({_NUM})\s*/\s*({_NUM})$")
-
-
-def _plain_number(s: str) -> float | None:
-    if not s or not _PLAIN_NUM.match(s) or not any(c.isdigit() for c in s):
-        return None
-    return float(s.replace(",", ""))
-
-
-def _to_number(s: str) -> float | None:
-    """Numeric value of a normalised answer: "3", "3.0", "1,000", "three", `\\frac{1}{2}`, "1/2"; else None."""
-    if s in _NUMBER_WORDS:
-        return float(_NUMBER_WORDS[s])
-    value = _plain_number(s)
-    if value is not None:
-        return value
-    m = _FRAC_TEX.match(s) or _FRAC_SLASH.match(s)
-    if m is None:
-        return None
-    sign = -1.0 if m.re is _FRAC_TEX and m.group(1) == "-" else 1.0
-    num, den = (_plain_number(g) for g in m.groups()[-2:])
-    if num is None or den is None or den == 0.0:
-        return None
-    return sign * num / den
-
-
-# A multiple-choice letter: "b", "(b)", "(b) text", "b. text", "b: text", "b) text". A bare letter followed
-# by a space ("a cat") is NOT a choice, so ordinary words are never read as letters.
-_LETTER = re.compile(r"^(?:\(([a-z])\)|([a-z])(?:[.:)]|$))")
-
-
-def _choice_letter(s: str) -> str | None:
-    m = _LETTER.match(s)
-    if m is None:
-        return None
-    return m.group(1) or m.group(2)
-
-
-def _contains_span(text: str, part: str) -> bool:
-    # Alphanumeric boundaries so "2" is not found inside "12" (the original used a bare substring test).
-    return re.search(rf"(?<![a-z0-9]){re.escape(part)}(?![a-z0-9])", text) is not None
-
-
-def _match_normalised(pred: str, gt: str) -> bool:
-    """Applies the matching rules to two normalised answers (see `answer_matches`)."""
-    if pred == gt or pred.replace(" ", "") == gt.replace(" ", ""):
-        return True
-    # Percentages: "45%" and "45" are the same answer (the original adds a "%"-free variant of the gt).
-    p_pct, g_pct = pred.removesuffix("%").strip(), gt.removesuffix("%").strip()
-    if p_pct == g_pct:
-        return True
-    p_num, g_num = _to_number(p_pct), _to_number(g_pct)
-    if p_num is not None and g_num is not None:
-        return math.isclose(p_num, g_num, rel_tol=1e-6, abs_tol=1e-9)
-    g_letter = _choice_letter(gt)
-    if g_letter is not None and _choice_letter(pred) == g_letter:
-        return True
-    # Multi-span: a gt with commas (not a number like "1,000") is matched when every part appears in pred.
-    if "," in gt and g_num is None:
-        parts = [p.strip() for p in gt.split(",") if p.strip()]
-        if len(parts) >= 2 and all(_contains_span(pred, p) for p in parts):
-            return True
-    return False
-
-
-def answer_matches(pred: str, gt: str | Sequence[str]) -> bool:
-    r"""Whether a predicted answer matches the ground truth (our own normaliser; no math_verify).
-
-    Both sides go through `normalize_answer` (case, whitespace, `\text{}`, trailing period, dfrac->frac,
-    units "cm"/"minutes"). Then, in order, a match is any of:
-      1. equal text, or equal once spaces are removed (`x + 1` == `x+1`);
-      2. equal after dropping a trailing "%" on either side (gt "45%" accepts "45");
-      3. equal numbers (relative tolerance 1e-6): "3" == "3.0" == "three" (words zero..twenty),
-         "1,000" == "1000", `\frac{1}{2}` == "1/2" == "0.5";
-      4. the same multiple-choice letter: "B", "(B)", "B.", "B: text", "(B) text" all read as "b";
-      5. multi-span: a gt containing commas matches when every comma-separated part occurs in pred as a
-         whole word/number (order-free).
-    A list (or tuple) of ground truths matches when any of them does.
-
-    Args:
-        pred: the predicted answer text (e.g. the content of `\boxed{}`).
-        gt: one accepted answer or a non-empty list of accepted answers.
-    """
-    if not isinstance(pred, str):
-        raise TypeError(f"answer_matches: pred must be str, got {type(pred).__name__}")
-    if isinstance(gt, str):
-        gts = [gt]
-    elif isinstance(gt, (list, tuple)):
-        gts = list(gt)
-        if not gts:
-            raise ValueError("answer_matches: gt list is empty; expected at least one accepted answer")
-        bad = [g for g in gts if not isinstance(g, str)]
-        if bad:
-            raise TypeError(f"answer_matches: every gt must be str, got {bad!r}")
-    else:
-        raise TypeError(f"answer_matches: gt must be str or list[str], got {type(gt).__name__}")
-    p = normalize_answer(pred)
-    if not p:
-        return False
-    return any(_match_normalised(p, normalize_answer(g)) for g in gts if normalize_answer(g))
 
 
 def accuracy_reward(
-    response_text: str,
+    solution: str,
     gt: str | Sequence[str],
     *,
+    scoring: str,
     require_boxed: bool = True,
     ended_after_failed_call: bool = False,
 ) -> float:
-    r"""Accuracy reward in {0.0, 1.0}, as the original MEANT it (reference/pixel_reasoner.md §9.1).
+    r"""Accuracy reward of one trajectory: the answer checker's score (pixel_reasoner_jax/answers.py), zeroed
+    when a correct answer came right after a failed tool call (reference/pixel_reasoner.md §9.1).
 
-    Two original bugs are not copied: `requires_box` is honoured (the original shifted it to None), and the
-    "ended right after a failed tool call" flag is this sample's own (the original read a group-local index).
+    The original zeroes only `r > 0.5` (`this_r > 0.5 and final_is_error_vo`), so its -1 of an unparsable
+    response stays -1; it read that flag with a group-local index (bug, not copied: the flag is this
+    sample's own).
 
     Args:
-        response_text: the assistant text of the trajectory (tool observations excluded by the caller).
+        solution: the trajectory's text; for "original" the string `answers.original_solution` builds.
         gt: accepted answer(s).
-        require_boxed: when True only the last `\boxed{}` counts; when False and there is no box, fall back
-            to the first `<answer>...</answer>`, then the line after the last "Answer:".
-        ended_after_failed_call: the trajectory ended right after a failed tool call; scores 0.
-
-    Returns:
-        1.0 when the extracted answer matches `gt`, else 0.0.
+        scoring: a key of answers.SCORINGS ("original" scores in {-1, 0, 1}, "strict" in {0, 1}).
+        require_boxed: "strict" only: when False and there is no box, fall back to `<answer>`/"Answer:".
+        ended_after_failed_call: the trajectory ended right after a failed tool call.
     """
-    if not isinstance(response_text, str):
-        raise TypeError(f"accuracy_reward: response_text must be str, got {type(response_text).__name__}")
-    if ended_after_failed_call:
+    verdict = answers.score(scoring, solution, gt, require_boxed=require_boxed)
+    if ended_after_failed_call and verdict.score > 0.5:
         return 0.0
-    pred = extract_boxed(response_text)
-    if pred is None and not require_boxed:
-        pred = _fallback_answer(response_text)
-    if pred is None:
-        return 0.0
-    return 1.0 if answer_matches(pred, gt) else 0.0
+    return verdict.score
 
 
 # ---------------------------------------------------------------------------------------------------------
