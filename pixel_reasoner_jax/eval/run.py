@@ -21,7 +21,7 @@ from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.episode import Episode, EpisodeConfig, load_media, run_episodes
 from pixel_reasoner_jax.sharding import make_mesh, use_mesh
-from pixel_reasoner_jax.train.grpo import SeededPolicy, open_policy
+from pixel_reasoner_jax.train.policies import SeededPolicy, open_policy
 
 EVAL_DIR = "eval"
 
