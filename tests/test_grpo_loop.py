@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pixel_reasoner_jax.metrics import read_metrics
-from pixel_reasoner_jax.train import grpo, replay, sft, steps
+from pixel_reasoner_jax.train import grpo, replay, sft
 from pixel_reasoner_jax.train import state as st
 from pixel_reasoner_jax.train.checkpoint import EXTRA
 from pixel_reasoner_jax.train.run import CHECKPOINT_DIR, EXPORT_DIR, optim_config
@@ -106,8 +106,8 @@ def test_ssr_trains_fresh_first_then_replay_with_the_stored_log_probs(ssr_run):
     m = recorded[1]  # rollout 2: all 8 replayed
     for ids, old, current in zip(
         m["input_ids"][0],
-        steps.trained_values(m["old_logprobs"], m["loss_mask"]),
-        steps.trained_values(m["current_logprobs"], m["loss_mask"]),
+        replay.trained_values(m["old_logprobs"], m["loss_mask"]),
+        replay.trained_values(m["current_logprobs"], m["loss_mask"]),
     ):
         matches = [lp for ex, lp in stored if np.array_equal(ex.input_ids, ids[: ex.length])]
         assert any(np.array_equal(old, lp) for lp in matches), "a replayed row lost its stored log-probs"

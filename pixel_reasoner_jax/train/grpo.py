@@ -291,7 +291,7 @@ class GRPOTrainer:
             part = examples[i : i + tb]
             micro = sft.make_micro(self.ctx, part + part[:1] * (tb - len(part)), self.cfg.grpo.micro_batches)
             lp = host(self.fns.logprobs(self.ctx.state.params, micro)).astype(np.float32)
-            out.extend(steps.trained_values(lp, micro["loss_mask"])[: len(part)])
+            out.extend(replay.trained_values(lp, micro["loss_mask"])[: len(part)])
         return out
 
     def _micro(self, examples: list[Example], adv: np.ndarray, old: list[np.ndarray] | None) -> dict:
@@ -302,7 +302,7 @@ class GRPOTrainer:
         if old is None:
             micro["old_logprobs"] = host(self.fns.logprobs(self.ctx.state.params, micro)).astype(np.float32)
         else:
-            micro["old_logprobs"] = steps.with_trained_values(old, micro["loss_mask"])
+            micro["old_logprobs"] = replay.with_trained_values(old, micro["loss_mask"])
         if self.ref_params is not None:
             micro["ref_logprobs"] = host(self.fns.logprobs(self.ref_params, micro)).astype(np.float32)
         return micro

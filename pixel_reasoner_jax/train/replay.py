@@ -1,5 +1,5 @@
-"""Zero-advantage remedies: refill-by-repetition ("filter True") and Selective Sample Replay (SSR), and the
-JSON codec of a replayed training sample (checkpointed with the run).
+"""Zero-advantage remedies: refill-by-repetition ("filter True") and Selective Sample Replay (SSR), with the
+JSON codec of a replayed sample (checkpointed with the run) and its log-probs per micro-batch row.
 
 Host-side; the buffer holds opaque JSON-able dicts (reference/pixel_reasoner.md §9.3).
 """
@@ -216,7 +216,7 @@ def encode_sample(ex: Example, old_logprobs: np.ndarray) -> dict:
     Args:
       ex: the expanded rollout.
       old_logprobs: (n,) float32 log-probs of its trained targets under the policy that sampled it, in
-        order (`steps.trained_values`); n may be below the count when a training cut shortened it.
+        order (`trained_values`); n may be below the count when a training cut shortened it.
 
     Raises:
       ValueError: sampler log-probs outside the loss mask, or more old log-probs than trained targets.
@@ -243,3 +243,34 @@ def decode_sample(d: dict) -> tuple[Example, np.ndarray]:
     logprobs = np.zeros(trained.shape, values.dtype)
     logprobs[trained] = values
     return Example(qid=d["qid"], logprobs=logprobs, **arrays), _unpack(d["old_logprobs"])
+
+
+def trained_values(x: np.ndarray, loss_mask: np.ndarray) -> list[np.ndarray]:
+    """Per row of a stacked micro array (n, B, T), its values at the trained targets, in order.
+
+    Rows come micro-batch by micro-batch, i.e. in the order of the examples given to `steps.micro_batches`.
+    """
+    x, mask = np.asarray(x), np.asarray(loss_mask) != 0
+    if x.shape != mask.shape or x.ndim != 3:
+        raise ValueError(f"x {x.shape} and loss_mask {mask.shape} must have one (n_micro, B, T) shape")
+    t = x.shape[-1]
+    return [row[m] for row, m in zip(x.reshape(-1, t), mask.reshape(-1, t))]
+
+
+def with_trained_values(values: Sequence[np.ndarray], loss_mask: np.ndarray) -> np.ndarray:
+    """The inverse of `trained_values`: float32 (n, B, T) zeros holding each row's values at its trained
+    targets (the stored old log-probs of replayed samples).
+
+    Raises:
+      ValueError: a row count or a row's length that does not match the mask.
+    """
+    mask = np.asarray(loss_mask) != 0
+    rows = mask.reshape(-1, mask.shape[-1])
+    if len(values) != rows.shape[0]:
+        raise ValueError(f"got values for {len(values)} rows, the micro-batches have {rows.shape[0]}")
+    out = np.zeros(rows.shape, np.float32)
+    for i, (v, m) in enumerate(zip(values, rows)):
+        if np.shape(v) != (int(m.sum()),):
+            raise ValueError(f"row {i} has {int(m.sum())} trained targets, got values of shape {np.shape(v)}")
+        out[i, m] = v
+    return out.reshape(mask.shape)

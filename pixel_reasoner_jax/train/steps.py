@@ -171,37 +171,6 @@ def loss_index(loss_mask: np.ndarray, min_bucket: int = 16) -> tuple[np.ndarray,
     return np.where(valid, order, 0).astype(np.int32), valid
 
 
-def trained_values(x: np.ndarray, loss_mask: np.ndarray) -> list[np.ndarray]:
-    """Per row of a stacked micro array (n, B, T), its values at the trained targets, in order.
-
-    Rows come micro-batch by micro-batch, i.e. in the order of the examples given to `micro_batches`.
-    """
-    x, mask = np.asarray(x), np.asarray(loss_mask) != 0
-    if x.shape != mask.shape or x.ndim != 3:
-        raise ValueError(f"x {x.shape} and loss_mask {mask.shape} must have one (n_micro, B, T) shape")
-    t = x.shape[-1]
-    return [row[m] for row, m in zip(x.reshape(-1, t), mask.reshape(-1, t))]
-
-
-def with_trained_values(values: Sequence[np.ndarray], loss_mask: np.ndarray) -> np.ndarray:
-    """The inverse of `trained_values`: float32 (n, B, T) zeros holding each row's values at its trained
-    targets (e.g. stored old log-probs of replayed samples).
-
-    Raises:
-      ValueError: a row count or a row's length that does not match the mask.
-    """
-    mask = np.asarray(loss_mask) != 0
-    rows = mask.reshape(-1, mask.shape[-1])
-    if len(values) != rows.shape[0]:
-        raise ValueError(f"got values for {len(values)} rows, the micro-batches have {rows.shape[0]}")
-    out = np.zeros(rows.shape, np.float32)
-    for i, (v, m) in enumerate(zip(values, rows)):
-        if np.shape(v) != (int(m.sum()),):
-            raise ValueError(f"row {i} has {int(m.sum())} trained targets, got values of shape {np.shape(v)}")
-        out[i, m] = v
-    return out.reshape(mask.shape)
-
-
 def _batch_axis(name: str) -> int:
     """Axis of B in a stacked micro pytree entry (None for media entries, which are not per sample)."""
     return {"positions": 2}.get(name, 1)
