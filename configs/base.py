@@ -1,6 +1,20 @@
 """Every run-config key, declared once, with the paper's 7B recipe as the default value.
 
 Mode files (sft.py, grpo.py, eval.py) start from `base_config()` and apply one variant with `apply_variant`.
+
+Curiosity bonus and operation penalty (`reward.form`, reference/pixel_reasoner.md §9.2). RaPR = share of a
+prompt's G rollouts that used a visual operation; r = accuracy in {0, 1}; shaped = r + bonus + penalty.
+
+| | "paper" (the default) | "code" |
+|---|---|---|
+| bonus, rollouts with tools | alpha*max(H - RaPR, 0) | alpha*max(H - RaPR, 0)/(s*RaPR); s 2 image, 1.5 video |
+| penalty | beta*min(N - n, 0) | beta*min(N - n, 0), i.e. -0.05*(n - 1) for n >= 1 |
+| n and RaPR count | valid visual operations | every tool call, errored ones included |
+| alpha, H, beta, N | 0.5, 0.3, 0.05, 1 | 0.25, 0.3, 0.05, 1 |
+| source | the paper; verl-tool PixelReasonerRewardManager | released experience_maker.py, `_generate_vllm` |
+
+`reward.alpha/H/beta/N` left unset take the chosen form's constants (`train/rewards.FORM_CONSTANTS`), so
+`--config.reward.form=code` alone reproduces the released code; a value you set applies to either form.
 """
 
 import ml_collections
@@ -152,20 +166,23 @@ def base_config() -> ml_collections.ConfigDict:
     # The original divides by a constant 200 (bug §12.5); token-mean is what it meant.
     g.loss_agg = "token-mean"
     g.advantage = "mean"  # r - group mean, no std division (`group`, §8.2)
-    g.filter = "refill"  # `--filter True` (§9.3) | "ssr" | "none"
+    # "refill" (`--filter True`, the README run) | "ssr" (`--filter SSR`: trains on half the rollout batch,
+    # fresh informative samples first, then replayed ones; so half the steps per rollout) | "none" (§9.3)
+    g.filter = "refill"
     g.uniform_tol = 0.01  # a group is uniform if mean |r - mean r| < 0.01 (§9.3)
-    g.replay_capacity = 4096  # SSR deque maxlen = buffer size (512 prompts x 8, §9.3)
+    g.replay_capacity = 0  # SSR deque maxlen; 0 = the rollout batch, prompts_per_rollout * G (§9.3)
     g.epochs_per_rollout = 1  # `max_epochs 1` (§8.2)
     g.max_staleness = 0  # rollout batches a sample may lag the policy; 0 = synchronous (the original)
 
     c.reward = rw = ml_collections.ConfigDict()
-    rw.form = "paper"  # "paper" | "code" (§9.2; code form means alpha 0.25)
+    rw.form = "paper"  # "paper" | "code": the two shapes in the module docstring's table (§9.2)
     rw.curiosity = True
     rw.penalty = True
-    rw.alpha = 0.5  # alpha (§9.2)
-    rw.H = 0.3  # H: target RaPR
-    rw.beta = 0.05  # beta
-    rw.N = 1  # N: free visual operations
+    # Unset = the form's own constant (table above); a value set here applies to either form.
+    rw.alpha = config_dict.placeholder(float)  # alpha: bonus scale (paper 0.5, code 0.25)
+    rw.H = config_dict.placeholder(float)  # H: target RaPR (0.3 in both)
+    rw.beta = config_dict.placeholder(float)  # beta: penalty per extra operation (0.05 in both)
+    rw.N = config_dict.placeholder(int)  # N: free visual operations (1 in both)
     # Answer checker of the accuracy reward (pixel_reasoner_jax/answers.py): "original" = the seed's
     # rule_reward verdict for verdict (math_verify, no box required, -1 for an unparsable response; what
     # RL-v1 trained with, §9.1) | "strict" = our own matcher on the last \boxed{} answer.

@@ -49,7 +49,6 @@ def get_config(arg: str = "7b"):
         c.grpo.prompts_per_rollout = 4
         c.grpo.train_batch_size = 16  # one optimizer step per rollout
         c.grpo.micro_batches = 2
-        c.grpo.replay_capacity = 64
         c.log.checkpoint_every = 4
     c.lock()
     return c

@@ -181,22 +181,35 @@ class GRPOConfig:
         return self.prompts_per_rollout * self.group_size
 
     @property
+    def trained_per_rollout(self) -> int:
+        """Samples trained per rollout batch and epoch: all of them, or half under SSR (the original's
+        `active_sampling` keeps len(items) // 2 for `--filter SSR`)."""
+        n = self.samples_per_rollout
+        return n // 2 if self.filter == "ssr" else n
+
+    @property
+    def replay_size(self) -> int:
+        """SSR deque maxlen: replay_capacity, or the rollout batch when it is 0 (the original)."""
+        return self.replay_capacity or self.samples_per_rollout
+
+    @property
     def steps_per_rollout(self) -> int:
-        """Optimizer steps trained on one rollout batch."""
-        return self.samples_per_rollout // self.train_batch_size * self.epochs_per_rollout
+        """Loop steps (optimizer steps unless skipped) per rollout batch."""
+        return self.trained_per_rollout // self.train_batch_size * self.epochs_per_rollout
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """Accuracy reward and the curiosity/penalty shaping (paper symbols alpha, H, beta, N)."""
+    """Accuracy reward and the curiosity/penalty shaping (paper symbols alpha, H, beta, N; None = the
+    form's own constant, train/rewards.FORM_CONSTANTS)."""
 
     form: str
     curiosity: bool
     penalty: bool
-    alpha: float
-    H: float
-    beta: float
-    N: int
+    alpha: float | None
+    H: float | None
+    beta: float | None
+    N: int | None
     scoring: str
     require_boxed: bool
     zero_after_failed_call: bool

@@ -87,6 +87,12 @@ _unit_open = (lambda v: 0 < v < 1, "must be in (0, 1)")
 _unit_closed = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 _beta = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
+
+def _unset_or(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
+    ok, what = rule
+    return (lambda v: v is None or ok(v)), f"{what} (or unset)"
+
+
 # Single-field range rules: field -> (predicate, what it must be).
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": _nonneg,
@@ -145,13 +151,16 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "must be 0 (off) or >= 1 (a cap below 1 shrinks every token)",
     ),
     "grpo.uniform_tol": _pos,
-    "grpo.replay_capacity": _pos,
+    "grpo.replay_capacity": _nonneg,
     "grpo.epochs_per_rollout": _at_least_one,
     "grpo.max_staleness": _nonneg,
-    "reward.alpha": _nonneg,
-    "reward.H": (lambda v: 0 < v <= 1, "must be in (0, 1] (H is a target rate of pixel-space reasoning)"),
-    "reward.beta": _nonneg,
-    "reward.N": _nonneg,
+    # None takes the reward form's own constant.
+    "reward.alpha": _unset_or(_nonneg),
+    "reward.H": _unset_or(
+        (lambda v: 0 < v <= 1, "must be in (0, 1] (H is a target rate of pixel-space reasoning)")
+    ),
+    "reward.beta": _unset_or(_nonneg),
+    "reward.N": _unset_or(_nonneg),
     "eval.every": _nonneg,
     "eval.temperature": _pos,
     "eval.num_samples": _at_least_one,
@@ -344,17 +353,19 @@ def _validate_training(cfg: RunConfig, dp: int) -> None:
             "grpo.train_batch_size",
             f"must be a multiple of grpo.group_size G = {g.group_size}, got {g.train_batch_size}",
         )
-    if g.samples_per_rollout % g.train_batch_size:
+    if g.trained_per_rollout % g.train_batch_size:
+        half = " // 2 (SSR trains on half the rollout batch)" if g.filter == "ssr" else ""
         raise ConfigError(
             "grpo.prompts_per_rollout",
-            f"prompts_per_rollout * G = {g.samples_per_rollout} must be a multiple of grpo.train_batch_size "
-            f"= {g.train_batch_size}",
+            f"prompts_per_rollout * G = {g.samples_per_rollout}{half} must be a multiple of "
+            f"grpo.train_batch_size = {g.train_batch_size}",
         )
     _check_batch("grpo.micro_batches", g.train_batch_size, g.micro_batches, dp, "grpo.train_batch_size")
-    if g.filter == "ssr" and g.replay_capacity < g.train_batch_size:
+    if g.filter == "ssr" and 0 < g.replay_capacity < g.train_batch_size:
         raise ConfigError(
             "grpo.replay_capacity",
-            f"must hold at least one batch ({g.train_batch_size}), got {g.replay_capacity}",
+            f"must be 0 (the rollout batch) or hold at least one batch ({g.train_batch_size}), got "
+            f"{g.replay_capacity}",
         )
     # Checkpoints land on rollout boundaries, where no half-consumed rollout batch needs saving.
     if cfg.log.checkpoint_every % g.steps_per_rollout:

@@ -56,3 +56,53 @@ def _torch_one_thread():
         torch.set_num_threads(1)
     except ImportError:
         pass
+
+
+@pytest.fixture(scope="session")
+def toy_grpo_config(tiny_ckpt):
+    """Builds a validated GRPO RunConfig on 8 one-color toy prompts: a 44-token "notool" prompt, 2 sampled
+    tokens, one 48-token bucket, so every rollout and step of the tiny checkpoint takes well under a second.
+
+    Call it as `toy_grpo_config(workdir, **{"grpo.steps": 4, ...})`; data goes to workdir/data, the run to
+    workdir/run.
+    """
+    import dataclasses
+    import json
+
+    from PIL import Image
+
+    from configs import grpo as grpo_config
+    from pixel_reasoner_jax import main as entry
+    from pixel_reasoner_jax.config import validate
+
+    def make(workdir, **overrides):
+        root = workdir / "data"
+        root.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(8):
+            Image.new("RGB", (56, 56), (30 * i, 200 - 20 * i, 90)).save(root / f"img{i}.png")
+            rows.append(
+                {"qid": f"toy-{i}", "question": "Name the color.", "image": [f"img{i}.png"], "answer": "x"}
+            )
+        (root / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        c = grpo_config.get_config("tiny")
+        settings = {
+            "data.synthetic": False, "data.rl_path": str(root / "rl.jsonl"), "sft.steps": 0,
+            "grpo.prompts_per_rollout": 2, "grpo.group_size": 4, "grpo.train_batch_size": 8,
+            "grpo.micro_batches": 1, "grpo.filter": "refill",
+            "optim.warmup_ratio": 0.0, "optim.schedule": "constant",
+            "rollout.template": "notool", "rollout.top_k": 4, "rollout.top_p": 1.0,
+            "rollout.max_new_tokens": 2, "rollout.decode_bucket": 2, "rollout.prompt_max_len": 46,
+            "rollout.max_total_tokens": 48, "rollout.batch_size": 8, "model.logprob_chunk": 16,
+            "data.max_seq_len": 48, "data.seq_buckets": (48,), "data.patch_buckets": (256,),
+            "log.checkpoint_every": 0, "log.plots_every": 0, "log.tensorboard": False, "log.progress": False,
+        }  # fmt: skip
+        for dotted, value in {**settings, **overrides}.items():
+            section, key = dotted.split(".")
+            setattr(getattr(c, section), key, value)
+        cfg = entry.build_config(c, str(workdir / "run"))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=str(tiny_ckpt)))
+        validate(cfg, jax.device_count())
+        return entry.prepare_assets(cfg)
+
+    return make

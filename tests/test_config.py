@@ -15,6 +15,7 @@ from configs import grpo as grpo_cfg
 from configs import sft as sft_cfg
 from pixel_reasoner_jax import config as C
 from pixel_reasoner_jax import config_rules
+from pixel_reasoner_jax.train import rewards
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODES = {"sft": sft_cfg, "grpo": grpo_cfg, "eval": eval_cfg}
@@ -82,6 +83,8 @@ def test_variant_lists_agree():
 
 
 # (mode, variant, overrides as field__sub=value, field the error must name)
+# SSR trains on half of the tiny rollout batch (4 prompts x G 4): 8 samples, one step per rollout.
+SSR_8 = {"grpo__filter": "ssr", "grpo__train_batch_size": 8, "grpo__micro_batches": 1}
 RULES = [
     ("grpo", "tiny", {"mode": "train"}, "mode"),
     ("grpo", "tiny", {"workdir": None}, "workdir"),
@@ -152,7 +155,8 @@ RULES = [
     ("grpo", "tiny", {"grpo__loss_agg": "sum"}, "grpo.loss_agg"),
     ("grpo", "tiny", {"grpo__advantage": "ppo"}, "grpo.advantage"),
     ("grpo", "tiny", {"grpo__filter": "True"}, "grpo.filter"),
-    ("grpo", "tiny", {"grpo__filter": "ssr", "grpo__replay_capacity": 8}, "grpo.replay_capacity"),
+    ("grpo", "tiny", SSR_8 | {"grpo__replay_capacity": 4}, "grpo.replay_capacity"),
+    ("grpo", "tiny", {"grpo__filter": "ssr"}, "grpo.prompts_per_rollout"),  # 16 // 2 < train_batch_size 16
     ("grpo", "tiny", {"grpo__steps": 0}, "grpo.steps"),
     ("grpo", "tiny", {"grpo__epochs_per_rollout": 0}, "grpo.epochs_per_rollout"),
     ("grpo", "tiny", {"grpo__prompts_per_rollout": 8, "log__checkpoint_every": 3}, "log.checkpoint_every"),
@@ -199,6 +203,7 @@ VALID = [
     {"eval__greedy": False, "eval__num_samples": 8, "eval__benchmarks": "vstar,infovqa"},
     {"grpo__prompts_per_rollout": 8, "log__checkpoint_every": 4},
     {"reward__scoring": "strict", "reward__require_boxed": False, "eval__scoring": "strict"},
+    SSR_8,
 ]
 
 
@@ -249,7 +254,8 @@ def test_run_config_is_frozen_and_typed():
     cfg = C.from_config_dict(user_config("grpo", "tiny"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.grpo.group_size = 2
-    assert isinstance(cfg.data.seq_buckets, tuple) and isinstance(cfg.reward.alpha, float)
+    assert isinstance(cfg.data.seq_buckets, tuple) and cfg.reward.alpha is None  # the form's constant
+    assert isinstance(build("grpo", "tiny", {"reward__alpha": 1}).reward.alpha, float)
     assert cfg.grpo.samples_per_rollout == 16 and cfg.grpo.steps_per_rollout == 1
 
 
@@ -401,15 +407,11 @@ PAPER_7B = [
     ("grpo", "log.checkpoint_every", 16, "§8.2 checkpoint every rollout"),
     ("grpo", "log.keep_checkpoints", 3, "§8.2 keep 3"),
     ("grpo", "reward.form", "paper", "§9.2 paper form"),
-    ("grpo", "reward.alpha", 0.5, "§9.2 alpha"),
-    ("grpo", "reward.H", 0.3, "§9.2 H"),
-    ("grpo", "reward.beta", 0.05, "§9.2 beta"),
-    ("grpo", "reward.N", 1, "§9.2 N"),
     ("grpo", "reward.curiosity", True, "§9.2"),
     ("grpo", "reward.penalty", True, "§9.2"),
     ("grpo", "grpo.filter", "refill", "§9.3 filter=True"),
     ("grpo", "grpo.uniform_tol", 0.01, "§9.3 uniform group"),
-    ("grpo", "grpo.replay_capacity", 512 * 8, "§9.3 deque maxlen = buffer size"),
+    ("grpo", "grpo.replay_capacity", 0, "§9.3 deque maxlen = buffer size (0 = prompts * G)"),
     ("eval", "eval.benchmarks", "vstar,tallyqa,infovqa,mvbench", "§10"),
     ("eval", "eval.num_samples", 1, "§10 one sample"),
     ("eval", "eval.batch_size", 64, "§10 eval_bsz"),
@@ -425,6 +427,14 @@ PAPER_7B = [
 def test_7b_values_equal_the_reference(mode, field, value, source):
     cfg = C.from_config_dict(user_config(mode, "7b"))
     assert config_rules._get(cfg, field) == value, source
+
+
+def test_7b_reward_constants_are_the_paper_forms():
+    r = C.from_config_dict(user_config("grpo", "7b")).reward
+    got = rewards.form_constants(r.form, alpha=r.alpha, H=r.H, beta=r.beta, N=r.N)
+    assert got == {"alpha": 0.5, "H": 0.3, "beta": 0.05, "N": 1}  # §9.2 paper form
+    # The released code's form alone brings its own bonus scale (§9.2: `/ rapr * 0.25`).
+    assert rewards.form_constants("code", alpha=r.alpha, H=r.H, beta=r.beta, N=r.N)["alpha"] == 0.25
 
 
 def test_7b_grpo_derived_numbers():

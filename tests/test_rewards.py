@@ -147,6 +147,28 @@ def test_batch_rewards_two_groups():
         R.batch_rewards(acc, calls, calls, group_size=4, is_video=np.arange(8) % 2 == 0, form="code", **CODE)
 
 
+def test_each_form_carries_its_own_constants():
+    # One group of 8, sample 0 makes 3 calls: RaPR 1/8 in both forms (its calls are valid).
+    acc, calls = np.zeros(8), np.array([3, 0, 0, 0, 0, 0, 0, 0])
+    vid = np.zeros(8, bool)
+    code = R.batch_rewards(acc, calls, calls, group_size=8, is_video=vid, form="code")
+    # Released code: 0.25 * (0.3 - 0.125) / (2 * 0.125) = 0.175; penalty -0.05 * (3 - 1) = -0.1.
+    assert code["bonus"][0] == pytest.approx(0.175, abs=1e-12)
+    assert code["penalty"][0] == pytest.approx(-0.1, abs=1e-12)
+    video = R.batch_rewards(acc, calls, calls, group_size=8, is_video=~vid, form="code")
+    assert video["bonus"][0] == pytest.approx(0.25 * 0.175 / 0.1875, abs=1e-12)  # the 1.5 * RaPR divisor
+    paper = R.batch_rewards(acc, calls, calls, group_size=8, is_video=vid, form="paper")
+    # Paper: 0.5 * (0.3 - 0.125) = 0.0875; penalty 0.05 * min(1 - 3, 0) = -0.1.
+    assert paper["bonus"][0] == pytest.approx(0.0875, abs=1e-12)
+    assert paper["penalty"][0] == pytest.approx(-0.1, abs=1e-12)
+    # A value set explicitly applies to either form; the others stay the form's.
+    set_alpha = R.batch_rewards(acc, calls, calls, group_size=8, is_video=vid, form="code", alpha=0.5)
+    assert set_alpha["bonus"][0] == pytest.approx(0.35, abs=1e-12)
+    assert R.form_constants("code", beta=0.1) == {"alpha": 0.25, "H": 0.3, "beta": 0.1, "N": 1}
+    with pytest.raises(ValueError, match="form must be"):
+        R.form_constants("dapo")
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -16,8 +16,8 @@ from pixel_reasoner_jax.models.config import PRESETS
 from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
 from pixel_reasoner_jax.processing.batch import Example
 from pixel_reasoner_jax.processing.rope import get_rope_index
+from pixel_reasoner_jax.train import replay, steps
 from pixel_reasoner_jax.train import state as st
-from pixel_reasoner_jax.train import steps
 
 # A 320-token vocabulary keeps the (B, T, V) log-softmax cheap on CPU; the special ids sit above the text ids.
 TEXT_IDS = 290
@@ -250,6 +250,21 @@ def test_micro_batches_share_buckets_and_stack(examples):
         steps.stack([batches[0], no_media])
     with pytest.raises(ValueError, match="does not divide over the 8 data-parallel devices"):
         steps.shard_batch(micro, sharding.make_mesh(2, 4, 1))
+
+
+def test_trained_values_round_trip_in_example_order(examples):
+    micro = stacked(examples, 4)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(micro["loss_mask"].shape).astype(np.float32)
+    rows = replay.trained_values(x, micro["loss_mask"])
+    # One row per example, in the order given: each holds its trained targets (assistant tokens after the first).
+    assert [r.size for r in rows] == [int(ex.loss_mask[1:].sum()) for ex in examples]
+    back = replay.with_trained_values(rows, micro["loss_mask"])
+    np.testing.assert_array_equal(back, np.where(micro["loss_mask"] != 0, x, 0.0))
+    with pytest.raises(ValueError, match="row 1 has"):
+        replay.with_trained_values([rows[0], rows[1][:-1], *rows[2:]], micro["loss_mask"])
+    with pytest.raises(ValueError, match="values for 7 rows"):
+        replay.with_trained_values(rows[:-1], micro["loss_mask"])
 
 
 def test_micro_batches_truncate_to_largest_bucket(examples):

@@ -32,7 +32,7 @@ from pixel_reasoner_jax.rollout import faithfulness
 from pixel_reasoner_jax.rollout.episode import Episode, EpisodeConfig, Trajectory, load_media, run_episodes
 from pixel_reasoner_jax.rollout.policy import Policy, Video
 from pixel_reasoner_jax.sharding import make_mesh, use_mesh
-from pixel_reasoner_jax.train.grpo import SeededPolicy, open_policy
+from pixel_reasoner_jax.train.policies import SeededPolicy, open_policy
 
 EVAL_DIR = "eval"
 SAMPLES = "samples.jsonl"

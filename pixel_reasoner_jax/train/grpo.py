@@ -1,21 +1,21 @@
 """The GRPO loop: prompts x G episodes through a Policy, shaped rewards, group advantages, zero-advantage
-filtering (refill or selective replay), old log-probs, clipped-objective steps, weight sync, metrics, resume.
+filtering (refill or selective replay), old and reference log-probs, clipped-objective steps, metrics, resume.
 
 `run` is the grpo mode (an optional SFT warm start first); `GRPOTrainer` is the loop, usable on its own.
+Loop steps count every planned step and number the metric lines; optimizer steps count the steps that
+trained and number the checkpoints and the LR schedule. A rollout without a sample to train on (no
+informative group, nothing to replay) is skipped: its loop steps pass, the optimizer step does not move.
 """
 
-import base64
 import dataclasses
 import pathlib
 import time
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import jax
 import numpy as np
 from absl import logging
 
-from pixel_reasoner_jax.config import ConfigError, RunConfig, rollout_mesh_shape
+from pixel_reasoner_jax.config import ConfigError, RunConfig
 from pixel_reasoner_jax.data import loader
 from pixel_reasoner_jax.data.records import RLRecord, load_rl_records
 from pixel_reasoner_jax.models import hf_io
@@ -29,15 +29,12 @@ from pixel_reasoner_jax.rollout.episode import (
     Trajectory,
     run_episodes,
 )
-from pixel_reasoner_jax.rollout.policy import GenerationRequest, GenerationResult, Policy
-from pixel_reasoner_jax.sharding import make_mesh
-from pixel_reasoner_jax.train import advantages, rewards, sft, steps
-from pixel_reasoner_jax.train.replay import SelectiveReplayBuffer, refill_informative
+from pixel_reasoner_jax.train import advantages, replay, rewards, sft, steps
+from pixel_reasoner_jax.train.policies import Rollouts, SeededPolicy
 from pixel_reasoner_jax.train.run import RunContext, host, scalars
 
 PHASE = "grpo"
-PUSH_DIR = "pushed_weights"
-SERVER_LOG = "server.log"
+REFERENCE_DIR = "grpo_reference"
 AccuracyFn = Callable[[Trajectory], float]
 
 
@@ -53,27 +50,6 @@ def total_grpo_steps(cfg: RunConfig, num_records: int) -> int:
     if g.steps > 0:
         return g.steps
     return g.num_episodes * max(1, num_records // g.prompts_per_rollout) * g.steps_per_rollout
-
-
-def request_seed(base: int, step: int, rid: str) -> int:
-    """A sampling seed from (run seed, loop step, request id) alone: a resumed run draws the same tokens."""
-    words = np.random.SeedSequence([base, step, zlib.crc32(rid.encode())]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) | (int(words[1]) >> 1)
-
-
-class SeededPolicy(Policy):
-    """Gives every request of one rollout a seed derived from its rid (`request_seed`)."""
-
-    def __init__(self, inner: Policy, base: int, step: int):
-        self.inner, self.base, self.step = inner, base, step
-
-    @property
-    def weight_version(self) -> str:
-        return self.inner.weight_version
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        seeded = [dataclasses.replace(r, seed=request_seed(self.base, self.step, r.rid)) for r in requests]
-        return self.inner.generate(seeded)
 
 
 def default_accuracy(cfg: RunConfig) -> AccuracyFn:
@@ -93,129 +69,38 @@ def default_accuracy(cfg: RunConfig) -> AccuracyFn:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Replay samples: Examples as JSON (the SSR buffer is checkpointed in the JSON extra)
-# ---------------------------------------------------------------------------------------------------------
-
-_ARRAY_FIELDS = [f.name for f in dataclasses.fields(Example) if f.name != "qid"]
-
-
-def encode_example(ex: Example) -> dict:
-    """A JSON dict holding the Example's arrays bit-exactly (base64 of the raw bytes, dtype, shape)."""
-    out = {"qid": ex.qid}
-    for name in _ARRAY_FIELDS:
-        a = np.ascontiguousarray(getattr(ex, name))
-        out[name] = [base64.b64encode(a.tobytes()).decode("ascii"), a.dtype.str, list(a.shape)]
-    return out
-
-
-def decode_example(d: dict) -> Example:
-    arrays = {}
-    for name in _ARRAY_FIELDS:
-        data, dtype, shape = d[name]
-        arrays[name] = np.frombuffer(base64.b64decode(data), dtype=np.dtype(dtype)).reshape(shape).copy()
-    return Example(qid=d["qid"], **arrays)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Policies
+# The KL reference policy
 # ---------------------------------------------------------------------------------------------------------
 
 
-def open_policy(cfg: RunConfig, model_cfg, processor, model_fn, *, version: str, workdir, max_batch: int):
-    """(policy, SGLang client or None, local server or None) for `cfg.rollout.backend`.
+def reference_params(ctx: RunContext, sft_steps: int):
+    """The frozen reference of the KL term: the policy at the start of GRPO, on the train shardings.
 
-    Args:
-      model_fn: builds the Qwen25VL the in-process sampler serves (called for backend "jax" only).
-      version: the weight label of that model.
-      workdir: where a launched local server writes its log.
-      max_batch: episodes decoded together.
+    Read from a Hugging Face folder on a fresh start and on a resume alike, so both see the same weights:
+    the run's checkpoint when GRPO starts from it, or `workdir/grpo_reference`, written when GRPO starts
+    after an SFT warm start (the warm-start checkpoint itself may since have been rotated away).
     """
-    if cfg.rollout.backend == "jax":
-        from pixel_reasoner_jax.rollout.sampler import JaxSampler
-
-        data, tensor = rollout_mesh_shape(cfg.mesh, jax.device_count())
-        sampler = JaxSampler(
-            model_fn(),
-            model_cfg,
-            processor,
-            max_batch=max_batch,
-            seq_buckets=cfg.data.seq_buckets,
-            patch_buckets=cfg.data.patch_buckets,
-            decode_bucket=cfg.rollout.decode_bucket,
-            mesh=make_mesh(data, 1, tensor),
-            rules="rollout",
-            weight_version=version,
-        )
-        return sampler, None, None
-    from pixel_reasoner_jax.rollout.sglang_client import SGLangClient
-    from pixel_reasoner_jax.serve.launch import start_local_server
-
-    urls, server = list(cfg.rollout.urls), None
-    if cfg.rollout.launch_local_server:
-        url, server = start_local_server(
-            cfg.model.checkpoint,
-            max_batch=max_batch,
-            weight_version=version,
-            timeout_s=cfg.rollout.request_timeout_s,
-            log_path=pathlib.Path(workdir) / SERVER_LOG,
-        )
-        urls.append(url)
-    client = SGLangClient(urls, timeout_s=cfg.rollout.request_timeout_s, retries=cfg.rollout.retries)
-    return client, client, server
+    folder = pathlib.Path(ctx.cfg.model.checkpoint)
+    if sft_steps:
+        folder = ctx.workdir / REFERENCE_DIR
+        if ctx.extra.get("phase") != PHASE:  # GRPO starts now
+            hf_io.export_hf(
+                ctx.state.params, ctx.model_cfg, folder, extra_files_from=ctx.cfg.model.checkpoint
+            )
+        elif not folder.is_dir():
+            raise FileNotFoundError(f"the KL reference policy {folder} of this run is missing; cannot resume")
+    return ctx.load_params(folder)
 
 
-class _Rollouts:
-    """The run's Policy (in-process JaxSampler, or SGLang servers) and how new weights reach it."""
+@dataclasses.dataclass
+class Selection:
+    """What one rollout batch trains on: examples with their advantages and, for replayed (SSR) samples,
+    the old log-probs stored with them (None: computed from the batch before the first update)."""
 
-    def __init__(self, ctx: RunContext):
-        from flax import nnx
-
-        self.ctx = ctx
-
-        def model_fn():
-            # Copies: the train step donates the state's buffers, which must never be the sampler's.
-            params = jax.tree.map(lambda x: x.copy(), ctx.state.params)
-            return nnx.merge(ctx.graphdef, params, ctx.state.buffers)
-
-        # A launched server starts from the checkpoint folder, labelled "base": the first sync pushes ours.
-        version = self.version() if ctx.cfg.rollout.backend == "jax" else "base"
-        self.policy, self.client, self.server = open_policy(
-            ctx.cfg, ctx.model_cfg, self.processor, model_fn,
-            version=version, workdir=ctx.workdir, max_batch=ctx.cfg.rollout.batch_size,
-        )  # fmt: skip
-
-    @property
-    def processor(self):
-        r = self.ctx.cfg.rollout
-        return self.ctx.processor(r.model_min_pixels, r.model_max_pixels)
-
-    def version(self) -> str:
-        """The weight label of the current train state: optimizer updates applied."""
-        return str(int(host(self.ctx.state.step)))
-
-    def sync(self) -> None:
-        """Brings the policy to the train state's weights when its version lags (after a step or resume)."""
-        version = self.version()
-        if self.policy.weight_version == version:
-            return
-        params = self.ctx.state.params
-        if self.client is None:
-            self.policy.update_weights(jax.tree.map(lambda x: x.copy(), params), version)
-            return
-        ctx = self.ctx
-        self.client.push_weights(
-            lambda out: hf_io.export_hf(
-                params, ctx.model_cfg, out, extra_files_from=ctx.cfg.model.checkpoint
-            ),
-            version,
-            ctx.workdir / PUSH_DIR,
-        )
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self.server is not None:
-            self.server.stop()
+    examples: list[Example]
+    advantages: np.ndarray
+    old_logprobs: list[np.ndarray] | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,7 +119,7 @@ class GRPOTrainer:
     Args:
       ctx: the run (its state is updated in place).
       records: the RL prompts.
-      sft_steps: loop steps taken by the warm start (GRPO checkpoints count from there).
+      sft_steps: steps taken by the warm start (GRPO checkpoints count from there).
       accuracy_fn: trajectory -> accuracy reward; default: `default_accuracy` (reward.scoring).
     """
 
@@ -257,10 +142,14 @@ class GRPOTrainer:
             self.rng.bit_generator.state = extra["np_rng"]
         self.replay = None
         if cfg.grpo.filter == "ssr":
-            self.replay = SelectiveReplayBuffer(cfg.grpo.replay_capacity, cfg.seed)
+            self.replay = replay.SelectiveReplayBuffer(cfg.grpo.replay_size, cfg.seed)
             if extra.get("replay"):
                 self.replay.load_state_dict(extra["replay"])
         self.skipped = int(extra.get("skipped_steps", 0))
+        self.opt_step = int(host(ctx.state.step))
+        rw = cfg.reward
+        self.reward_constants = rewards.form_constants(rw.form, alpha=rw.alpha, H=rw.H, beta=rw.beta, N=rw.N)
+        logging.info("grpo: reward form %r with %s", rw.form, self.reward_constants)
         d = cfg.data
         self.episode_cfg = dataclasses.replace(
             EpisodeConfig.from_rollout(cfg.rollout),
@@ -272,11 +161,14 @@ class GRPOTrainer:
         )
         settings = steps.GRPOLossSettings.from_config(cfg.grpo, cfg.data.max_seq_len)
         self.fns = sft.make_fns(ctx, grpo=settings)
-        self.rollouts = _Rollouts(ctx)
+        # Loaded once, kept on device: one more log-prob pass per batch when the KL term is on.
+        self.ref_params = reference_params(ctx, sft_steps) if cfg.grpo.kl_coef > 0 else None
+        self.rollouts = Rollouts(ctx)
 
-    def extra(self) -> dict:
+    def extra(self, loop_step: int) -> dict:
         out = {
             "phase": PHASE,
+            "loop_step": loop_step,
             "sft_iter": self.ctx.extra.get("sft_iter"),
             "rl_iter": self.it.get_state(),
             "np_rng": self.rng.bit_generator.state,
@@ -339,8 +231,7 @@ class GRPOTrainer:
             [t.num_valid_calls for t in trajs],
             group_size=g,
             is_video=np.array([bool(t.record.is_video) for t in trajs]),
-            form=rw.form, alpha=rw.alpha, H=rw.H, beta=rw.beta, N=rw.N,
-            curiosity=rw.curiosity, penalty=rw.penalty,
+            form=rw.form, **self.reward_constants, curiosity=rw.curiosity, penalty=rw.penalty,
         )  # fmt: skip
         adv = advantages.group_advantages(shaped["shaped"], g, cfg.grpo.advantage)
         uniform = advantages.uniform_groups(shaped["shaped"], g, cfg.grpo.uniform_tol)
@@ -361,13 +252,14 @@ class GRPOTrainer:
         metrics.update(faithfulness.rollout_metrics(trajs, acc > 0.5))  # crops that show the target box
         return adv, informative, metrics
 
-    def select(self, trajs, adv, informative) -> tuple[list[Example], np.ndarray]:
-        """The rollout's training samples (samples_per_rollout of them) and their advantages, or empty.
+    def select(self, trajs, adv, informative) -> Selection:
+        """The rollout batch's training samples, or none (the steps are skipped).
 
-        refill: informative samples repeated back to the batch size (the original's `--filter True`);
-        ssr: half fresh informative, half replayed by |advantage|; none: every trainable sample.
+        refill: informative samples repeated back to the rollout batch (the original's `--filter True`);
+        ssr: half the rollout batch, fresh informative samples first, replay fills the rest (`--filter
+        SSR`, `replay.SelectiveReplayBuffer.mix`); none: every trainable sample.
         """
-        n = self.cfg.grpo.samples_per_rollout
+        n = self.cfg.grpo.trained_per_rollout
         mode = self.cfg.grpo.filter
         proc, mcfg = self.rollouts.processor, self.ctx.model_cfg
         cache: dict[int, Example] = {}
@@ -379,46 +271,74 @@ class GRPOTrainer:
 
         if mode == "ssr":
             fresh = np.flatnonzero(informative)
-            samples, adv_s = self.replay.mix([encode_example(ex(i)) for i in fresh], adv[fresh], n)
-            return [decode_example(s) for s in samples], np.asarray(adv_s)
+            exs = [ex(i) for i in fresh]
+            # Old log-probs now, under the policy that sampled them: replayed later, they keep these.
+            stored = [replay.encode_sample(e, lp) for e, lp in zip(exs, self._logprobs_of(exs))]
+            samples, adv_s, n_fresh = self.replay.mix(stored, adv[fresh], n)
+            # The original's DataLoader(shuffle=True) mixes fresh and replayed samples across steps.
+            order = self.rng.permutation(len(samples))
+            decoded = [replay.decode_sample(samples[i]) for i in order]
+            metrics = {
+                "replay/fresh_samples": float(n_fresh),
+                "replay/replayed_samples": float(len(samples) - n_fresh),
+                "replay/buffer_size": float(len(self.replay)),
+            }
+            return Selection([e for e, _ in decoded], adv_s[order], [lp for _, lp in decoded], metrics)
         pool = informative if mode == "refill" else np.array([t.trainable for t in trajs])
-        idx = refill_informative(np.flatnonzero(pool).tolist(), n, self.rng)
-        return [ex(i) for i in idx], adv[np.asarray(idx, np.int64)] if idx else np.zeros((0,))
+        idx = replay.refill_informative(np.flatnonzero(pool).tolist(), n, self.rng)
+        return Selection([ex(i) for i in idx], adv[np.asarray(idx, np.int64)] if idx else np.zeros((0,)))
 
     # ---------------------------------------------------------------------------------- train
 
-    def _micro(self, examples: list[Example], adv: np.ndarray) -> dict:
+    def _logprobs_of(self, examples: list[Example]) -> list[np.ndarray]:
+        """Each example's log-probs of its trained targets under the current policy, in train batches."""
+        tb, out = self.cfg.grpo.train_batch_size, []
+        for i in range(0, len(examples), tb):
+            part = examples[i : i + tb]
+            micro = sft.make_micro(self.ctx, part + part[:1] * (tb - len(part)), self.cfg.grpo.micro_batches)
+            lp = host(self.fns.logprobs(self.ctx.state.params, micro)).astype(np.float32)
+            out.extend(replay.trained_values(lp, micro["loss_mask"])[: len(part)])
+        return out
+
+    def _micro(self, examples: list[Example], adv: np.ndarray, old: list[np.ndarray] | None) -> dict:
         micro = sft.make_micro(self.ctx, examples, self.cfg.grpo.micro_batches)
         micro["advantages"] = adv.astype(np.float32).reshape(micro["advantages"].shape)
         # Old log-probs from the trainer's own forward at rollout time (the policy the samples came from,
         # in the trainer's numerics); the sampler's stay in `sampler_logprobs` for TIS and the gap metric.
-        micro["old_logprobs"] = host(self.fns.logprobs(self.ctx.state.params, micro)).astype(np.float32)
+        if old is None:
+            micro["old_logprobs"] = host(self.fns.logprobs(self.ctx.state.params, micro)).astype(np.float32)
+        else:
+            micro["old_logprobs"] = replay.with_trained_values(old, micro["loss_mask"])
+        if self.ref_params is not None:
+            micro["ref_logprobs"] = host(self.fns.logprobs(self.ref_params, micro)).astype(np.float32)
         return micro
 
-    def train_rollout(self, step: int, until: int) -> int:
+    def train_rollout(self, step: int, until: int, bar) -> int:
         """One rollout batch: up to steps_per_rollout loop steps (not past `until`); returns the new step."""
         cfg, ctx = self.cfg, self.ctx
         trajs, roll_m = self.rollout(step)
         adv, informative, score_m = self.score(trajs)
-        examples, adv_s = self.select(trajs, adv, informative)
+        t0 = time.perf_counter()  # selection, expansion and old (and reference) log-probs
+        sel = self.select(trajs, adv, informative)
         qids = [t.record.qid for t in trajs[:: cfg.grpo.group_size]]
         n_steps = min(cfg.grpo.steps_per_rollout, until - step)
         per_epoch = cfg.grpo.steps_per_rollout // cfg.grpo.epochs_per_rollout
         tb = cfg.grpo.train_batch_size
         micros = []
-        t0 = time.perf_counter()
-        if examples:
-            # Epoch 0 in selection order (refill and SSR already shuffled), later epochs reshuffled.
+        if sel.examples:
+            # Epoch 0 in selection order (already shuffled), later epochs reshuffled.
             epochs = -(-n_steps // per_epoch)
-            orders = [np.arange(len(examples))] + [
-                self.rng.permutation(len(examples)) for _ in range(epochs - 1)
+            orders = [np.arange(len(sel.examples))] + [
+                self.rng.permutation(len(sel.examples)) for _ in range(epochs - 1)
             ]
             for k in range(n_steps):
                 part = orders[k // per_epoch][(k % per_epoch) * tb : (k % per_epoch + 1) * tb]
-                micros.append(self._micro([examples[i] for i in part], adv_s[part]))
+                old = None if sel.old_logprobs is None else [sel.old_logprobs[i] for i in part]
+                micros.append(self._micro([sel.examples[i] for i in part], sel.advantages[part], old))
         t_old = time.perf_counter() - t0
         once = {**{k: v for k, v in roll_m.items() if k.startswith("time/")}, "time/reward_s": 0.0}
-        base = {**roll_m, **score_m, "time/old_logprobs_s": t_old}
+        base = {**roll_m, **score_m, **sel.metrics, "time/old_logprobs_s": t_old}
+        opt_before = self.opt_step
         for k in range(n_steps):
             t1 = time.perf_counter()
             step += 1
@@ -427,6 +347,7 @@ class GRPOTrainer:
             if micros:
                 micro = micros[k]
                 ctx.state, out = self.fns.grpo_step(ctx.state, micro)
+                self.opt_step += 1
                 metrics.update(scalars(out, "grpo"))
                 mask = micro["loss_mask"] != 0
                 gap = np.abs(micro["sampler_logprobs"] - micro["old_logprobs"])[mask]
@@ -434,32 +355,35 @@ class GRPOTrainer:
                 metrics["throughput/train_tokens_per_s"] = float(mask.sum()) / (time.perf_counter() - t1)
             else:
                 self.skipped += 1
-            metrics["grpo/skipped_steps"] = float(self.skipped)
+            metrics["train/loop_step"] = float(step)
+            metrics["train/optimizer_step"] = float(self.opt_step)
+            metrics["train/skipped_steps"] = float(self.skipped)
             metrics["time/train_s"] = time.perf_counter() - t1
             ctx.log(step, metrics)
             ctx.samples.write(step, PHASE, qids, weight_version=self.rollouts.policy.weight_version)
-            self.bar.update(1)
-            self.bar.set_postfix(
-                reward=f"{metrics['reward/shaped']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}"
-            )
-            every = cfg.log.checkpoint_every
-            if step == until or (every and (step - self.sft_steps) % every == 0):
-                ctx.save(step, self.extra())
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/shaped']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
+        # Checkpoints are numbered by optimizer steps and land on rollout boundaries (the config makes
+        # checkpoint_every a multiple of the steps per rollout); a skipped rollout saves nothing new.
+        every, s0 = cfg.log.checkpoint_every, self.sft_steps
+        if step == until or (every and (self.opt_step - s0) // every > (opt_before - s0) // every):
+            ctx.save(self.opt_step, self.extra(step))
         return step
 
     def train(self, until: int) -> None:
         """Rollout batches from the context's loop step up to loop step `until`."""
         step = int(self.ctx.start_step)
-        self.bar = self.ctx.progress(until, "grpo")
+        bar = self.ctx.progress(until, "grpo")
         try:
             while step < until:
-                step = self.train_rollout(step, until)
+                step = self.train_rollout(step, until, bar)
         finally:
-            self.bar.close()
+            bar.close()
         self.ctx.start_step = step
         logging.info(
-            "grpo: reached step %d (%d steps skipped without informative samples)", step, self.skipped
-        )
+            "grpo: reached loop step %d, optimizer step %d (%d steps skipped without a sample to train on)",
+            step, self.opt_step, self.skipped,
+        )  # fmt: skip
 
     def close(self) -> None:
         self.rollouts.close()

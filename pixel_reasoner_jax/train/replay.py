@@ -1,17 +1,27 @@
-"""Zero-advantage remedies: refill-by-repetition ("filter True") and Selective Sample Replay (SSR).
+"""Zero-advantage remedies: refill-by-repetition ("filter True") and Selective Sample Replay (SSR), with the
+JSON codec of a replayed sample (checkpointed with the run) and its log-probs per micro-batch row.
 
-Host-side; samples are opaque JSON-able dicts owned by the caller (reference/pixel_reasoner.md §9.3).
+Host-side; the buffer holds opaque JSON-able dicts (reference/pixel_reasoner.md §9.3).
 """
 
+import base64
 import collections
 import copy
+import dataclasses
 import json
 from collections.abc import Sequence
 
 import numpy as np
 
+from pixel_reasoner_jax.processing.batch import Example
+
 # Floor added to |advantage| so every stored sample keeps a non-zero chance (the original's 1e-4).
 _PROB_FLOOR = 1e-4
+
+
+def _check_count(name: str, n) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {n!r}")
 
 
 def refill_informative(
@@ -33,8 +43,7 @@ def refill_informative(
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    if isinstance(target_size, bool) or not isinstance(target_size, (int, np.integer)) or target_size < 0:
-        raise ValueError(f"target_size must be an int >= 0, got {target_size!r}")
+    _check_count("target_size", target_size)
     idx = [int(i) for i in indices_informative]
     if len(set(idx)) != len(idx):
         raise ValueError(f"indices_informative must be distinct, got {idx}")
@@ -51,11 +60,10 @@ def refill_informative(
 
 
 class SelectiveReplayBuffer:
-    """Selective Sample Replay: keep past informative samples and redraw them by |advantage|.
+    """Selective Sample Replay as the original's `active_sampling(do_ssr=True)` (reference §9.3).
 
-    A FIFO of at most `capacity` (sample, advantage) pairs. Draws are with replacement, with probability
-    proportional to |advantage| + 1e-4. Unlike the original, indices are always taken against the list they
-    were drawn from (the original reassigned `self.items` and then reused stale indices).
+    A FIFO (deque) of at most `capacity` (sample, advantage) pairs; the original's maxlen is the rollout
+    batch N. Draws are with replacement, with probability proportional to |advantage| + 1e-4.
     """
 
     def __init__(self, capacity: int, seed: int):
@@ -91,52 +99,60 @@ class SelectiveReplayBuffer:
         return w / w.sum()
 
     def _draw(self, n: int) -> np.ndarray:
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        _check_count("n", n)
         if n == 0:
             return np.zeros((0,), np.int64)
         if not self._samples:
             raise ValueError(f"cannot draw {n} samples from an empty replay buffer")
         return self._rng.choice(len(self._samples), size=n, replace=True, p=self.probabilities())
 
+    def _fill(self, n: int) -> np.ndarray:
+        """The original's fill rule: the whole buffer (storage order) while `n` exceeds its length, then
+        the rest drawn by |advantage| (its `while numtotal > 0` loop over `keep_items`)."""
+        _check_count("n", n)
+        size = len(self._samples)
+        if n and not size:
+            raise ValueError(f"cannot replay {n} samples from an empty replay buffer")
+        whole = (n - 1) // size if n else 0  # copies taken while the shortfall still exceeds the buffer
+        parts = [np.arange(size)] * whole + [self._draw(n - whole * size)]
+        return np.concatenate(parts).astype(np.int64)
+
     def sample(self, n: int) -> list:
         """Draws `n` stored samples with replacement, P(i) proportional to |adv_i| + 1e-4."""
         return [self._samples[i] for i in self._draw(n)]
 
-    def sample_with_advantages(self, n: int) -> tuple[list, np.ndarray]:
-        """Like `sample`, also returning the stored advantage of each drawn sample."""
-        idx = self._draw(n)
-        return [self._samples[i] for i in idx], np.asarray([self._adv[i] for i in idx], np.float64)
+    def mix(self, fresh: list, fresh_adv, size: int) -> tuple[list, np.ndarray, int]:
+        """The training buffer of one rollout batch: fresh informative samples first, replay fills the rest.
 
-    def mix(self, fresh: list, fresh_adv, size: int) -> tuple[list, np.ndarray]:
-        """Builds a training batch of `size` samples: up to half fresh, the rest replayed.
-
-        Rule (after the original's SSR): the fresh informative samples are first added to the buffer, so they
-        can be replayed now and later. Then n_fresh = min(len(fresh), size // 2) of them are taken without
-        replacement, in random order, and the other size - n_fresh are drawn from the whole buffer with
-        replacement by |advantage| + 1e-4. With enough fresh samples the batch is exactly half fresh, half
-        replayed; with few, replay fills the gap.
+        The original's rule (`active_sampling`, do_ssr): this step's informative samples join the buffer
+        first (so they can be replayed now and later); then min(len(fresh), size) of them are taken without
+        replacement in random order; only when fewer than `size` exist, the shortfall comes from the
+        buffer (`_fill`); with no fresh sample at all the original divides by zero, here the buffer fills
+        the batch alone. Replayed samples come back as stored: they keep the advantages (and, in the
+        caller's samples, the old log-probs) of the rollout that produced them, as in the original. The original picks the fresh samples
+        by indices into its item list after reassigning that list (bug §9.3, "index reuse"), so it trains
+        on repeats of some fresh samples; what it meant, distinct fresh samples, is done here. It also
+        reseeds Python's `random` with 42 on every call (so its shuffles repeat); the buffer's own
+        checkpointed RNG shuffles here.
 
         Args:
             fresh: this step's informative samples (from non-uniform groups).
             fresh_adv: their advantages (len(fresh),).
-            size: the training batch size.
+            size: the training buffer size, half the rollout batch in the original.
 
         Returns:
-            (samples, advantages): `size` samples (fresh first) and their advantages, or ([], empty) when both
-            `fresh` and the buffer are empty (the caller skips the step).
+            (samples, advantages, n_fresh): `size` samples, the first n_fresh of them fresh, or ([], empty, 0)
+            when `fresh` and the buffer are both empty (the caller skips the step; the original crashes).
         """
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
-            raise ValueError(f"size must be an int >= 0, got {size!r}")
+        _check_count("size", size)
         self.add(fresh, fresh_adv)
         adv = np.asarray(fresh_adv, dtype=np.float64)
         if not self._samples or size == 0:
-            return [], np.zeros((0,), np.float64)
-        n_fresh = min(len(fresh), size // 2)
-        pick = self._rng.permutation(len(fresh))[:n_fresh]
-        replayed, replayed_adv = self.sample_with_advantages(size - n_fresh)
-        samples = [fresh[i] for i in pick] + replayed
-        return samples, np.concatenate([adv[pick], replayed_adv])
+            return [], np.zeros((0,), np.float64), 0
+        pick = self._rng.permutation(len(fresh))[: min(len(fresh), size)]
+        idx = self._fill(size - len(pick))
+        samples = [fresh[i] for i in pick] + [self._samples[i] for i in idx]
+        return samples, np.concatenate([adv[pick], [self._adv[i] for i in idx]]), len(pick)
 
     def state_dict(self) -> dict:
         """JSON-serialisable state (samples, advantages, RNG) so a resumed run draws the same samples."""
@@ -170,3 +186,91 @@ class SelectiveReplayBuffer:
         self._samples = collections.deque(copy.deepcopy(state["samples"]), maxlen=self.capacity)
         self._adv = collections.deque((float(a) for a in state["advantages"]), maxlen=self.capacity)
         self._rng.bit_generator.state = copy.deepcopy(rng_state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Replay samples: an Example and its stored old log-probs as one JSON dict
+# ---------------------------------------------------------------------------------------------------------
+
+# Stored whole; `logprobs` is stored at the trained tokens only (see encode_sample).
+_DENSE_FIELDS = [f.name for f in dataclasses.fields(Example) if f.name not in ("qid", "logprobs")]
+
+
+def _pack(a: np.ndarray) -> list:
+    a = np.ascontiguousarray(a)
+    return [base64.b64encode(a.tobytes()).decode("ascii"), a.dtype.str, list(a.shape)]
+
+
+def _unpack(v: list) -> np.ndarray:
+    data, dtype, shape = v
+    return np.frombuffer(base64.b64decode(data), dtype=np.dtype(dtype)).reshape(shape).copy()
+
+
+def encode_sample(ex: Example, old_logprobs: np.ndarray) -> dict:
+    """One replay sample as a JSON dict: the rollout's Example bit-exactly and its old log-probs.
+
+    The sampler's log-probs are stored at the trained tokens only: a rollout samples exactly the tokens it
+    trains, so every other entry is 0. That saves as many bytes per sample as the old log-probs add
+    whenever at most half of a sequence is trained (the prompt, images and tool results are not).
+
+    Args:
+      ex: the expanded rollout.
+      old_logprobs: (n,) float32 log-probs of its trained targets under the policy that sampled it, in
+        order (`trained_values`); n may be below the count when a training cut shortened it.
+
+    Raises:
+      ValueError: sampler log-probs outside the loss mask, or more old log-probs than trained targets.
+    """
+    trained = ex.loss_mask != 0
+    if np.any(ex.logprobs[~trained]):
+        raise ValueError(f"sample {ex.qid!r}: a rollout has sampler log-probs only on trained tokens")
+    old = np.asarray(old_logprobs)
+    if old.dtype != np.float32 or old.ndim != 1 or old.size > int(trained[1:].sum()):
+        raise ValueError(
+            f"sample {ex.qid!r}: old_logprobs must be float32 (n,) with n <= {int(trained[1:].sum())} trained "
+            f"targets, got {old.dtype} {old.shape}"
+        )
+    out = {"qid": ex.qid, "logprobs": _pack(ex.logprobs[trained]), "old_logprobs": _pack(old)}
+    out.update({name: _pack(getattr(ex, name)) for name in _DENSE_FIELDS})
+    return out
+
+
+def decode_sample(d: dict) -> tuple[Example, np.ndarray]:
+    """(Example, old log-probs) of an `encode_sample` dict, bit-exact."""
+    arrays = {name: _unpack(d[name]) for name in _DENSE_FIELDS}
+    trained = arrays["loss_mask"] != 0
+    values = _unpack(d["logprobs"])
+    logprobs = np.zeros(trained.shape, values.dtype)
+    logprobs[trained] = values
+    return Example(qid=d["qid"], logprobs=logprobs, **arrays), _unpack(d["old_logprobs"])
+
+
+def trained_values(x: np.ndarray, loss_mask: np.ndarray) -> list[np.ndarray]:
+    """Per row of a stacked micro array (n, B, T), its values at the trained targets, in order.
+
+    Rows come micro-batch by micro-batch, i.e. in the order of the examples given to `steps.micro_batches`.
+    """
+    x, mask = np.asarray(x), np.asarray(loss_mask) != 0
+    if x.shape != mask.shape or x.ndim != 3:
+        raise ValueError(f"x {x.shape} and loss_mask {mask.shape} must have one (n_micro, B, T) shape")
+    t = x.shape[-1]
+    return [row[m] for row, m in zip(x.reshape(-1, t), mask.reshape(-1, t))]
+
+
+def with_trained_values(values: Sequence[np.ndarray], loss_mask: np.ndarray) -> np.ndarray:
+    """The inverse of `trained_values`: float32 (n, B, T) zeros holding each row's values at its trained
+    targets (the stored old log-probs of replayed samples).
+
+    Raises:
+      ValueError: a row count or a row's length that does not match the mask.
+    """
+    mask = np.asarray(loss_mask) != 0
+    rows = mask.reshape(-1, mask.shape[-1])
+    if len(values) != rows.shape[0]:
+        raise ValueError(f"got values for {len(values)} rows, the micro-batches have {rows.shape[0]}")
+    out = np.zeros(rows.shape, np.float32)
+    for i, (v, m) in enumerate(zip(values, rows)):
+        if np.shape(v) != (int(m.sum()),):
+            raise ValueError(f"row {i} has {int(m.sum())} trained targets, got values of shape {np.shape(v)}")
+        out[i, m] = v
+    return out.reshape(mask.shape)

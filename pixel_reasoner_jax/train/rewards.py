@@ -122,10 +122,10 @@ def shape_group_code(
     """Released-code form (`experience_maker.py`): a 1/RaPR-scaled bonus and a per-extra-call penalty.
 
     bonus = alpha*max(H - RaPR, 0) / (s*RaPR) for rollouts with >= 1 call, s = 2 (image) or 1.5 (video);
-    penalty = beta*min(N - n_calls, 0). Mapping to the code's constants: alpha = 0.25, H = 0.3, beta = 0.05
-    and N = 1, which gives its -0.05*(n_calls - 1) for n_calls >= 1. Counts EVERY tool-call turn, errored
-    ones included (n_calls), both for RaPR and for the terms; `n_valid_ops` is validated but unused. With
-    RaPR = 0 no rollout qualifies for the bonus, so the 0/0 never arises.
+    penalty = beta*min(N - n_calls, 0). The code's constants are `FORM_CONSTANTS["code"]`: alpha 0.25,
+    H 0.3, beta 0.05, N 1, which give its -0.05*(n_calls - 1) for n_calls >= 1. Counts EVERY tool-call
+    turn, errored ones included (n_calls), both for RaPR and for the terms; `n_valid_ops` is validated but
+    unused. With RaPR = 0 no rollout qualifies for the bonus, so the 0/0 never arises.
 
     Returns:
         dict with `shaped`, `bonus`, `penalty` (float64 arrays (G,)) and `rapr` (float).
@@ -147,6 +147,32 @@ def shape_group_code(
 
 RewardShaper = Callable[..., dict]
 REWARD_SHAPERS: dict[str, RewardShaper] = {"paper": shape_group_paper, "code": shape_group_code}
+# Each form's own (alpha, H, beta, N): the paper's symbols (§9.2, verl-tool's PixelReasonerRewardManager) and
+# the released code's literals (experience_maker.py, end of `_generate_vllm`: `/ rapr * 0.25`, `0.3 - rapr`,
+# `- 0.05*(ncall-1)`). Only alpha differs. A value left None takes its form's constant.
+FORM_CONSTANTS: dict[str, dict[str, float]] = {
+    "paper": {"alpha": 0.5, "H": 0.3, "beta": 0.05, "N": 1},
+    "code": {"alpha": 0.25, "H": 0.3, "beta": 0.05, "N": 1},
+}
+
+
+def form_constants(
+    form: str,
+    *,
+    alpha: float | None = None,
+    H: float | None = None,
+    beta: float | None = None,
+    N: float | None = None,
+) -> dict[str, float]:
+    """(alpha, H, beta, N) of `form`, each replaced by the value given when it is not None.
+
+    Raises:
+        ValueError: `form` is not a key of `REWARD_SHAPERS`.
+    """
+    if form not in FORM_CONSTANTS:
+        raise ValueError(f"form must be one of {sorted(FORM_CONSTANTS)}, got {form!r}")
+    given = {"alpha": alpha, "H": H, "beta": beta, "N": N}
+    return {k: v if given[k] is None else given[k] for k, v in FORM_CONSTANTS[form].items()}
 
 
 def batch_rewards(
@@ -157,10 +183,10 @@ def batch_rewards(
     group_size: int,
     is_video,
     form: str,
-    alpha: float,
-    H: float,
-    beta: float,
-    N: float,
+    alpha: float | None = None,
+    H: float | None = None,
+    beta: float | None = None,
+    N: float | None = None,
     curiosity: bool = True,
     penalty: bool = True,
 ) -> dict:
@@ -171,14 +197,15 @@ def batch_rewards(
         group_size: G.
         is_video: one bool for the batch, or a bool array (B,) constant within each group.
         form: a key of `REWARD_SHAPERS` ("paper" or "code").
-        alpha, H, beta, N, curiosity, penalty: passed to the shaper.
+        alpha, H, beta, N: the shaping constants; None takes the form's own (`FORM_CONSTANTS`), so
+          form="code" alone gives the released code's rewards.
+        curiosity, penalty: switch the bonus / the penalty off.
 
     Returns:
         dict with `shaped`, `bonus`, `penalty` (float64 (B,)), `rapr_per_group` (float64 (B/G,)) and `rapr`
         (float, mean over groups).
     """
-    if form not in REWARD_SHAPERS:
-        raise ValueError(f"form must be one of {sorted(REWARD_SHAPERS)}, got {form!r}")
+    constants = form_constants(form, alpha=alpha, H=H, beta=beta, N=N)
     acc_arr = np.asarray(acc, dtype=np.float64)
     if acc_arr.ndim != 1:
         raise ValueError(f"acc must be 1-D (B,), got shape {acc_arr.shape}")
@@ -210,10 +237,7 @@ def batch_rewards(
             calls[sl],
             valid[sl],
             is_video=bool(video[k]),
-            alpha=alpha,
-            H=H,
-            beta=beta,
-            N=N,
+            **constants,
             curiosity=curiosity,
             penalty=penalty,
         )

@@ -73,6 +73,13 @@ def read_samples(workdir: str | os.PathLike) -> list[dict]:
     return read_metrics(pathlib.Path(workdir) / SAMPLES_FILE)
 
 
+def _model_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    m = cfg.model
+    return dict(
+        dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], remat=m.remat, attention=m.attention
+    )
+
+
 def optim_config(cfg: RunConfig, total_steps: int) -> st.OptimConfig:
     o = cfg.optim
     return st.OptimConfig(
@@ -95,8 +102,9 @@ class RunContext:
 
     Attributes:
       start_step: loop step of the restored checkpoint (0 for a fresh run). Loop steps number the metric
-        lines and checkpoints; they equal `state.step` (optimizer updates) unless GRPO skipped a rollout
-        with no informative sample.
+        and sample-log lines; checkpoints and the LR schedule count optimizer steps (`state.step`). The two
+        are equal unless GRPO skipped steps for want of an informative sample: a GRPO checkpoint keeps its
+        loop step in extra["loop_step"].
       extra: the restored checkpoint's JSON extra ({} for a fresh run).
     """
 
@@ -137,12 +145,7 @@ class RunContext:
         optimizer = st.make_optimizer(ocfg, frozen)
         checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, max_to_keep=keep, async_save=True)
         latest = checkpointer.latest_step()
-        kw = dict(
-            dtype=_DTYPES[cfg.model.dtype],
-            param_dtype=_DTYPES[cfg.model.param_dtype],
-            remat=cfg.model.remat,
-            attention=cfg.model.attention,
-        )
+        kw = _model_kwargs(cfg)
         t0 = time.perf_counter()
         if latest is None:
             with sharding.use_mesh(mesh, "train"):
@@ -162,7 +165,7 @@ class RunContext:
                 time.perf_counter() - t0,
             )
         is_main = jax.process_index() == 0
-        start = 0 if latest is None else latest
+        start = 0 if latest is None else int(extra.get("loop_step", latest))
         writer = MetricsWriter(workdir, enabled=is_main, tensorboard=cfg.log.tensorboard, resume_step=start)
         base_image = ImageProcessorConfig.from_pretrained(ckpt_dir)
         return cls(
@@ -186,6 +189,21 @@ class RunContext:
             is_main=is_main,
         )
 
+    def load_params(self, folder: str | os.PathLike) -> Any:
+        """The parameters of the Hugging Face folder `folder`, placed like the train state's (e.g. a frozen
+        reference policy)."""
+        with sharding.use_mesh(self.mesh, "train"):
+            model = hf_io.load_model(folder, mesh=self.mesh, rules="train", **_model_kwargs(self.cfg))
+        leaves = jax.tree.leaves(nnx.split(model, nnx.Param, ...)[1])
+        shardings = jax.tree.leaves(self.shardings.params)
+        want = [(x.shape, x.dtype) for x in jax.tree.leaves(self.state.params)]
+        if [(x.shape, x.dtype) for x in leaves] != want:
+            raise ValueError(f"the parameters of {folder} differ in shape or dtype from the train state's")
+        # The state's own tree (a restored state's Variables carry other metadata than a loaded model's),
+        # so the jitted steps see one structure and compile once.
+        placed = [jax.device_put(x, s) for x, s in zip(leaves, shardings)]
+        return jax.tree.unflatten(jax.tree.structure(self.state.params), placed)
+
     def processor(self, min_pixels: int, max_pixels: int) -> ImageProcessorConfig:
         """The checkpoint's processor (patch sizes, normalisation) with the given resize bounds."""
         return dataclasses.replace(self.image_cfg, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -194,9 +212,11 @@ class RunContext:
         return progress(total, desc, initial=self.start_step, enabled=self.is_main and self.cfg.log.progress)
 
     def save(self, step: int, extra: dict) -> None:
-        """Checkpoints the state at loop step `step` with `extra` (iterator, RNG, replay state)."""
+        """Checkpoints the state as optimizer step `step` with `extra` (iterator, RNG, replay state)."""
         if step in self.checkpointer.all_steps():
-            return  # a resumed run re-reaching its restored step has nothing new to save
+            # A resumed run re-reaching its restored step has nothing new to save; GRPO steps skipped since
+            # that save are not saved over it (an interrupted save would lose the step) but rerun exactly.
+            return
         self.checkpointer.save(step, self.state, extra, force=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
