@@ -14,7 +14,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from pixel_reasoner_jax.data.synthetic_tasks import Task, image_task, video_task
+from pixel_reasoner_jax.data.synthetic_tasks import IMAGE_TASKS, Task, image_task, video_task
 from pixel_reasoner_jax.tools import ops
 from pixel_reasoner_jax.tools.prompts import system_prompt, user_text
 
@@ -28,6 +28,10 @@ class SynthConfig:
     image: single (one crop on target), recrop1 / recrop2 (one / two off-target crops marked `loss: false`,
     then the right one), zoom2 (a coarse crop, then a crop of the crop); video: select, reselect (a wrong
     selection first); textual: no tool call, on an image whose target is large.
+
+    image_tasks picks the image scenes, target_scale enlarges every target, square makes every canvas
+    square (one image shape); terse assistant turns hold only the tool call, or one answer sentence, with
+    2-decimal boxes (short trajectories for CPU runs).
     """
 
     image_size: int = 448
@@ -44,8 +48,18 @@ class SynthConfig:
     video_mix: tuple[tuple[str, float], ...] = (("select", 0.9), ("reselect", 0.1))
     choice_fraction: float = 0.3
     ops_config: ops.OpsConfig = dataclasses.field(default_factory=ops.OpsConfig)
+    image_tasks: tuple[str, ...] = IMAGE_TASKS
+    target_scale: float = 1.0
+    square: bool = False
+    terse: bool = False
 
     def __post_init__(self):
+        if not self.image_tasks or any(t not in IMAGE_TASKS for t in self.image_tasks):
+            raise ValueError(
+                f"image_tasks must be a non-empty subset of {IMAGE_TASKS}, got {self.image_tasks}"
+            )
+        if not self.target_scale > 0:
+            raise ValueError(f"target_scale must be > 0, got {self.target_scale}")
         if self.image_size < 224 or self.video_size < 112:
             raise ValueError(
                 f"image_size must be >= 224 and video_size >= 112, got {self.image_size}, {self.video_size}"
@@ -74,6 +88,26 @@ class SynthConfig:
         return out
 
 
+# Named generator settings (`data.synthetic_family`). "mixed": every scene, video and trajectory kind.
+# "color": the CPU demo of configs/grpo.py:tiny. One closed answer set (6 colours) that a tiny model can
+# learn to read, square canvases (one image shape, fewer compiled programs), targets twice the usual size
+# so a crop shows them clearly, and terse turns whose trained tokens (call + answer) fit 64 positions.
+# Off-target crops (recrop1) keep the loss-masked self-correction turns in the data.
+FAMILIES: dict[str, SynthConfig] = {
+    "mixed": SynthConfig(),
+    "color": SynthConfig(
+        textual_fraction=0.15,
+        video_fraction=0.0,
+        image_mix=(("single", 0.75), ("recrop1", 0.25)),
+        choice_fraction=0.0,
+        image_tasks=("color",),
+        target_scale=2.0,
+        square=True,
+        terse=True,
+    ),
+}
+
+
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLITS[split], index])
 
@@ -81,15 +115,17 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 # --------------------------------------------------------------------------------------- trajectories
 
 
-def _norm_box(box, size) -> list[float]:
-    """Pixel box -> fractions rounded outward to 3 decimals (so it still covers the target), all < 1."""
+def _norm_box(box, size, decimals: int = 3) -> list[float]:
+    """Pixel box -> fractions rounded outward to `decimals` (so it still covers the target), all < 1."""
     w, h = size
     x1, y1, x2, y2 = box
+    scale = 10**decimals
+    top = 1 - 1 / scale
     return [
-        float(np.floor(x1 / w * 1000) / 1000),
-        float(np.floor(y1 / h * 1000) / 1000),
-        min(0.999, float(np.ceil(x2 / w * 1000) / 1000)),
-        min(0.999, float(np.ceil(y2 / h * 1000) / 1000)),
+        float(np.floor(x1 / w * scale) / scale),
+        float(np.floor(y1 / h * scale) / scale),
+        min(top, float(np.ceil(x2 / w * scale) / scale)),
+        min(top, float(np.ceil(y2 / h * scale) / scale)),
     ]
 
 
@@ -97,12 +133,14 @@ def _call(name: str, arguments: dict) -> str:
     return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
 
 
-def _off_target(rng, target: list[float], pad: float, avoid: list[list[float]]) -> list[float]:
+def _off_target(
+    rng, target: list[float], pad: float, avoid: list[list[float]], decimals: int = 3
+) -> list[float]:
     """A box of the target's size whose padded crop misses the target (and differs from `avoid`)."""
     bw, bh = target[2] - target[0], target[3] - target[1]
     for _ in range(500):
         x, y = float(rng.uniform(0.03, 0.97 - bw)), float(rng.uniform(0.03, 0.97 - bh))
-        cand = [round(x, 3), round(y, 3), round(x + bw, 3), round(y + bh, 3)]
+        cand = [round(v, decimals) for v in (x, y, x + bw, y + bh)]
         padded = (cand[0] - pad, cand[1] - pad, cand[2] + pad, cand[3] + pad)
         misses = (
             padded[2] < target[0] or padded[0] > target[2] or padded[3] < target[1] or padded[1] > target[3]
@@ -143,6 +181,11 @@ class _Writer:
         return rels, mp4
 
 
+def _say(cfg: SynthConfig, text: str) -> str:
+    """`text` of a turn's reasoning, or nothing for terse trajectories."""
+    return "" if cfg.terse else text
+
+
 def _check(result: ops.ToolResult, qid: str) -> None:
     if not result.ok:  # a template bug, not bad data: the generator controls every argument
         raise RuntimeError(f"template tool call of {qid} failed: {result.error}")
@@ -156,7 +199,8 @@ def _observe(messages, result: ops.ToolResult, rels: list[str]) -> None:
 
 def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer: _Writer, cfg: SynthConfig):
     size = task.image.size
-    target = _norm_box(task.box, size)
+    decimals = 2 if cfg.terse else 3
+    target = _norm_box(task.box, size, decimals)
     state = ops.VisualState.for_images([task.image])
     user = {
         "role": "user",
@@ -168,7 +212,8 @@ def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer
         "content": [
             {
                 "type": "text",
-                "text": f"Looking at it, {task.explain}. The answer is \\boxed{{{task.answer}}}.",
+                "text": _say(cfg, f"Looking at it, {task.explain}. ")
+                + f"The answer is \\boxed{{{task.answer}}}.",
             }
         ],
     }
@@ -185,7 +230,7 @@ def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer
             "content": [
                 {
                     "type": "text",
-                    "text": text + "\n" + _call("crop_image", {"bbox_2d": box, "target_image": t}),
+                    "text": _say(cfg, text + "\n") + _call("crop_image", {"bbox_2d": box, "target_image": t}),
                 }
             ],
         }
@@ -200,9 +245,9 @@ def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer
 
     ask = f"The {task.desc} is too small to make out in the full image, so I will zoom in on it."
     if kind in ("recrop1", "recrop2"):
-        wrong = [_off_target(rng, target, pad, [])]
+        wrong = [_off_target(rng, target, pad, [], decimals)]
         if kind == "recrop2":
-            wrong.append(_off_target(rng, target, pad, wrong))
+            wrong.append(_off_target(rng, target, pad, wrong, decimals))
         crop(wrong[0], 1, ask, loss=False)
         for box in wrong[1:]:
             crop(
@@ -231,13 +276,13 @@ def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer
         cx, cy = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
         x0 = min(max(cx - side / 2, 0.01), 0.98 - side)
         y0 = min(max(cy - side / 2, 0.01), 0.98 - side)
-        coarse = [round(v, 3) for v in (x0, y0, x0 + side, y0 + side)]
+        coarse = [round(v, decimals) for v in (x0, y0, x0 + side, y0 + side)]
         crop(coarse, 1, f"I first zoom in on the area around the {task.desc}.")
         # The second box is the target in fractions of the first crop; resizing keeps fractions.
         bx1, by1, bx2, by2 = ops.crop_box(tuple(coarse), size, padding=cfg.ops_config.padding)
         inner = (task.box[0] - bx1, task.box[1] - by1, task.box[2] - bx1, task.box[3] - by1)
         crop(
-            _norm_box(inner, (bx2 - bx1, by2 - by1)),
+            _norm_box(inner, (bx2 - bx1, by2 - by1), decimals),
             2,
             f"The {task.desc} is in view but still small. I zoom in further on this crop.",
         )
@@ -245,7 +290,9 @@ def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer
         crop(target, 1, ask)
     else:
         raise ValueError(f"unknown image trajectory kind {kind!r}")
-    final["content"][0]["text"] = f"Now it is clear: {task.explain}. The answer is \\boxed{{{task.answer}}}."
+    final["content"][0]["text"] = (
+        _say(cfg, f"Now it is clear: {task.explain}. ") + f"The answer is \\boxed{{{task.answer}}}."
+    )
     return [*messages, final]
 
 
@@ -270,7 +317,10 @@ def _video_trajectory(
         turn = {
             "role": "assistant",
             "content": [
-                {"type": "text", "text": text + "\n" + _call("select_frames", {"target_frames": frames})}
+                {
+                    "type": "text",
+                    "text": _say(cfg, text + "\n") + _call("select_frames", {"target_frames": frames}),
+                }
             ],
         }
         if not loss:
@@ -304,7 +354,9 @@ def _video_trajectory(
     elif kind != "select":
         raise ValueError(f"unknown video trajectory kind {kind!r}")
     select(right, ask)
-    answer = f"In the selected frames {task.explain}. The answer is \\boxed{{{task.answer}}}."
+    answer = (
+        _say(cfg, f"In the selected frames {task.explain}. ") + f"The answer is \\boxed{{{task.answer}}}."
+    )
     return [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
 
@@ -354,7 +406,9 @@ def _query_rows(split: str, n: int, seed: int, cfg: SynthConfig, writer: _Writer
         task = (
             video_task(rng, cfg.video_size, cfg.num_frames, cfg.choice_fraction)
             if kinds[i]
-            else image_task(rng, cfg.image_size, cfg.choice_fraction)
+            else image_task(
+                rng, cfg.image_size, cfg.choice_fraction, cfg.target_scale, cfg.image_tasks, cfg.square
+            )
         )
         rows.append(_task_row(task, f"synth{'video' if kinds[i] else 'image'}-{split}-{i:06d}", writer)[0])
     return rows
@@ -368,7 +422,14 @@ def _sft_rows(n: int, seed: int, cfg: SynthConfig, writer: _Writer) -> list[dict
         task = (
             video_task(rng, cfg.video_size, cfg.num_frames, cfg.choice_fraction)
             if video
-            else image_task(rng, cfg.image_size, cfg.choice_fraction, 3.0 if kind == "textual" else 1.0)
+            else image_task(
+                rng,
+                cfg.image_size,
+                cfg.choice_fraction,
+                cfg.target_scale * (3.0 if kind == "textual" else 1.0),
+                cfg.image_tasks,
+                cfg.square,
+            )
         )
         qid = f"synth{'video' if video else 'image'}-sft-{i:06d}"
         row, rels = _task_row(task, qid, writer)
