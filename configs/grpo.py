@@ -23,9 +23,10 @@ except ImportError:  # loaded by path from outside the repository root
 
 
 def _apply_tiny_grpo(c) -> None:
-    """The README's CPU job: SFT warm start on terse color-query tool trajectories, then GRPO whose
-    accuracy rises within minutes on 2 cores (every 7B code path runs: masked multi-turn SFT, crops
-    executed in rollouts, curiosity/penalty shaping, the JaxSampler, checkpoints, HF export, plots).
+    """The README's CPU job: SFT warm start on terse color-query tool trajectories, then GRPO (every 7B
+    code path runs: masked multi-turn SFT, crops executed in rollouts, curiosity/penalty shaping, the
+    JaxSampler, checkpoints, HF export, plots). The aim, GRPO accuracy rising within minutes on 2 cores,
+    is not reached yet: the 2-layer preset does not write valid calls after this warm start.
 
     Most of a tiny step is the 152k-entry vocabulary (64-wide model): sizes below keep the trained
     positions per sample at 64, the prompt in one 640-token bucket and the decode length fixed.
@@ -49,12 +50,13 @@ def _apply_tiny_grpo(c) -> None:
     r.top_p = 1.0
     r.top_k = -1
     r.batch_size = 16  # every episode of a rollout in one sampler batch
-    # 24 SFT steps of 8 trajectories at a high rate teach the format (valid calls, a boxed colour) but
-    # not yet the colours; GRPO takes accuracy from there.
-    c.optim.lr = 3e-3
+    # Adam at 1e-2 (warmup 5 %): 32 SFT steps of 8 trajectories take the token loss from 11.9 to ~0.8
+    # (at 5e-3 it is still 1.5, at 3e-3 5.5). That teaches the answer sentence, not yet a well-formed
+    # call: sampled calls are still invalid JSON at that point (measured; see the README).
+    c.optim.lr = 1e-2
     c.optim.warmup_ratio = 0.05
     s = c.sft
-    s.steps = 24
+    s.steps = 32
     s.batch_size = 8
     s.micro_batches = 1
     s.epochs = 1
