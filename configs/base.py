@@ -17,6 +17,8 @@ prompt's G rollouts that used a visual operation; r = accuracy in {0, 1}; shaped
 `--config.reward.form=code` alone reproduces the released code; a value you set applies to either form.
 """
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -30,6 +32,10 @@ HF_IDS_7B = {
     "eval": "TIGER-Lab/PixelReasoner-RL-v1",
 }
 HF_ID_3B = "Qwen/Qwen2.5-VL-3B-Instruct"  # no 3B Pixel Reasoner release exists: every 3b mode starts here
+# The user's cache folder (XDG), as pip and Hugging Face use; `~` is expanded when the run starts.
+DEFAULT_COMPILE_CACHE = os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or "~/.cache", "pixel_reasoner_jax", "jax_cache"
+)
 
 
 def _str():
@@ -48,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.variant = "7b"  # "tiny" | "3b" | "7b"; set by the mode file
     c.seed = 42  # parameter init (tiny), sampling and dropout-free RNG streams
     c.workdir = _str()  # the --workdir flag wins over this
+    # Persistent XLA compilation cache shared by all runs of this user: a second run loads its programs
+    # instead of compiling them. "" = off; env JAX_COMPILATION_CACHE_DIR, when set, wins.
+    c.compile_cache_dir = DEFAULT_COMPILE_CACHE
 
     c.model = m = ml_collections.ConfigDict()
     m.checkpoint = _str()  # local HF folder; unset + variant tiny = generate one under workdir/tiny_ckpt
@@ -80,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.num_eval = 32
     d.image_size = 896  # synthetic canvas side in pixels
     d.synthetic_seed = 0
+    d.synthetic_family = "mixed"  # data/synthetic.FAMILIES: "mixed" (every scene and kind) | "color"
     d.sft_loss_mask = "final_turns"  # the original's positional rule (§8.1) | "per_turn" (record flags)
     d.num_video_frames = 16  # frames per video query (§4.2, §6)
     d.image_min_pixels = 4 * PIX  # originals in training rollouts (§5)

@@ -21,6 +21,7 @@ TEMPLATES = ("vcot", "notool")
 CROP_PADDINGS = ("capped", "fixed")
 FILTERS = ("refill", "ssr", "none")
 BENCHMARKS = ("vstar", "tallyqa", "infovqa", "mvbench", "synthetic")
+SYNTHETIC_FAMILIES = ("mixed", "color")  # data/synthetic.FAMILIES (a test keeps the two equal)
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,7 @@ class DataConfig:
     num_eval: int
     image_size: int
     synthetic_seed: int
+    synthetic_family: str
     sft_loss_mask: str
     num_video_frames: int
     image_min_pixels: int
@@ -262,6 +264,7 @@ class RunConfig:
     variant: str
     seed: int
     workdir: str | None
+    compile_cache_dir: str
     model: ModelConfig
     mesh: MeshConfig
     data: DataConfig

@@ -68,8 +68,9 @@ def test_every_variant_loads_and_validates(mode, variant, num_devices):
 def test_tiny_is_cpu_sized():
     cfg = C.from_config_dict(user_config("grpo", "tiny"))
     assert cfg.data.synthetic and cfg.model.checkpoint is None and cfg.model.dtype == "float32"
-    assert 6 <= cfg.grpo.steps <= 10 and cfg.grpo.group_size <= 4 and 0 < cfg.sft.steps <= 32
+    assert 8 <= cfg.grpo.steps <= 32 and cfg.grpo.group_size <= 8 and 0 < cfg.sft.steps <= 48
     assert cfg.rollout.max_new_tokens <= 128 and cfg.data.image_max_pixels <= 64 * 784
+    assert cfg.rollout.model_max_pixels <= 16 * 784 and cfg.data.max_seq_len <= 1024
     assert cfg.data.num_sft <= 64 and cfg.data.num_rl <= 64
 
 
@@ -287,6 +288,7 @@ def test_command_line_overrides():
             "--config.rollout.backend=sglang",
             "--config.rollout.sglang_urls=http://h1:30000,http://h2:30000",
             "--config.data.seq_buckets=(256,512,1024)",
+            "--config.data.max_seq_len=1024",
             "--config.reward.curiosity=False",
             "--config.grpo.group_size=8",
             "--config.grpo.train_batch_size=32",

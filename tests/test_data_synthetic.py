@@ -233,3 +233,32 @@ def test_cli_and_bad_arguments(tmp_path):
         S.generate(tmp_path, num_sft=-1)
     with pytest.raises(ValueError, match="seed must be >= 0"):
         S.generate(tmp_path, seed=-2)
+
+
+def test_color_family_is_terse_square_and_fits_64_trained_tokens(tmp_path, tok):
+    from pixel_reasoner_jax import config as C
+
+    assert tuple(S.FAMILIES) == C.SYNTHETIC_FAMILIES  # the config's allowed names are the registry's
+    cfg = S.FAMILIES["color"]
+    paths = S.generate(tmp_path, num_sft=40, num_rl=16, num_eval=0, image_size=224, seed=0, config=cfg)
+    sft, rl = _rows(paths["sft"]), _rows(paths["rl"])
+    assert {r["task"] for r in sft + rl} == {"color"}
+    assert {r["answer"] for r in sft + rl} <= set(T.TARGET_COLORS)
+    assert {r["kind"] for r in sft} == {"textual", "single", "recrop1"}
+    for row in rl:
+        img = Image.open(paths["root"] / row["image"][0])
+        assert img.size == (224, 224)
+        assert _inside(_target_mask(img, row["target_color"]), row["target_box"])
+    for row in sft:
+        calls = _check_structure(row)
+        msgs = row["message_list"]
+        turns = [m["content"][0]["text"] for m in msgs if m["role"] == "assistant"]
+        # terse: a call turn is the call alone, the last turn one answer sentence
+        assert all(CALL.fullmatch(t) for t in turns[:-1])
+        assert turns[-1] == f"The answer is \\boxed{{{row['answer']}}}."
+        for c in calls:
+            assert all(round(v, 2) == v for v in c["arguments"]["bbox_2d"])
+        # the trained turns (the last two assistant turns) fit the 64-position loss bucket of the tiny run
+        trained = R.assistant_turn_mask(msgs, "final_turns")
+        n = sum(len(tok.encode(m["content"][0]["text"])) + 1 for m, t in zip(msgs, trained) if t)
+        assert n <= 64, (row["qid"], n)

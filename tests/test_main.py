@@ -40,6 +40,7 @@ SMALL = (
     "--config.rollout.max_new_tokens=8",
     "--config.rollout.decode_bucket=8",
     "--config.rollout.batch_size=4",
+    "--config.data.max_seq_len=1024",  # the mixed-family SFT trajectories of `assets` are longer than 640
     "--config.data.seq_buckets=(128,1024)",  # one SFT bucket (1024), one GRPO bucket (128)
 )
 TOTAL_STEPS = 6  # 2 SFT + 4 GRPO loop steps
@@ -232,3 +233,33 @@ def test_eval_mode_scores_the_exported_policy(env, assets, full_run, tmp_path):
     assert overall["n"] == len(qids) and sum(overall["status"].values()) == len(qids)
     assert overall["accuracy"] == sum(r["correct"] for r in rows) / len(rows)
     assert (workdir / "eval" / "report.md").read_text().startswith("# Evaluation of")
+
+
+def test_compile_cache_follows_the_config_unless_the_environment_sets_one(monkeypatch, tmp_path):
+    import dataclasses
+
+    import jax
+
+    from configs import grpo as grpo_config
+
+    cfg = entry.build_config(grpo_config.get_config("tiny"), str(tmp_path / "run"))
+    assert cfg.compile_cache_dir.endswith(os.path.join("pixel_reasoner_jax", "jax_cache"))
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {n: getattr(jax.config, n) for n in names}
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        ours = dataclasses.replace(cfg, compile_cache_dir=str(tmp_path / "cache"))
+        assert entry.setup_compile_cache(ours) == str(tmp_path / "cache")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == entry.CACHE_MIN_COMPILE_S
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert entry.setup_compile_cache(dataclasses.replace(cfg, compile_cache_dir="")) is None
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "env"))  # as jax read it at import
+        assert entry.setup_compile_cache(ours) == str(tmp_path / "env")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+    finally:
+        for n, v in saved.items():
+            jax.config.update(n, v)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pixel_reasoner_jax.data import trajectories as T
-from pixel_reasoner_jax.data.synthetic_tasks import Task, image_task, video_task
+from pixel_reasoner_jax.data.synthetic_tasks import IMAGE_TASKS, Task, image_task, video_task
 from pixel_reasoner_jax.tools import ops
 
 _SPLITS = {"sft": 1, "rl": 2, "eval": 3}
@@ -28,6 +28,10 @@ class SynthConfig:
     image: single (one crop on target), recrop1 / recrop2 (one / two off-target crops marked `loss: false`,
     then the right one), zoom2 (a coarse crop, then a crop of the crop); video: select, reselect (a wrong
     selection first); textual: no tool call, on an image whose target is large.
+
+    image_tasks picks the image scenes, target_scale enlarges every target, square makes every canvas
+    square (one image shape); terse assistant turns hold only the tool call, or one answer sentence, with
+    2-decimal boxes (short trajectories for CPU runs).
     """
 
     image_size: int = 448
@@ -44,8 +48,18 @@ class SynthConfig:
     video_mix: tuple[tuple[str, float], ...] = (("select", 0.9), ("reselect", 0.1))
     choice_fraction: float = 0.3
     ops_config: ops.OpsConfig = dataclasses.field(default_factory=ops.OpsConfig)
+    image_tasks: tuple[str, ...] = IMAGE_TASKS
+    target_scale: float = 1.0
+    square: bool = False
+    terse: bool = False
 
     def __post_init__(self):
+        if not self.image_tasks or any(t not in IMAGE_TASKS for t in self.image_tasks):
+            raise ValueError(
+                f"image_tasks must be a non-empty subset of {IMAGE_TASKS}, got {self.image_tasks}"
+            )
+        if not self.target_scale > 0:
+            raise ValueError(f"target_scale must be > 0, got {self.target_scale}")
         if self.image_size < 224 or self.video_size < 112:
             raise ValueError(
                 f"image_size must be >= 224 and video_size >= 112, got {self.image_size}, {self.video_size}"
@@ -72,6 +86,26 @@ class SynthConfig:
             total = sum(w for _, w in mix)
             out.update({k: share * w / total for k, w in mix})
         return out
+
+
+# Named generator settings (`data.synthetic_family`). "mixed": every scene, video and trajectory kind.
+# "color": the CPU demo of configs/grpo.py:tiny. One closed answer set (6 colours) that a tiny model can
+# learn to read, square canvases (one image shape, fewer compiled programs), targets twice the usual size
+# so a crop shows them clearly, and terse turns whose trained tokens (call + answer) fit 64 positions.
+# Off-target crops (recrop1) keep the loss-masked self-correction turns in the data.
+FAMILIES: dict[str, SynthConfig] = {
+    "mixed": SynthConfig(),
+    "color": SynthConfig(
+        textual_fraction=0.15,
+        video_fraction=0.0,
+        image_mix=(("single", 0.75), ("recrop1", 0.25)),
+        choice_fraction=0.0,
+        image_tasks=("color",),
+        target_scale=2.0,
+        square=True,
+        terse=True,
+    ),
+}
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -112,12 +146,18 @@ class _Writer:
         return rels, mp4
 
 
+def _say(cfg: SynthConfig, text: str) -> str:
+    """`text` of a turn's reasoning, or nothing for terse trajectories."""
+    return "" if cfg.terse else text
+
+
 def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer: _Writer, cfg: SynthConfig):
     head = T.first_messages({"type": "image", "image": img_rel}, task.question)
     if kind == T.TEXTUAL:
-        text = f"Looking at it, {task.explain}. The answer is \\boxed{{{task.answer}}}."
+        text = _say(cfg, f"Looking at it, {task.explain}. ") + f"The answer is \\boxed{{{task.answer}}}."
         return [*head, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
-    plan = T.plan_image_ops(rng, kind, task.box, task.image.size, cfg.ops_config.padding)
+    decimals = 2 if cfg.terse else 3
+    plan = T.plan_image_ops(rng, kind, task.box, task.image.size, cfg.ops_config.padding, decimals)
     ask = f"The {task.desc} is too small to make out in the full image, so I will zoom in on it."
     target = plan[-1].arguments["bbox_2d"]
     cx, cy = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
@@ -133,7 +173,10 @@ def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer
     else:  # zoom2
         segments = [f"I first zoom in on the area around the {task.desc}.",
                     f"The {task.desc} is in view but still small. I zoom in further on this crop."]  # fmt: skip
-    segments.append(f"Now it is clear: {task.explain}. The answer is \\boxed{{{task.answer}}}.")
+    segments = [_say(cfg, t) for t in segments]
+    segments.append(
+        _say(cfg, f"Now it is clear: {task.explain}. ") + f"The answer is \\boxed{{{task.answer}}}."
+    )
     results = _run(task.image, None, plan, cfg, qid)
     return T.assemble(
         head, segments, plan, results, lambda k, i, img: writer.image(img, f"crops/{qid}_{k + 1}.png")
@@ -155,7 +198,10 @@ def _video_trajectory(
             "The target may appear only in a few frames. Let me look closely at some of them.",
             f"These frames do not show it. It should be around {span}; let me select those.",
         ]
-    segments.append(f"In the selected frames {task.explain}. The answer is \\boxed{{{task.answer}}}.")
+    segments = [_say(cfg, t) for t in segments]
+    segments.append(
+        _say(cfg, f"In the selected frames {task.explain}. ") + f"The answer is \\boxed{{{task.answer}}}."
+    )
     results = _run(None, task.frames, plan, cfg, qid)
     place = T.frame_placer(
         plan, task.frames, frame_rels, lambda img, n: writer.image(img, f"selected/{qid}_{n}.png")
@@ -216,7 +262,9 @@ def _query_rows(split: str, n: int, seed: int, cfg: SynthConfig, writer: _Writer
         task = (
             video_task(rng, cfg.video_size, cfg.num_frames, cfg.choice_fraction)
             if kinds[i]
-            else image_task(rng, cfg.image_size, cfg.choice_fraction)
+            else image_task(
+                rng, cfg.image_size, cfg.choice_fraction, cfg.target_scale, cfg.image_tasks, cfg.square
+            )
         )
         rows.append(_task_row(task, f"synth{'video' if kinds[i] else 'image'}-{split}-{i:06d}", writer)[0])
     return rows
@@ -230,7 +278,14 @@ def _sft_rows(n: int, seed: int, cfg: SynthConfig, writer: _Writer) -> list[dict
         task = (
             video_task(rng, cfg.video_size, cfg.num_frames, cfg.choice_fraction)
             if video
-            else image_task(rng, cfg.image_size, cfg.choice_fraction, 3.0 if kind == "textual" else 1.0)
+            else image_task(
+                rng,
+                cfg.image_size,
+                cfg.choice_fraction,
+                cfg.target_scale * (3.0 if kind == "textual" else 1.0),
+                cfg.image_tasks,
+                cfg.square,
+            )
         )
         qid = f"synth{'video' if video else 'image'}-sft-{i:06d}"
         row, rels = _task_row(task, qid, writer)

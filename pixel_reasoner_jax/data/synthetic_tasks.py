@@ -171,12 +171,23 @@ def _target(rng, draw, task: str, w: int, h: int, scale: float, choice_fraction:
     return Task(task, q, answer, explain, desc, tuple(int(v) for v in box), colour)
 
 
-def image_task(rng: np.random.Generator, image_size: int, choice_fraction: float, scale: float = 1.0) -> Task:
-    """A canvas `image_size` wide (height 75-100 %) with clutter and one target (`scale` x small)."""
+def image_task(
+    rng: np.random.Generator,
+    image_size: int,
+    choice_fraction: float,
+    scale: float = 1.0,
+    tasks: tuple[str, ...] = IMAGE_TASKS,
+    square: bool = False,
+) -> Task:
+    """A canvas `image_size` wide (height 75-100 %, or square) with clutter and one target (`scale` x small)
+    of a task drawn from `tasks`."""
+    bad = [t for t in tasks if t not in IMAGE_TASKS]
+    if not tasks or bad:
+        raise ValueError(f"tasks must be a non-empty subset of {IMAGE_TASKS}, got {tasks!r}")
     w = image_size
-    h = int(round(w * float(rng.uniform(0.75, 1.0))))
+    h = w if square else int(round(w * float(rng.uniform(0.75, 1.0))))
     img, draw = _canvas(rng, w, h, clutter=w * h // 3000, font_size=max(10, round(12 * w / 448)))
-    task = _target(rng, draw, IMAGE_TASKS[int(rng.integers(len(IMAGE_TASKS)))], w, h, scale, choice_fraction)
+    task = _target(rng, draw, tasks[int(rng.integers(len(tasks)))], w, h, scale, choice_fraction)
     task.image = img
     return task
 

@@ -40,15 +40,17 @@ class Op:
     erroneous: bool = False
 
 
-def norm_box(box: Sequence[float], size: tuple[int, int]) -> list[float]:
-    """Pixel box -> fractions rounded outward to 3 decimals (so it still covers the target), all < 1."""
+def norm_box(box: Sequence[float], size: tuple[int, int], decimals: int = 3) -> list[float]:
+    """Pixel box -> fractions rounded outward to `decimals` (so it still covers the target), all < 1."""
     w, h = size
     x1, y1, x2, y2 = box
+    scale = 10**decimals
+    top = 1 - 1 / scale
     return [
-        float(np.floor(x1 / w * 1000) / 1000),
-        float(np.floor(y1 / h * 1000) / 1000),
-        min(0.999, float(np.ceil(x2 / w * 1000) / 1000)),
-        min(0.999, float(np.ceil(y2 / h * 1000) / 1000)),
+        float(np.floor(x1 / w * scale) / scale),
+        float(np.floor(y1 / h * scale) / scale),
+        min(top, float(np.ceil(x2 / w * scale) / scale)),
+        min(top, float(np.ceil(y2 / h * scale) / scale)),
     ]
 
 
@@ -57,14 +59,16 @@ def tool_call_text(op: Op) -> str:
     return "<tool_call>\n" + json.dumps({"name": op.tool, "arguments": op.arguments}) + "\n</tool_call>"
 
 
-def _off_target(rng, target: list[float], pad: float, avoid: list[list[float]]) -> list[float]:
+def _off_target(
+    rng, target: list[float], pad: float, avoid: list[list[float]], decimals: int = 3
+) -> list[float]:
     """A box of the target's size whose padded crop misses the target (and differs from `avoid`)."""
     bw, bh = target[2] - target[0], target[3] - target[1]
     if bw > 0.94 or bh > 0.94:
         raise PlanError(f"target {target} covers the image; no off-target crop exists")
     for _ in range(500):
         x, y = float(rng.uniform(0.03, 0.97 - bw)), float(rng.uniform(0.03, 0.97 - bh))
-        cand = [round(x, 3), round(y, 3), round(x + bw, 3), round(y + bh, 3)]
+        cand = [round(v, decimals) for v in (x, y, x + bw, y + bh)]
         padded = (cand[0] - pad, cand[1] - pad, cand[2] + pad, cand[3] + pad)
         misses = (
             padded[2] < target[0] or padded[0] > target[2] or padded[3] < target[1] or padded[1] > target[3]
@@ -75,26 +79,31 @@ def _off_target(rng, target: list[float], pad: float, avoid: list[list[float]]) 
 
 
 def plan_image_ops(
-    rng: np.random.Generator, kind: str, box: Sequence[float], size: tuple[int, int], padding: str
+    rng: np.random.Generator,
+    kind: str,
+    box: Sequence[float],
+    size: tuple[int, int],
+    padding: str,
+    decimals: int = 3,
 ) -> list[Op]:
     """The crops of an image trajectory of `kind` for a target at pixel `box` of an image of `size`.
 
     single: one crop on the target. recrop1 / recrop2: one / two crops of the target's size that miss it
     (erroneous), then the target. zoom2: a coarse crop around the target, then the target inside that crop
     (target_image 2). `padding` is the crop tool's ("capped" or "fixed"); off-target boxes keep clear of
-    the target by it plus two pixels of rounding slack.
+    the target by it plus two pixels of rounding slack. Boxes are written with `decimals` decimals.
 
     Raises:
       PlanError: no off-target region exists (recrop kinds); ValueError: an unknown kind.
     """
-    target = norm_box(box, size)
+    target = norm_box(box, size, decimals)
     if kind == "single":
         return [Op("crop_image", {"bbox_2d": target, "target_image": 1})]
     if kind in ("recrop1", "recrop2"):
         pad = (0.1 if padding == "fixed" else min(0.1, 600 / min(size))) + 2 / min(size)
-        wrong = [_off_target(rng, target, pad, [])]
+        wrong = [_off_target(rng, target, pad, [], decimals)]
         if kind == "recrop2":
-            wrong.append(_off_target(rng, target, pad, wrong))
+            wrong.append(_off_target(rng, target, pad, wrong, decimals))
         return [Op("crop_image", {"bbox_2d": b, "target_image": 1}, erroneous=True) for b in wrong] + [
             Op("crop_image", {"bbox_2d": target, "target_image": 1})
         ]
@@ -106,13 +115,16 @@ def plan_image_ops(
         cx, cy = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
         x0 = min(max(cx - side / 2, 0.01), 0.98 - side)
         y0 = min(max(cy - side / 2, 0.01), 0.98 - side)
-        coarse = [round(v, 3) for v in (x0, y0, x0 + side, y0 + side)]
+        coarse = [round(v, decimals) for v in (x0, y0, x0 + side, y0 + side)]
         # The second box is the target in fractions of the first crop; resizing keeps fractions.
         bx1, by1, bx2, by2 = ops.crop_box(tuple(coarse), size, padding=padding)
         inner = (box[0] - bx1, box[1] - by1, box[2] - bx1, box[3] - by1)
         return [
             Op("crop_image", {"bbox_2d": coarse, "target_image": 1}),
-            Op("crop_image", {"bbox_2d": norm_box(inner, (bx2 - bx1, by2 - by1)), "target_image": 2}),
+            Op(
+                "crop_image",
+                {"bbox_2d": norm_box(inner, (bx2 - bx1, by2 - by1), decimals), "target_image": 2},
+            ),
         ]
     raise ValueError(f"unknown image trajectory kind {kind!r}; expected one of {IMAGE_KINDS}")
 
@@ -221,8 +233,9 @@ def assemble(
     results: Sequence[ops.ToolResult],
     place: Callable[[int, int, Image.Image], str],
 ) -> list[dict[str, Any]]:
-    """The full message list: after `head`, one assistant turn per operation (its text segment, a newline,
-    the tool call), the tool's observation as a user turn, and a final assistant turn.
+    """The full message list: after `head`, one assistant turn per operation (its text segment and a newline
+    unless the segment is empty, then the tool call), the tool's observation as a user turn, and a final
+    assistant turn.
 
     Args:
       head: the system and user turns.
@@ -238,7 +251,9 @@ def assemble(
     for k, (op, result) in enumerate(zip(plan, results)):
         turn = {
             "role": "assistant",
-            "content": [{"type": "text", "text": segments[k] + "\n" + tool_call_text(op)}],
+            "content": [
+                {"type": "text", "text": (segments[k] + "\n" if segments[k] else "") + tool_call_text(op)}
+            ],
         }
         if op.erroneous:
             turn["loss"] = False  # the erroneous operation of a self-correction trajectory
