@@ -242,13 +242,13 @@ def test_color_family_is_terse_square_and_fits_64_trained_tokens(tmp_path, tok):
     cfg = S.FAMILIES["color"]
     paths = S.generate(tmp_path, num_sft=40, num_rl=16, num_eval=0, image_size=224, seed=0, config=cfg)
     sft, rl = _rows(paths["sft"]), _rows(paths["rl"])
-    assert {r["task"] for r in sft + rl} == {"color"}
+    assert {r["category"] for r in sft + rl} == {"color"}
     assert {r["answer"] for r in sft + rl} <= set(T.TARGET_COLORS)
     assert {r["kind"] for r in sft} == {"textual", "single", "recrop1"}
     for row in rl:
         img = Image.open(paths["root"] / row["image"][0])
         assert img.size == (224, 224)
-        assert _inside(_target_mask(img, row["target_color"]), row["target_box"])
+        assert _inside(_target_mask(img, row["target_color"]), row["target_box_px"])
     for row in sft:
         calls = _check_structure(row)
         msgs = row["message_list"]
