@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.freeze_vision = False  # §8.2 does not freeze; SFT does (§8.1)
     m.attention = "cudnn"  # "dense" (masked reference, CPU) | "cudnn" (jax.nn.dot_product_attention)
     m.logprob_chunk = 1024  # tokens per chunk of the scanned log-prob/entropy pass (never B x T x V logits)
+    # Architecture of the generated checkpoint (variant tiny without model.checkpoint): models/tiny.SIZES.
+    m.tiny_size = "tiny"
 
     c.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = 1  # -1 = the rest of the devices (at most one axis)
@@ -89,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.num_eval = 32
     d.image_size = 896  # synthetic canvas side in pixels
     d.synthetic_seed = 0
-    d.synthetic_family = "mixed"  # data/synthetic.FAMILIES: "mixed" (every scene and kind) | "color"
+    # data/synthetic.FAMILIES: "mixed" (every scene and kind) | "color" (tiny GRPO demo) | "trap" (configs/trap.py)
+    d.synthetic_family = "mixed"
     d.sft_loss_mask = "final_turns"  # the original's positional rule (§8.1) | "per_turn" (record flags)
     d.num_video_frames = 16  # frames per video query (§4.2, §6)
     d.image_min_pixels = 4 * PIX  # originals in training rollouts (§5)

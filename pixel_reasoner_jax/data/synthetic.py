@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pixel_reasoner_jax.data import trajectories as T
+from pixel_reasoner_jax.data import trap_tasks
 from pixel_reasoner_jax.data.synthetic_tasks import IMAGE_TASKS, Task, image_task, video_task
 from pixel_reasoner_jax.tools import ops
 
@@ -52,6 +53,7 @@ class SynthConfig:
     target_scale: float = 1.0
     square: bool = False
     terse: bool = False
+    trap: trap_tasks.TrapConfig | None = None  # set: the learning-trap family (data/trap_tasks.py) instead
 
     def __post_init__(self):
         if not self.image_tasks or any(t not in IMAGE_TASKS for t in self.image_tasks):
@@ -105,6 +107,7 @@ FAMILIES: dict[str, SynthConfig] = {
         square=True,
         terse=True,
     ),
+    "trap": SynthConfig(trap=trap_tasks.TrapConfig()),
 }
 
 
@@ -210,6 +213,37 @@ def _video_trajectory(
     return T.assemble(head, segments, plan, results, place)
 
 
+def _trap_rows(split: str, n: int, seed: int, cfg: SynthConfig, writer: _Writer) -> list[dict]:
+    """Rows of the trap family (data/trap_tasks.py): queries for rl/eval, direct or crop trajectories for sft."""
+    kinds = trap_tasks.trajectory_kinds(n, seed, cfg.trap) if split == "sft" else [None] * n
+    rows = []
+    for i, kind in enumerate(kinds):
+        task = trap_tasks.trap_task(_rng(seed, split, i), cfg.trap)
+        qid = f"trap-{split}-{i:06d}"
+        row, rels = _task_row(task, qid, writer)
+        if kind is None:
+            rows.append(row)
+            continue
+
+        def call(box, task=task, qid=qid) -> list[dict]:
+            op = T.Op("crop_image", {"bbox_2d": box, "target_image": 1})
+            (result,) = _run(task.image, None, [op], cfg, qid)
+            crop = writer.image(result.new_images[0], f"crops/{qid}_1.png")
+            return [
+                {"role": "assistant", "content": [{"type": "text", "text": T.tool_call_text(op)}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": result.text}, {"type": "image", "image": crop}],
+                },
+            ]
+
+        head = T.first_messages({"type": "image", "image": rels[0]}, task.question)
+        messages = trap_tasks.sft_messages(task, kind, head, call)
+        meta = {k: row[k] for k in ("category", "answer", "target_box", "target_box_px", "target_color")}
+        rows.append({"qid": qid, "kind": kind, **meta, "message_list": messages})
+    return rows
+
+
 def _run(image, frames, plan, cfg: SynthConfig, qid: str):
     state = ops.VisualState.for_video(frames) if frames else ops.VisualState.for_images([image])
     try:
@@ -255,6 +289,8 @@ def _task_row(task: Task, qid: str, writer: _Writer) -> tuple[dict, list[str]]:
 
 
 def _query_rows(split: str, n: int, seed: int, cfg: SynthConfig, writer: _Writer) -> list[dict]:
+    if cfg.trap is not None:
+        return _trap_rows(split, n, seed, cfg, writer)
     kinds = np.random.default_rng([seed, 10 + _SPLITS[split]]).random(n) < cfg.video_fraction
     rows = []
     for i in range(n):
@@ -271,6 +307,8 @@ def _query_rows(split: str, n: int, seed: int, cfg: SynthConfig, writer: _Writer
 
 
 def _sft_rows(n: int, seed: int, cfg: SynthConfig, writer: _Writer) -> list[dict]:
+    if cfg.trap is not None:
+        return _trap_rows("sft", n, seed, cfg, writer)
     rows = []
     for i, kind in enumerate(allocate_kinds(n, seed, cfg)):
         rng = _rng(seed, "sft", i)
@@ -333,7 +371,9 @@ def generate(
         raise ValueError(f"record counts must be >= 0, got sft={num_sft} rl={num_rl} eval={num_eval}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0 (numpy seed sequences), got {seed}")
-    cfg = dataclasses.replace(config or SynthConfig(), image_size=image_size)
+    cfg = config or SynthConfig()
+    trap = dataclasses.replace(cfg.trap, image_size=image_size) if cfg.trap is not None else None
+    cfg = dataclasses.replace(cfg, image_size=image_size, trap=trap)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     writer = _Writer(root)

@@ -1,0 +1,108 @@
+"""The learning-trap set-up: its task family, its two variants and its plot CLI.
+
+The effect itself (RaPR at the end lower without the curiosity bonus) is not yet shown on a CPU run, so no
+test asserts it here; see the README's learning-trap section.
+"""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from configs import trap as trap_config
+from pixel_reasoner_jax import trap_plot
+from pixel_reasoner_jax.data import synthetic, trap_tasks
+from pixel_reasoner_jax.data.synthetic_tasks import TARGET_COLORS
+from pixel_reasoner_jax.tools import ops
+
+
+def _colours_in(img) -> set[str]:
+    px = np.asarray(img.convert("RGB")).reshape(-1, 3)
+    return {name for name, rgb in TARGET_COLORS.items() if np.any(np.all(px == rgb, axis=-1))}
+
+
+def test_trap_task_asks_the_square_of_the_named_quarter():
+    cfg = trap_tasks.TrapConfig()
+    answers = collections.Counter()
+    for i in range(60):
+        task = trap_tasks.trap_task(np.random.default_rng([7, i]), cfg)
+        answers[task.answer] += 1
+        assert _colours_in(task.image) == set(trap_tasks.COLORS)  # one square of each colour
+        x1, y1, x2, y2 = task.box
+        quarter = next(q for q in trap_tasks.QUARTERS if f"the {q} quarter" in task.question)
+        col, row = trap_tasks.QUARTERS[quarter]
+        half = cfg.image_size // 2
+        assert col * half <= x1 < x2 <= (col + 1) * half and row * half <= y1 < y2 <= (row + 1) * half
+        assert _colours_in(task.image.crop(task.box)) == {task.answer}
+        # The crop the tool cuts for a tight box shows the asked square and no other.
+        s = cfg.image_size
+        result = ops.crop_image(ops.VisualState.for_images([task.image]), [v / s for v in task.box], 1)
+        assert result.ok and _colours_in(result.new_images[0]) == {task.answer}
+    # The answer prior: red about half the time (30 +- 8 of 60 at two sigma), each other colour about a sixth.
+    assert 22 <= answers["red"] <= 38
+    assert all(answers[c] >= 4 for c in trap_tasks.COLORS)
+
+
+def test_trap_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="prior"):
+        trap_tasks.TrapConfig(prior=0.1)
+    with pytest.raises(ValueError, match="square"):
+        trap_tasks.TrapConfig(square=0.5)
+
+
+def test_trap_family_writes_direct_and_crop_trajectories(tmp_path):
+    paths = synthetic.generate(
+        tmp_path, num_sft=10, num_rl=4, num_eval=1, seed=3, config=synthetic.FAMILIES["trap"]
+    )
+    sft = [json.loads(line) for line in paths["sft"].read_text().splitlines()]
+    assert collections.Counter(r["kind"] for r in sft) == {"crop": 5, "direct": 5}
+    for r in sft:
+        turns = [m for m in r["message_list"] if m["role"] == "assistant"]
+        assert turns[-1]["content"][0]["text"] == f"\\boxed{{{r['answer']}}}"
+        if r["kind"] == "crop":
+            assert turns[0]["content"][0]["text"].startswith("<tool_call>\n")
+            crop = r["message_list"][3]["content"][1]["image"]
+            assert (tmp_path / crop).is_file()
+        else:
+            assert len(turns) == 1
+    rl = [json.loads(line) for line in paths["rl"].read_text().splitlines()]
+    assert len(rl) == 4 and all(r["category"] == "trap" and "quarter" in r["question"] for r in rl)
+
+
+def test_trap_variants_differ_only_in_curiosity():
+    a = trap_config.get_config("curiosity").to_dict()
+    b = trap_config.get_config("no_curiosity").to_dict()
+    a.pop("workdir"), b.pop("workdir")
+    assert a["reward"].pop("curiosity") is True and b["reward"].pop("curiosity") is False
+    assert a == b
+    with pytest.raises(ValueError, match="variant"):
+        trap_config.get_config("tiny")
+
+
+def _write_metrics(path, rapr, acc, sft_steps=2):
+    rows = [{"step": s + 1, "sft/loss": 1.0} for s in range(sft_steps)]
+    rows += [
+        {"step": sft_steps + i + 1, "reward/rapr": r, "reward/accuracy": a}
+        for i, (r, a) in enumerate(zip(rapr, acc))
+    ]
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_trap_plot_reads_runs_and_writes_a_figure(tmp_path):
+    _write_metrics(tmp_path / "a", [0.5, 0.5, 0.6, 0.7], [0.4, 0.5, 0.6, 0.7])
+    _write_metrics(tmp_path / "b", [0.5, 0.3, 0.1, 0.0], [0.4, 0.5, 0.5, 0.5])
+    out = tmp_path / "fig" / "trap.png"
+    table = trap_plot.main(
+        [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--H", "0.5", "--window", "2"]
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = [trap_plot.read_curves(tmp_path / n) for n in "ab"]
+    assert runs[0].steps.tolist() == [3, 4, 5, 6]  # the SFT rows are skipped
+    assert runs[1].window(runs[1].rapr, True, 2) == pytest.approx(0.05)
+    assert "0.650" in table and "0.050" in table
+    np.testing.assert_allclose(trap_plot.smooth(np.array([1.0, 3.0, 5.0]), 2), [1.0, 2.0, 4.0])
+    with pytest.raises(ValueError, match="no GRPO step"):
+        _write_metrics(tmp_path / "c", [], [])
+        trap_plot.read_curves(tmp_path / "c")
