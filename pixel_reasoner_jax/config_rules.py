@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 from pixel_reasoner_jax.config import (
-    ATTENTIONS,
     BACKENDS,
     BENCHMARKS,
     CROP_PADDINGS,
@@ -26,6 +25,7 @@ from pixel_reasoner_jax.config import (
     mesh_shape,
     rollout_mesh_shape,
 )
+from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS
 
 # Names of the train/ registries, used only when those modules are absent (they are the source of truth).
 _FALLBACK_REGISTRIES = {
@@ -66,7 +66,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": REMATS,
-    "model.attention": ATTENTIONS,
+    "model.attention": ATTENTION_IMPLS,
     "data.sft_loss_mask": SFT_LOSS_MASKS,
     "optim.schedule": SCHEDULES,
     "rollout.backend": BACKENDS,

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from pixel_reasoner_jax.models.config import ModelConfig
-from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, Linear
+from pixel_reasoner_jax.models.layers import REMAT_POLICIES, Linear, resolve_attention
 from pixel_reasoner_jax.models.logprobs import chunked_logprobs
 from pixel_reasoner_jax.models.text import KVCache, Qwen2Decoder, init_cache
 from pixel_reasoner_jax.models.vision import Qwen25VisionTower, VisionInputs, prepare_vision
@@ -65,7 +65,7 @@ class Qwen25VL(nnx.Module):
       dtype: compute dtype (float32 | bfloat16); norms, softmax and logits stay float32.
       param_dtype: parameter storage dtype.
       remat: "none" | "full" | "dots" rematerialisation of each scanned layer.
-      attention: "dense" (CPU reference) | "cudnn" | "xla".
+      attention: `layers.ATTENTION_IMPLS`; "auto" picks the backend's kernel (`layers.resolve_attention`).
     """
 
     def __init__(
@@ -80,12 +80,7 @@ class Qwen25VL(nnx.Module):
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
-        if attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
-        if attention == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise ValueError(
-                f"cudnn attention needs a bfloat16 or float16 compute dtype, got {jnp.dtype(dtype)}"
-            )
+        attention = resolve_attention(attention, dtype)
         self.cfg = cfg
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, rngs=rngs)
