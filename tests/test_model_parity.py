@@ -294,42 +294,40 @@ def test_remat_policies_and_attention_kernels_agree(ref, monkeypatch):
     )
 
     def grads(parts):
+        """(logits, flat gradients of a function of the last logits), from one compiled program."""
         g, p = parts
 
         def loss(p):
             logits = nnx.merge(g, p)(ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
-            return jnp.sum(jnp.tanh(logits[:, -4:]))
+            return jnp.sum(jnp.tanh(logits[:, -4:])), logits
 
-        return hf_io._flat(jax.jit(jax.grad(loss))(p))
+        grad, logits = jax.jit(jax.grad(loss, has_aux=True))(p)
+        return np.asarray(logits), hf_io._flat(grad)
 
-    base = grads((graphdef, params))
-    for remat in ("full", "dots"):
-        with nnx.use_eager_sharding(False):
-            other = grads(nnx.split(hf_io.load_model(ckpt, remat=remat)))
+    def assert_close_grads(other, base, what):
         for path, g in base.items():
             # Recomputation reorders float32 sums: compare relative to each gradient's scale.
-            err = np.abs(np.asarray(other[path]) - np.asarray(g)).max() / max(
-                np.abs(np.asarray(g)).max(), 1e-12
-            )
-            assert err <= 1e-5, f"remat={remat}: {path} relative error {err:.1e}"
+            scale = max(np.abs(np.asarray(g)).max(), 1e-12)
+            err = np.abs(np.asarray(other[path]) - np.asarray(g)).max() / scale
+            assert err <= 1e-5, f"{what}: {path} relative error {err:.1e}"
+
+    want, base = grads((graphdef, params))
+    for remat in ("full", "dots"):
+        with nnx.use_eager_sharding(False):
+            other = grads(nnx.split(hf_io.load_model(ckpt, remat=remat)))[1]
+        assert_close_grads(other, base, f"remat={remat}")
     with nnx.use_eager_sharding(False):
         xla = nnx.split(hf_io.load_model(ckpt, attention="xla"))
     got = forward(xla, ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
-    want = forward((graphdef, params), ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     # 8 x 8 tiles: every attention of the model (windows, per-image blocks, causal text) spans several
     # tiles, some of them skipped.
     monkeypatch.setattr(blocked_attention, "BLOCK_Q", 8)
     monkeypatch.setattr(blocked_attention, "BLOCK_K", 8)
     with nnx.use_eager_sharding(False):
-        blocked = nnx.split(hf_io.load_model(ckpt, attention="blocked"))
-    got = forward(blocked, ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
+        got, other = grads(nnx.split(hf_io.load_model(ckpt, attention="blocked")))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    for path, g in grads(blocked).items():
-        err = np.abs(np.asarray(g) - np.asarray(base[path])).max() / max(
-            np.abs(np.asarray(base[path])).max(), 1e-12
-        )
-        assert err <= 1e-5, f"blocked: {path} relative error {err:.1e}"
+    assert_close_grads(other, base, "blocked")
 
 
 def test_constructor_rejects_bad_options():

@@ -4,8 +4,8 @@ tiles skipped, and a hand-written backward pass that rebuilds tile probabilities
 Memory is O(B * T * N * H) plus one (B, N, bq, bk) tile of float32 scores, instead of the dense path's
 (B, N, T, S). The mask is the one `layers.attention` documents (equal segment ids, and key position <=
 query position when causal), evaluated per tile. Which tiles hold any visible pair is decided once per
-call from the whole (B, T, S) mask reduced to a (T / bq, S / bk) table: that is T * S integer compares,
-about 1 / (4 N H) of the attention FLOPs, fused into its reduction, and exact for any segment layout
+call from the whole (B, T, S) mask, built one query tile at a time and reduced to a (T / bq, S / bk)
+table: T * S integer compares, about 1 / (4 N H) of the attention FLOPs, and exact for any segment layout
 (vision windows, per-image blocks, padding, KV-cache validity), where per-tile segment min/max ranges
 would only bound it. Each tile then runs under `lax.cond` on its table entry, so a skipped tile costs a
 branch (on CPU, where this is the default, a real branch; under `vmap` it would turn into a select).
@@ -92,9 +92,13 @@ def _prepare(q, k, v, q_info, kv_info, causal, bq, bk):
     """Tiled operands: q (nq, B, bq, K, G, H), k / v (nk, B, bk, K, H), infos, and the visit table."""
     b, tp, n, h = q.shape
     kh = k.shape[2]
-    visit = _mask(q_info, kv_info, causal).reshape(b, tp // bq, bq, -1, bk).any(axis=(0, 2, 4))
+    qi_t = _tiles(q_info, bq, 2)
+    # One query tile's (B, bq, S) mask at a time: the whole (B, T, S) one would be a T * S byte buffer.
+    visit = jax.lax.map(
+        lambda qi: _mask(qi, kv_info, causal).reshape(b, bq, -1, bk).any(axis=(0, 1, 3)), qi_t
+    )
     q_t = _tiles(q.reshape(b, tp, kh, n // kh, h), bq)
-    return q_t, _tiles(k, bk), _tiles(v, bk), _tiles(q_info, bq, 2), _tiles(kv_info, bk, 2), visit
+    return q_t, _tiles(k, bk), _tiles(v, bk), qi_t, _tiles(kv_info, bk, 2), visit
 
 
 def _scores(q_i, k_j, qi_info, kj_info, causal, scale):
