@@ -183,7 +183,7 @@ def main(argv=None) -> str:
     parser.add_argument("--text-tokens", type=int, default=512, help="text tokens around the image")
     parser.add_argument("--chunk", type=int, default=1024, help="token_logprobs chunk (tokens)")
     parser.add_argument(
-        "--attention", default="dense", choices=("dense", "xla"), help="our attention kernel (models.layers)"
+        "--attention", default="dense", help="our attention kernel, one of models.layers.ATTENTION_IMPLS"
     )
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"

@@ -67,7 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.remat = "full"  # "none" | "full" | "dots"; the original trains with gradient checkpointing (§8)
     m.freeze_vision = False  # §8.2 does not freeze; SFT does (§8.1)
-    m.attention = "cudnn"  # "dense" (masked reference, CPU) | "cudnn" (jax.nn.dot_product_attention)
+    # "auto" (cudnn on GPU with bf16, blocked on CPU and TPU) | "dense" (masked reference) | "blocked"
+    # (tiled online softmax, memory O(T)) | "cudnn" | "xla" (jax.nn.dot_product_attention); models/layers.py
+    m.attention = "auto"
     m.logprob_chunk = 1024  # tokens per chunk of the scanned log-prob/entropy pass (never B x T x V logits)
     # Architecture of the generated checkpoint (variant tiny without model.checkpoint): models/tiny.SIZES.
     m.tiny_size = "tiny"
@@ -262,7 +264,7 @@ def _apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.remat = "none"
-    c.model.attention = "dense"
+    c.model.attention = "auto"
     c.model.logprob_chunk = 128
     # data = -1 makes the same file run on one CPU device and on the 8 fake devices of the tests.
     c.mesh.data = -1

@@ -10,7 +10,6 @@ from typing import Any
 
 from pixel_reasoner_jax.answers import SCORINGS
 from pixel_reasoner_jax.config import (
-    ATTENTIONS,
     BACKENDS,
     BENCHMARKS,
     CROP_PADDINGS,
@@ -29,6 +28,7 @@ from pixel_reasoner_jax.config import (
     mesh_shape,
     rollout_mesh_shape,
 )
+from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS
 from pixel_reasoner_jax.tools.ops import VIDEO_CROP_INDEXES  # the owner of the numbering choice
 
 # Names of the train/ registries, used only when those modules are absent (they are the source of truth).
@@ -70,7 +70,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": REMATS,
-    "model.attention": ATTENTIONS,
+    "model.attention": ATTENTION_IMPLS,
     "data.sft_loss_mask": SFT_LOSS_MASKS,
     "data.synthetic_family": SYNTHETIC_FAMILIES,
     "model.tiny_size": TINY_SIZES,

@@ -1,4 +1,5 @@
-"""Chunked token log-probs / entropy: equal to the unchunked computation, and never hold B x T x V."""
+"""Chunked token log-probs / entropy (models/logprobs.py and its model wrappers): equal to the unchunked
+computation in values and gradients, and never hold B x T x V logits or a float32 (D, V) accumulator."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import pytest
 from flax import nnx
 
 from pixel_reasoner_jax.models.config import PRESETS
-from pixel_reasoner_jax.models.qwen25vl import Qwen25VL, token_logprobs
+from pixel_reasoner_jax.models.logprobs import chunked_logprobs
+from pixel_reasoner_jax.models.qwen25vl import Qwen25VL, indexed_token_logprobs, token_logprobs
 
 CFG = PRESETS["tiny"]
 
@@ -20,22 +22,29 @@ def parts():
 
 
 def _reference(model, hidden, targets, temperature):
-    logits = model.logits(hidden) / temperature
-    logp = jax.nn.log_softmax(logits, -1)
-    lp = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    return lp, -jnp.sum(jnp.exp(logp) * logp, -1)
+    return _plain(hidden, model.lm_kernel(), targets, temperature)
+
+
+def _plain(h, w, y, temperature):
+    """The autodiff reference: full (B, T, V) log-softmax."""
+    logp = jax.nn.log_softmax(jnp.einsum("BTD,DV->BTV", h, w) / temperature, -1)
+    return jnp.take_along_axis(logp, y[..., None], -1)[..., 0], -jnp.sum(jnp.exp(logp) * logp, -1)
 
 
 @pytest.mark.parametrize("chunk,temperature", [(16, 1.0), (24, 0.7), (1000, 1.3)])
 def test_chunked_equals_unchunked(parts, chunk, temperature):
     graphdef, params = parts
     rng = np.random.default_rng(0)
-    hidden = jnp.asarray(rng.standard_normal((2, 50, CFG.text.hidden_size)), jnp.float32)  # 50: ragged last chunk
+    hidden = jnp.asarray(
+        rng.standard_normal((2, 50, CFG.text.hidden_size)), jnp.float32
+    )  # 50: ragged last chunk
     targets = jnp.asarray(rng.integers(0, CFG.text.vocab_size, (2, 50)), jnp.int32)
 
     def both(p, h):
         m = nnx.merge(graphdef, p)
-        return token_logprobs(m, h, targets, temperature=temperature, chunk=chunk), _reference(m, h, targets, temperature)
+        return token_logprobs(m, h, targets, temperature=temperature, chunk=chunk), _reference(
+            m, h, targets, temperature
+        )
 
     (lp, ent), (lp_ref, ent_ref) = jax.jit(both)(params, hidden)
     assert lp.shape == ent.shape == (2, 50) and lp.dtype == jnp.float32
@@ -74,7 +83,13 @@ def test_backward_never_materialises_full_logits(parts):
             lp, ent = token_logprobs(nnx.merge(graphdef, p), h, targets, chunk=c)
             return lp.sum() + ent.sum()
 
-        return jax.jit(jax.grad(f, argnums=(0, 1))).lower(params, hidden).compile().memory_analysis().temp_size_in_bytes
+        return (
+            jax.jit(jax.grad(f, argnums=(0, 1)))
+            .lower(params, hidden)
+            .compile()
+            .memory_analysis()
+            .temp_size_in_bytes
+        )
 
     assert temp_bytes(t) >= full_bytes
     assert temp_bytes(chunk) < 0.6 * full_bytes
@@ -83,4 +98,88 @@ def test_backward_never_materialises_full_logits(parts):
 def test_bad_temperature(parts):
     graphdef, params = parts
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        token_logprobs(nnx.merge(graphdef, params), jnp.ones((1, 2, 64)), jnp.zeros((1, 2), jnp.int32), temperature=0.0)
+        token_logprobs(
+            nnx.merge(graphdef, params), jnp.ones((1, 2, 64)), jnp.zeros((1, 2), jnp.int32), temperature=0.0
+        )
+
+
+def _close(a, b):
+    """1e-5 relative, with the absolute floor at 1e-5 of the array's largest entry: elements that nearly
+    cancel (a gradient summing +p and -p terms) have no meaningful elementwise relative error."""
+    b = np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
+# V = 1000 with these chunks gives vocabulary tiles of 128 / 256 / 1000 columns: 1000 is no multiple of
+# the first two, so the last backward tile is shifted left and overlaps its neighbour.
+@pytest.mark.parametrize("chunk,temperature", [(4, 1.0), (7, 0.7), (64, 1.3)])
+def test_kernel_equals_autodiff(chunk, temperature):
+    rng = np.random.default_rng(1)
+    b, t, d, v = 2, 29, 16, 1000
+    h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((d, v)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    c_lp, c_ent = (jnp.asarray(rng.standard_normal((b, t)), jnp.float32) for _ in range(2))
+
+    def loss(fn):
+        def f(h, w):
+            lp, ent = fn(h, w)
+            return jnp.sum(c_lp * lp) + jnp.sum(c_ent * ent), (lp, ent)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+    ours = loss(lambda h, w: chunked_logprobs(h, w, y, temperature=temperature, chunk=chunk))(h, w)
+    ref = loss(lambda h, w: _plain(h, w, y, temperature))(h, w)
+    for a, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        _close(a, r)
+
+
+def test_indexed_equals_full_at_listed_positions(parts):
+    """Listed valid positions carry token_logprobs' values; every other position reads 0 and gets no
+    gradient (unused slots may point anywhere, even at a trained position)."""
+    graphdef, params = parts
+    rng = np.random.default_rng(2)
+    b, t = 2, 12
+    hidden = jnp.asarray(rng.standard_normal((b, t, CFG.text.hidden_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, CFG.text.vocab_size, (b, t)), jnp.int32)
+    index = jnp.asarray([[1, 4, 5, 9, 4], [0, 11, 3, 3, 3]], jnp.int32)
+    valid = jnp.asarray([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], bool)
+    listed = np.zeros((b, t), bool)
+    listed[0, [1, 4, 5, 9]] = listed[1, [0, 11, 3]] = True
+
+    def both(p, h):
+        m = nnx.merge(graphdef, p)
+        full = token_logprobs(m, h, targets, temperature=0.8, chunk=4)
+        idx = indexed_token_logprobs(m, h, targets, index, valid, temperature=0.8, chunk=2)
+        return full, idx
+
+    (lp, ent), (lp_i, ent_i) = jax.jit(both)(params, hidden)
+    _close(np.where(listed, lp_i, 0), np.where(listed, lp, 0))
+    _close(np.where(listed, ent_i, 0), np.where(listed, ent, 0))
+    assert not np.any(np.asarray(lp_i)[~listed]) and not np.any(np.asarray(ent_i)[~listed])
+
+    def loss(h):
+        lp, ent = indexed_token_logprobs(nnx.merge(graphdef, params), h, targets, index, valid, chunk=3)
+        return jnp.sum(lp) + jnp.sum(ent)
+
+    g = np.asarray(jax.jit(jax.grad(loss))(hidden))
+    assert not np.any(g[~listed]) and np.all(np.abs(g[listed]).sum(-1) > 0)
+
+
+def test_backward_keeps_no_float32_vocab_accumulator():
+    """A token-chunked backward pass accumulates d_W in a float32 (D, V) buffer; the vocabulary-tiled one
+    writes each tile's columns once, so its scratch stays well under that size when D x V dominates."""
+    b, t, d, v, chunk = 1, 64, 256, 32768, 8
+    acc_bytes = d * v * 4
+
+    def f(h, w, y):
+        lp, ent = chunked_logprobs(h, w, y, chunk=chunk)
+        return lp.sum() + ent.sum()
+
+    args = (
+        jax.ShapeDtypeStruct((b, t, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((b, t), jnp.int32),
+    )
+    temp = jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 0.5 * acc_bytes

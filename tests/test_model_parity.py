@@ -14,7 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
-from pixel_reasoner_jax.models import hf_io
+from pixel_reasoner_jax.models import blocked_attention, hf_io
 from pixel_reasoner_jax.models.config import PRESETS
 from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
 from pixel_reasoner_jax.models.vision import prepare_vision
@@ -77,7 +77,9 @@ def grids_of(items, kind):
     return np.array(g, np.int64).reshape(-1, 3) if g else None
 
 
-def batch_inputs(rows, rng, *, t_bucket=T_BUCKET, p_bucket=P_BUCKET, w_bucket=W_BUCKET, secs=None, pad_left=False):
+def batch_inputs(
+    rows, rng, *, t_bucket=T_BUCKET, p_bucket=P_BUCKET, w_bucket=W_BUCKET, secs=None, pad_left=False
+):
     """Padded arrays for our model and the matching HF kwargs for a batch of conversations.
 
     rows: list of item lists [(kind, grid), ...]; returns (ours: dict, hf_kwargs: dict, valid mask).
@@ -110,14 +112,18 @@ def batch_inputs(rows, rng, *, t_bucket=T_BUCKET, p_bucket=P_BUCKET, w_bucket=W_
     )
     if flat_items:
         grids = np.array([g for _, g in flat_items])
-        rows_pix = [rng.standard_normal((int(np.prod(g)), CFG.vision.patch_dim)).astype(np.float32) for g in grids]
+        rows_pix = [
+            rng.standard_normal((int(np.prod(g)), CFG.vision.patch_dim)).astype(np.float32) for g in grids
+        ]
         vi = prepare_vision(grids, CFG.vision, patch_bucket=p_bucket, window_bucket=w_bucket)
         pix = np.zeros((vi.perm.shape[0], CFG.vision.patch_dim), np.float32)
         pix[: int(vi.num_patches)] = np.concatenate(rows_pix)
         ours.update(pix=jnp.asarray(pix), vi=vi)
         kinds = [k for k, _ in flat_items]
         if img is not None:
-            hf_kw["pixel_values"] = torch.tensor(np.concatenate([p for k, p in zip(kinds, rows_pix) if k == "image"]))
+            hf_kw["pixel_values"] = torch.tensor(
+                np.concatenate([p for k, p in zip(kinds, rows_pix) if k == "image"])
+            )
             hf_kw["image_grid_thw"] = torch.tensor(img)
         if vid is not None:
             hf_kw["pixel_values_videos"] = torch.tensor(
@@ -161,7 +167,9 @@ def test_text_only(ref):
     hf, parts, _ = ref
     ids = np.array([[IM_START, 10, 20, 30, 198, 40, 50, 60, 70, IM_END]])
     mask = np.ones_like(ids)
-    pos, _ = rope.get_rope_index(ids, mask, spatial_merge_size=2, tokens_per_second=2, image_token_id=IMG, video_token_id=VID)
+    pos, _ = rope.get_rope_index(
+        ids, mask, spatial_merge_size=2, tokens_per_second=2, image_token_id=IMG, video_token_id=VID
+    )
     ours = forward(parts, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
     want = hf_logits(hf, input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
     np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
@@ -174,7 +182,10 @@ def test_vision_conversation(ref, case):
     ours, hf_kw, valid, _ = batch_inputs([items], np.random.default_rng(1), secs=secs)
     got = forward(parts, ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
     n = int(valid.sum())
-    hf_kw = {k: (v[:, :n] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in hf_kw.items()}
+    hf_kw = {
+        k: (v[:, :n] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+        for k, v in hf_kw.items()
+    }
     want = hf_logits(hf, **hf_kw)
     np.testing.assert_allclose(got[0, :n], want[0], atol=1e-4, rtol=0)
 
@@ -187,9 +198,15 @@ def test_long_video_positions_passed_to_hf(ref):
     ours, hf_kw, valid, _ = batch_inputs([items], np.random.default_rng(2), secs=[1.0])
     n = int(valid.sum())
     got = forward(parts, ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
-    kw = {k: (v[:, :n] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in hf_kw.items()}
+    kw = {
+        k: (v[:, :n] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+        for k, v in hf_kw.items()
+    }
     hf_pos, _ = hf.model.get_rope_index(
-        kw["input_ids"], kw["mm_token_type_ids"], video_grid_thw=kw["video_grid_thw"], second_per_grid_ts=kw["second_per_grid_ts"]
+        kw["input_ids"],
+        kw["mm_token_type_ids"],
+        video_grid_thw=kw["video_grid_thw"],
+        second_per_grid_ts=kw["second_per_grid_ts"],
     )
     assert not np.array_equal(hf_pos.numpy(), np.asarray(ours["pos"])[:, :, :n])  # the case is a real one
     kw["position_ids"] = torch.tensor(np.asarray(ours["pos"])[:, :, :n], dtype=torch.long)
@@ -202,7 +219,10 @@ def test_right_padded_batch(ref):
     ours, hf_kw, valid, _ = batch_inputs(rows, np.random.default_rng(3), secs=[1.0])
     got = forward(parts, ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
     n = int(valid.sum(1).max())
-    kw = {k: (v[:, :n] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in hf_kw.items()}
+    kw = {
+        k: (v[:, :n] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+        for k, v in hf_kw.items()
+    }
     want = hf_logits(hf, **kw)
     for r in range(2):
         m = valid[r, :n]
@@ -229,7 +249,10 @@ def test_gradients_every_parameter(ref):
     grads = jax.jit(jax.grad(loss_fn))(params)
     flat = hf_io._flat(grads)
     n = int(valid.sum())
-    kw = {k: (v[:, :n] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in hf_kw.items()}
+    kw = {
+        k: (v[:, :n] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+        for k, v in hf_kw.items()
+    }
     hf.zero_grad()
     logits = hf(**kw).logits
     nll = torch.nn.functional.cross_entropy(logits[0], torch.tensor(targets[0, :n]), reduction="none")
@@ -262,33 +285,49 @@ def test_bfloat16_compute_close_to_float32(ref):
     assert got16.dtype == np.float32
 
 
-def test_remat_policies_and_xla_kernel_agree(ref):
-    """Rematerialisation changes memory, not values; the `xla` attention kernel equals the dense one."""
+def test_remat_policies_and_attention_kernels_agree(ref, monkeypatch):
+    """Rematerialisation changes memory, not values; the `xla` and `blocked` attention kernels equal the
+    dense one (blocked also in its hand-written gradients)."""
     _, (graphdef, params), ckpt = ref
-    ours, _, _, _ = batch_inputs([CASES["one_image"][0]], np.random.default_rng(6), t_bucket=None, p_bucket=None, w_bucket=None)
+    ours, _, _, _ = batch_inputs(
+        [CASES["one_image"][0]], np.random.default_rng(6), t_bucket=None, p_bucket=None, w_bucket=None
+    )
 
     def grads(parts):
+        """(logits, flat gradients of a function of the last logits), from one compiled program."""
         g, p = parts
 
         def loss(p):
             logits = nnx.merge(g, p)(ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
-            return jnp.sum(jnp.tanh(logits[:, -4:]))
+            return jnp.sum(jnp.tanh(logits[:, -4:])), logits
 
-        return hf_io._flat(jax.jit(jax.grad(loss))(p))
+        grad, logits = jax.jit(jax.grad(loss, has_aux=True))(p)
+        return np.asarray(logits), hf_io._flat(grad)
 
-    base = grads((graphdef, params))
-    for remat in ("full", "dots"):
-        with nnx.use_eager_sharding(False):
-            other = grads(nnx.split(hf_io.load_model(ckpt, remat=remat)))
+    def assert_close_grads(other, base, what):
         for path, g in base.items():
             # Recomputation reorders float32 sums: compare relative to each gradient's scale.
-            err = np.abs(np.asarray(other[path]) - np.asarray(g)).max() / max(np.abs(np.asarray(g)).max(), 1e-12)
-            assert err <= 1e-5, f"remat={remat}: {path} relative error {err:.1e}"
+            scale = max(np.abs(np.asarray(g)).max(), 1e-12)
+            err = np.abs(np.asarray(other[path]) - np.asarray(g)).max() / scale
+            assert err <= 1e-5, f"{what}: {path} relative error {err:.1e}"
+
+    want, base = grads((graphdef, params))
+    for remat in ("full", "dots"):
+        with nnx.use_eager_sharding(False):
+            other = grads(nnx.split(hf_io.load_model(ckpt, remat=remat)))[1]
+        assert_close_grads(other, base, f"remat={remat}")
     with nnx.use_eager_sharding(False):
         xla = nnx.split(hf_io.load_model(ckpt, attention="xla"))
     got = forward(xla, ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
-    want = forward((graphdef, params), ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # 8 x 8 tiles: every attention of the model (windows, per-image blocks, causal text) spans several
+    # tiles, some of them skipped.
+    monkeypatch.setattr(blocked_attention, "BLOCK_Q", 8)
+    monkeypatch.setattr(blocked_attention, "BLOCK_K", 8)
+    with nnx.use_eager_sharding(False):
+        got, other = grads(nnx.split(hf_io.load_model(ckpt, attention="blocked")))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert_close_grads(other, base, "blocked")
 
 
 def test_constructor_rejects_bad_options():

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixel_reasoner_jax.models.blocked_attention import blocked_attention, segment_mask
 from pixel_reasoner_jax.sharding import constrain
 
 __all__ = [
@@ -22,12 +23,14 @@ __all__ = [
     "apply_rotary",
     "attention",
     "constrain",
+    "resolve_attention",
     "remat",
     "rotate_half",
 ]
 
 Names = tuple[str | None, ...]
-ATTENTION_IMPLS = ("dense", "cudnn", "xla")
+# "auto" is resolved per backend by `resolve_attention` when a model is built; the rest are kernels.
+ATTENTION_IMPLS = ("auto", "dense", "blocked", "cudnn", "xla")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -139,6 +142,26 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------- attention
 
 
+def resolve_attention(impl: str, dtype, platform: str | None = None) -> str:
+    """The kernel `impl` names on `platform` (default: JAX's default backend); checks the choice.
+
+    "auto": cuDNN on GPU with a 16-bit compute dtype ("xla" with float32, which cuDNN does not take),
+    "blocked" on CPU and, until splash attention is wired, on TPU.
+    """
+    if impl not in ATTENTION_IMPLS:
+        hint = " (TPU splash attention is not wired yet: use 'blocked' or 'auto')" if impl == "splash" else ""
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}{hint}")
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "cudnn" and not half:
+        raise ValueError(f"cudnn attention needs a bfloat16 or float16 compute dtype, got {jnp.dtype(dtype)}")
+    if impl != "auto":
+        return impl
+    platform = platform or jax.default_backend()
+    if platform == "gpu":
+        return "cudnn" if half else "xla"
+    return "blocked"
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -150,6 +173,7 @@ def attention(
     impl: str = "dense",
     q_positions: jax.Array | None = None,
     kv_positions: jax.Array | None = None,
+    **blocks: int,
 ) -> jax.Array:
     """Softmax attention where query i sees key j iff their segment ids are equal (and j <= i if causal).
 
@@ -162,9 +186,12 @@ def attention(
         uses kv head n // (N // K), as HF `repeat_kv`).
       q_segments: (B, T) int; kv_segments: (B, S) int.
       causal: also mask keys whose position is after the query's.
-      impl: "dense" (masked softmax in float32, the CPU reference), "cudnn" or "xla"
-        (`jax.nn.dot_product_attention` with a boolean mask).
+      impl: "dense" (masked softmax in float32 over the whole (T, S), the reference), "blocked" (query x
+        key tiles with online softmax, fully masked tiles skipped, models/blocked_attention.py), "cudnn"
+        or "xla" (`jax.nn.dot_product_attention` with a boolean mask). "auto" must be resolved first
+        (`resolve_attention`).
       q_positions, kv_positions: (B, T) / (B, S) slot indices for the causal test; default arange.
+      **blocks: `block_q` / `block_k` tile sizes of "blocked" (benchmarks and tests).
 
     Returns:
       (B, T, N, H) in q's dtype.
@@ -173,13 +200,15 @@ def attention(
     s, kh = k.shape[1], k.shape[2]
     if n % kh:
         raise ValueError(f"attention: {n} query heads is not a multiple of {kh} kv heads")
-    mask = q_segments[:, :, None] == kv_segments[:, None, :]  # (B, T, S)
-    if causal:
-        if q_positions is None:
-            q_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        if kv_positions is None:
-            kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
-        mask = mask & (kv_positions[:, None, :] <= q_positions[:, :, None])
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    if impl == "blocked":
+        return blocked_attention(
+            q, k, v, q_segments, kv_segments, q_positions, kv_positions, causal=causal, **blocks
+        )
+    mask = segment_mask(q_segments, kv_segments, q_positions, kv_positions, causal)  # (B, T, S)
     scale = 1.0 / math.sqrt(h)
     if impl == "dense":
         g = n // kh
@@ -193,7 +222,7 @@ def attention(
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], scale=scale, implementation=impl
         ).astype(q.dtype)
-    raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS[1:]} (resolved), got {impl!r}")
 
 
 # ------------------------------------------------------------------------------------------ remat

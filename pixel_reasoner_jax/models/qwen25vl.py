@@ -1,7 +1,7 @@
 """The full Qwen2.5-VL (HF Qwen2_5_VLForConditionalGeneration): vision -> splice -> decoder -> logits.
 
-Also the chunked token log-probabilities and entropies used by every loss, which never materialise the
-(B, T, V) logits: sequence chunks run under `lax.scan` with a rematerialised body.
+Also the token log-probabilities and entropies used by every loss, which never materialise the (B, T, V)
+logits (models/logprobs.py holds the chunked kernel and its hand-written backward pass).
 """
 
 import jax
@@ -10,7 +10,8 @@ import numpy as np
 from flax import nnx
 
 from pixel_reasoner_jax.models.config import ModelConfig
-from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, Linear, constrain
+from pixel_reasoner_jax.models.layers import REMAT_POLICIES, Linear, resolve_attention
+from pixel_reasoner_jax.models.logprobs import chunked_logprobs
 from pixel_reasoner_jax.models.text import KVCache, Qwen2Decoder, init_cache
 from pixel_reasoner_jax.models.vision import Qwen25VisionTower, VisionInputs, prepare_vision
 
@@ -64,7 +65,7 @@ class Qwen25VL(nnx.Module):
       dtype: compute dtype (float32 | bfloat16); norms, softmax and logits stay float32.
       param_dtype: parameter storage dtype.
       remat: "none" | "full" | "dots" rematerialisation of each scanned layer.
-      attention: "dense" (CPU reference) | "cudnn" | "xla".
+      attention: `layers.ATTENTION_IMPLS`; "auto" picks the backend's kernel (`layers.resolve_attention`).
     """
 
     def __init__(
@@ -79,12 +80,7 @@ class Qwen25VL(nnx.Module):
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
-        if attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
-        if attention == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise ValueError(
-                f"cudnn attention needs a bfloat16 or float16 compute dtype, got {jnp.dtype(dtype)}"
-            )
+        attention = resolve_attention(attention, dtype)
         self.cfg = cfg
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, rngs=rngs)
@@ -176,9 +172,8 @@ def token_logprobs(
 ) -> tuple[jax.Array, jax.Array]:
     """log p(target) and the entropy of the tempered next-token distribution at every position.
 
-    Sequence chunks of `chunk` tokens are processed under `lax.scan` with a `jax.checkpoint` body (when
-    there is more than one chunk), so the live logits are (B, chunk, V) float32 in the forward pass and
-    again in the backward pass (recomputed), never (B, T, V).
+    `models.logprobs.chunked_logprobs` with the model's output projection: at most (B, chunk, V) float32
+    logits are live in the forward pass, and as many in each vocabulary tile of the backward pass.
 
     Args:
       model: the (merged) model whose output projection is used.
@@ -190,38 +185,8 @@ def token_logprobs(
     Returns:
       logprobs (B, T) float32, entropy (B, T) float32.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    b, t, d = hidden.shape
-    chunk = max(1, min(chunk, t))
-    n = -(-t // chunk)
-    pad = n * chunk - t
     w = model.lm_kernel().astype(model.dtype)
-    h = jnp.pad(hidden.astype(model.dtype), ((0, 0), (0, pad), (0, 0)))
-    y = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad)))
-    h = h.reshape(b, n, chunk, d).swapaxes(0, 1)
-    y = y.reshape(b, n, chunk).swapaxes(0, 1)
-
-    def one(h_c, y_c):
-        logits = jnp.einsum("BTD,DV->BTV", h_c, w, preferred_element_type=jnp.float32) / temperature
-        logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        lp = jnp.take_along_axis(logp, y_c[..., None], axis=-1)[..., 0]
-        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-        return lp, ent
-
-    # Several chunks: each chunk's logits are recomputed in the backward pass, so at most one chunk of
-    # logits is ever live. A single chunk keeps its logits for the backward pass instead (still one chunk
-    # live) and saves the recompute, a fourth (D, V) matmul.
-    step = jax.checkpoint(one) if n > 1 else one
-
-    def body(_, xs):
-        return None, step(*xs)
-
-    _, (lp, ent) = jax.lax.scan(body, None, (h, y))
-    lp = lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
-    ent = ent.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
-    return lp, ent
+    return chunked_logprobs(hidden.astype(model.dtype), w, targets, temperature=temperature, chunk=chunk)
 
 
 def indexed_token_logprobs(

@@ -1,0 +1,122 @@
+"""Blocked attention (models/blocked_attention.py) equals the dense masked softmax in values and gradients
+for every mask the model builds, really skips fully masked tiles, and `resolve_attention` picks kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, attention, resolve_attention
+
+
+def _seg(*runs):
+    """(1, sum) int32 segment ids from (id, length) runs."""
+    return np.concatenate([np.full(n, i, np.int32) for i, n in runs])[None]
+
+
+# name: (B, T, S, N, K, causal, q_segments, kv_segments, q_positions, kv_positions); tiles are 8 x 8, so
+# every case spans several query and key tiles, ragged at the end.
+S_CACHE = 29
+CASES = {
+    # Text batch: right padding (segment 0 after the real tokens) in one row, left padding in the other.
+    "causal_padding_gqa": (2, 37, 37, 4, 2, True, np.r_[_seg((1, 30), (0, 7)), _seg((0, 5), (1, 32))], None, None, None),
+    # Vision full attention: block-diagonal images / frames and a padding segment, no causality.
+    "vision_blocks": (1, 40, 40, 4, 4, False, _seg((1, 10), (2, 7), (3, 12), (4, 3), (0, 8)), None, None, None),
+    # Vision windows: the window axis is the batch, slots past the window's size are segment 0.
+    "vision_windows": (3, 16, 16, 2, 2, False, np.r_[_seg((1, 16)), _seg((1, 11), (0, 5)), _seg((1, 3), (0, 13))], None, None, None),
+    # KV-cache decode: one query at slot 19 of a 29-slot cache whose slots >= 20 are not written yet.
+    "decode_t1": (2, 1, S_CACHE, 4, 2, True, np.ones((2, 1), np.int32), (np.arange(S_CACHE) < 20)[None].repeat(2, 0), np.full((2, 1), 19), np.arange(S_CACHE)[None].repeat(2, 0)),
+    # Cached prefill of a second turn: 6 queries at slots 14..19 over the same cache.
+    "cache_prefill": (1, 6, S_CACHE, 4, 1, True, np.ones((1, 6), np.int32), (np.arange(S_CACHE) < 20)[None], 14 + np.arange(6)[None], np.arange(S_CACHE)[None]),
+}  # fmt: skip
+
+
+def _inputs(case, seed=0):
+    b, t, s, n, k, causal, q_seg, kv_seg, q_pos, kv_pos = case
+    rng = np.random.default_rng(seed)
+    arrays = [
+        rng.standard_normal(shape).astype(np.float32) for shape in ((b, t, n, 8), (b, s, k, 8), (b, s, k, 8))
+    ]
+    as_i32 = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
+    kw = dict(
+        q_segments=as_i32(q_seg),
+        kv_segments=as_i32(q_seg if kv_seg is None else kv_seg),
+        causal=causal,
+        q_positions=as_i32(q_pos),
+        kv_positions=as_i32(kv_pos),
+    )
+    return [jnp.asarray(a) for a in arrays], kw
+
+
+def _value_and_grads(impl, qkv, kw, cot):
+    def loss(q, k, v):
+        out = attention(
+            q, k, v, impl=impl, **kw, **({"block_q": 8, "block_k": 8} if impl == "blocked" else {})
+        )
+        return jnp.sum(cot * out), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*qkv)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_blocked_equals_dense(name):
+    """Outputs and the gradients of a random projection of them, 1e-5 relative to each array's scale."""
+    qkv, kw = _inputs(CASES[name])
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(qkv[0].shape), jnp.float32)
+    (_, want), want_g = _value_and_grads("dense", qkv, kw, cot)
+    (_, got), got_g = _value_and_grads("blocked", qkv, kw, cot)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    for a, b in zip((got, *got_g), (want, *want_g)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_fully_masked_tiles_are_skipped():
+    """NaN keys and values confined to key tiles no query sees (the causal future of 16 queries; the other
+    image's block) leave outputs and gradients finite: those tiles never run, forward or backward. The
+    dense kernel multiplies the NaNs by zero probabilities and returns NaN."""
+    cases = (
+        (True, _seg((1, 16)), _seg((1, 32))),  # queries at slots 0..15, keys 16..31 in their future
+        (False, _seg((1, 16)), _seg((1, 16), (2, 16))),  # queries of image 1, keys 16..31 of image 2
+    )
+    for causal, q_seg, kv_seg in cases:
+        (q, k, v), kw = _inputs((1, 16, 32, 2, 2, causal, q_seg, kv_seg, None, None))
+        k = k.at[:, 16:].set(jnp.nan)
+        v = v.at[:, 16:].set(jnp.nan)
+
+        def loss(q, k, v, kw=kw):
+            return jnp.sum(attention(q, k, v, impl="blocked", block_q=8, block_k=8, **kw))
+
+        value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        assert np.isfinite(float(value))
+        assert all(np.isfinite(np.asarray(g[:, :16])).all() for g in grads)
+        assert np.isnan(np.asarray(attention(q, k, v, impl="dense", **kw))).any()
+
+
+def test_bfloat16_inputs_keep_dtype_and_stay_close():
+    """bf16 q/k/v: the output is bf16 and within bf16 rounding of the dense kernel (8 mantissa bits over a
+    probability-weighted average of unit values: 2e-2 absolute, not 1e-5)."""
+    qkv, kw = _inputs(CASES["causal_padding_gqa"])
+    qkv16 = [x.astype(jnp.bfloat16) for x in qkv]
+    got = attention(*qkv16, impl="blocked", block_q=8, block_k=8, **kw)
+    want = attention(*qkv16, impl="dense", **kw)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=0)
+
+
+def test_resolve_attention():
+    assert resolve_attention("auto", jnp.float32, "cpu") == "blocked"
+    assert resolve_attention("auto", jnp.bfloat16, "gpu") == "cudnn"
+    assert resolve_attention("auto", jnp.float32, "gpu") == "xla"
+    assert resolve_attention("auto", jnp.bfloat16, "tpu") == "blocked"
+    assert resolve_attention("auto", jnp.float32) in ATTENTION_IMPLS
+    for impl in ("dense", "blocked", "xla"):
+        assert resolve_attention(impl, jnp.float32, "gpu") == impl
+    with pytest.raises(ValueError, match="splash attention is not wired yet"):
+        resolve_attention("splash", jnp.bfloat16, "tpu")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        resolve_attention("flash", jnp.float32)
+    with pytest.raises(ValueError, match="cudnn attention needs a bfloat16"):
+        resolve_attention("cudnn", jnp.float32, "gpu")
+    qkv, kw = _inputs(CASES["vision_blocks"])
+    with pytest.raises(ValueError, match="resolved"):
+        attention(*qkv, impl="auto", **kw)
