@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "full"  # "none" | "full" | "dots"; the original trains with gradient checkpointing (§8)
     m.freeze_vision = False  # §8.2 does not freeze; SFT does (§8.1)
     m.attention = "cudnn"  # "dense" (masked reference, CPU) | "cudnn" (jax.nn.dot_product_attention)
+    # Architecture of the generated checkpoint (variant tiny without model.checkpoint): models/tiny.SIZES.
+    m.tiny_size = "tiny"
     m.logprob_chunk = 1024  # tokens per chunk of the scanned log-prob/entropy pass (never B x T x V logits)
 
     c.mesh = mesh = ml_collections.ConfigDict()

@@ -22,6 +22,7 @@ CROP_PADDINGS = ("capped", "fixed")
 FILTERS = ("refill", "ssr", "none")
 BENCHMARKS = ("vstar", "tallyqa", "infovqa", "mvbench", "synthetic")
 SYNTHETIC_FAMILIES = ("mixed", "color")  # data/synthetic.FAMILIES (a test keeps the two equal)
+TINY_SIZES = ("tiny", "narrow")  # models/tiny.SIZES
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,7 @@ class ModelConfig:
     freeze_vision: bool
     attention: str
     logprob_chunk: int
+    tiny_size: str
 
 
 @dataclasses.dataclass(frozen=True)

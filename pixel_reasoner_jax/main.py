@@ -99,7 +99,9 @@ def prepare_assets(cfg: RunConfig) -> RunConfig:
             from pixel_reasoner_jax.models import tiny
 
             logging.info("writing the tiny checkpoint to %s", ckpt)
-            tiny.write_tiny_checkpoint(ckpt, seed=cfg.seed)  # export_hf renames into place: atomic
+            tiny.write_tiny_checkpoint(
+                ckpt, seed=cfg.seed, config=tiny.SIZES[model.tiny_size]
+            )  # export_hf renames into place: atomic
         model = dataclasses.replace(model, checkpoint=str(ckpt))
     if data.synthetic:
         root = workdir / SYNTHETIC_DIR

@@ -4,6 +4,7 @@ Weights come from our own model (export_hf, the one name table); tokenizer and p
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -24,6 +25,25 @@ TINY_MIN_PIXELS = 56 * 56
 # 448*448 = 256*784: at most 16x16 = 256 visual tokens per image, which keeps CPU rollouts with several
 # crops per episode in the seconds range, yet is large enough that crops really change the token count.
 TINY_MAX_PIXELS = 448 * 448
+
+# Sizes a run can ask for (`model.tiny_size`): "tiny", the tests' model, and "narrow", half as wide with tied
+# embeddings: on a CPU a small policy's step is mostly the 151936-word vocabulary projection, which this halves
+# (the learning-trap runs of configs/trap.py).
+SIZES: dict[str, ModelConfig] = {
+    "tiny": PRESETS["tiny"],
+    "narrow": dataclasses.replace(
+        PRESETS["tiny"],
+        text=dataclasses.replace(
+            PRESETS["tiny"].text,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        ),
+        vision=dataclasses.replace(PRESETS["tiny"].vision, out_hidden_size=32),
+    ),
+}
 
 GENERATION_CONFIG = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
 
@@ -78,8 +98,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="checkpoint folder to write (replaced if it exists)")
     parser.add_argument("--seed", type=int, default=0, help="parameter initialisation seed")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="architecture (SIZES)")
     args = parser.parse_args(argv)
-    path = write_tiny_checkpoint(args.out, seed=args.seed)
+    path = write_tiny_checkpoint(args.out, seed=args.seed, config=SIZES[args.size])
     print(path)
     return path
 
