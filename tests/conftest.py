@@ -92,7 +92,6 @@ def toy_grpo_config(tiny_ckpt):
             "grpo.micro_batches": 1, "grpo.filter": "refill",
             "optim.warmup_ratio": 0.0, "optim.schedule": "constant",
             "rollout.template": "notool", "rollout.top_k": 4, "rollout.top_p": 1.0,
-            "rollout.temperature": 1.0, "rollout.temperature_after_tool": 0.9,  # the paper's, not tiny's 0.3
             "rollout.max_new_tokens": 2, "rollout.decode_bucket": 2, "rollout.prompt_max_len": 46,
             "rollout.max_total_tokens": 48, "rollout.batch_size": 8, "model.logprob_chunk": 16,
             "data.max_seq_len": 48, "data.seq_buckets": (48,), "data.patch_buckets": (256,),
