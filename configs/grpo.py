@@ -26,8 +26,8 @@ except ImportError:  # loaded by path from outside the repository root
 def _apply_tiny_grpo(c) -> None:
     """The README's CPU job: SFT warm start on terse color-query tool trajectories, then GRPO (every 7B
     code path runs: masked multi-turn SFT, crops executed in rollouts, curiosity/penalty shaping, the
-    JaxSampler, checkpoints, HF export, plots). After the warm start the narrow model writes valid crop
-    calls; the aim, GRPO accuracy rising steadily within minutes on 2 cores, is not reached yet (README).
+    JaxSampler, checkpoints, HF export, plots). After the warm start the narrow model tries crop calls but
+    few are well-formed; the aim, GRPO accuracy rising through tool use on 2 cores, is not reached (README).
 
     Most of a tiny step is the 152k-entry vocabulary: sizes below keep the trained positions per sample
     at 64, the prompt in one 640-token bucket and the decode length fixed.
