@@ -68,7 +68,7 @@ def test_every_variant_loads_and_validates(mode, variant, num_devices):
 def test_tiny_is_cpu_sized():
     cfg = C.from_config_dict(user_config("grpo", "tiny"))
     assert cfg.data.synthetic and cfg.model.checkpoint is None and cfg.model.dtype == "float32"
-    assert 8 <= cfg.grpo.steps <= 32 and cfg.grpo.group_size <= 8 and 0 < cfg.sft.steps <= 48
+    assert 8 <= cfg.grpo.steps <= 32 and cfg.grpo.group_size <= 8 and 0 < cfg.sft.steps <= 96
     assert cfg.rollout.max_new_tokens <= 128 and cfg.data.image_max_pixels <= 64 * 784
     assert cfg.rollout.model_max_pixels <= 16 * 784 and cfg.data.max_seq_len <= 1024
     assert cfg.data.num_sft <= 64 and cfg.data.num_rl <= 64
@@ -83,6 +83,14 @@ def test_variant_lists_agree():
     assert C.VARIANTS == base.VARIANTS
 
 
+def test_tiny_size_lists_agree():
+    from pixel_reasoner_jax.models import tiny  # imports the model stack, which only this test needs
+
+    assert C.TINY_SIZES == tuple(tiny.SIZES)
+    narrow = tiny.SIZES["narrow"].validate()
+    assert narrow.text.tie_word_embeddings and narrow.text.hidden_size < tiny.SIZES["tiny"].text.hidden_size
+
+
 # (mode, variant, overrides as field__sub=value, field the error must name)
 # SSR trains on half of the tiny rollout batch (4 prompts x G 4): 8 samples, one step per rollout.
 SSR_8 = {"grpo__filter": "ssr", "grpo__train_batch_size": 8, "grpo__micro_batches": 1}
@@ -95,6 +103,7 @@ RULES = [
     ("grpo", "tiny", {"model__remat": "some"}, "model.remat"),
     ("grpo", "tiny", {"model__attention": "flash"}, "model.attention"),
     ("grpo", "tiny", {"model__logprob_chunk": 0}, "model.logprob_chunk"),
+    ("grpo", "tiny", {"model__tiny_size": "huge"}, "model.tiny_size"),
     ("grpo", "tiny", {"mesh__data": 2, "mesh__fsdp": 2}, "mesh"),
     ("grpo", "tiny", {"mesh__data": 8, "mesh__fsdp": 2}, "mesh"),
     ("grpo", "tiny", {"mesh__fsdp": -1}, "mesh.fsdp"),

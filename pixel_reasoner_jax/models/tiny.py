@@ -28,7 +28,7 @@ TINY_MAX_PIXELS = 448 * 448
 
 # Sizes a run can ask for (`model.tiny_size`): "tiny", the tests' model, and "narrow", half as wide with tied
 # embeddings: on a CPU a small policy's step is mostly the 151936-word vocabulary projection, which this halves
-# (the learning-trap runs of configs/trap.py).
+# (the CPU job configs/grpo.py:tiny and the learning-trap runs of configs/trap.py).
 SIZES: dict[str, ModelConfig] = {
     "tiny": PRESETS["tiny"],
     "narrow": dataclasses.replace(
