@@ -171,3 +171,13 @@ def write_weights(path, *, fail: bool = False, sharded: bool = False) -> Path:
 def image(w: int, h: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def send_json(handler, status: int, payload) -> None:
+    """Answers a test HTTP server's request (a BaseHTTPRequestHandler) with `payload` as JSON."""
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

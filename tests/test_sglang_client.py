@@ -9,7 +9,7 @@ import time
 import numpy as np
 import portpicker
 import pytest
-from server_helpers import IM_END, ScriptedBackend, image, logprob, run_script, write_weights
+from server_helpers import IM_END, ScriptedBackend, image, logprob, run_script, send_json, write_weights
 
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.media import media_pad_count
@@ -350,13 +350,7 @@ def _fake_sglang(handler):
         def _answer(self, method):
             n = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(n)) if n else None
-            status, payload = handler(method, self.path, body)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, *handler(method, self.path, body))
 
         def do_GET(self):
             self._answer("GET")

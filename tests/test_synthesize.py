@@ -18,6 +18,7 @@ import numpy as np
 import portpicker
 import pytest
 from PIL import Image
+from server_helpers import send_json
 
 from pixel_reasoner_jax.config import ConfigError
 from pixel_reasoner_jax.data import records as R
@@ -81,12 +82,7 @@ class StubOpenAI:
                                      "message": {"role": "assistant", "content": out}}],
                         "usage": usage,
                     }  # fmt: skip
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, payload)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", portpicker.pick_unused_port()), Handler)
         self.httpd.daemon_threads = True
