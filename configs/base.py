@@ -178,6 +178,11 @@ def base_config() -> ml_collections.ConfigDict:
     g.kl_coef = 0.0  # no reference model, no KL (§8.2)
     g.entropy_coef = 0.0
     g.tis_cap = 0.0  # truncated importance weight against the sampler's log-probs; 0 = off
+    # Temperature of the trainer's log-probs (old, current, reference): "raw" = log-softmax of the raw
+    # logits whatever the sampling temperature (the original's actor; turns after a tool observation are
+    # sampled at 0.9) | "sampled" = each token at its turn's sampling temperature, so the ratio, TIS and
+    # `rollout/logprob_gap` compare one distribution with itself.
+    g.logprob_temperature = "raw"
     # The original divides by a constant 200 (bug §12.5); token-mean is what it meant.
     g.loss_agg = "token-mean"
     g.advantage = "mean"  # r - group mean, no std division (`group`, §8.2)

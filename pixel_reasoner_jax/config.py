@@ -19,8 +19,9 @@ BACKENDS = ("jax", "sglang")
 TEMPLATES = ("vcot", "notool")
 CROP_PADDINGS = ("capped", "fixed")
 FILTERS = ("refill", "ssr", "none")
+LOGPROB_TEMPERATURES = ("raw", "sampled")
 BENCHMARKS = ("vstar", "tallyqa", "infovqa", "mvbench", "synthetic")
-SYNTHETIC_FAMILIES = ("mixed", "color", "trap")  # data/synthetic.FAMILIES (a test keeps the two equal)
+SYNTHETIC_FAMILIES = ("mixed", "color", "trap", "quarters")  # data/synthetic.FAMILIES (a test keeps the two equal)
 TINY_SIZES = ("tiny", "narrow")  # models/tiny.SIZES
 
 
@@ -170,6 +171,7 @@ class GRPOConfig:
     kl_coef: float
     entropy_coef: float
     tis_cap: float
+    logprob_temperature: str
     loss_agg: str
     advantage: str
     filter: str

@@ -15,6 +15,7 @@ from pixel_reasoner_jax.config import (
     CROP_PADDINGS,
     DTYPES,
     FILTERS,
+    LOGPROB_TEMPERATURES,
     MODES,
     REMATS,
     SCHEDULES,
@@ -80,6 +81,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.crop_padding": CROP_PADDINGS,
     "rollout.video_crop_index": VIDEO_CROP_INDEXES,
     "grpo.filter": FILTERS,
+    "grpo.logprob_temperature": LOGPROB_TEMPERATURES,
     "reward.scoring": tuple(SCORINGS),
     "eval.scoring": tuple(SCORINGS),
 }

@@ -84,6 +84,11 @@ def test_expand_trajectory(rollouts, examples, proc, mcfg, which):
     np.testing.assert_array_equal(ex.input_ids[ex.loss_mask == 1], traj.input_ids[traj.loss_mask == 1])
     np.testing.assert_array_equal(ex.logprobs[ex.loss_mask == 1], traj.logprobs[traj.loss_mask == 1])
     assert not ex.logprobs[ex.loss_mask == 0].any()
+    # Each sampled token carries its turn's temperature (1.0, then 0.9 after a tool turn); others 1.0.
+    want = np.concatenate([np.full(t.end - t.start, t.temperature, np.float32) for t in traj.turns])
+    assert len({t.temperature for t in traj.turns}) == 2
+    np.testing.assert_array_equal(ex.temperatures[ex.loss_mask == 1], want)
+    assert (ex.temperatures[ex.loss_mask == 0] == 1.0).all()
     # Pixel rows: each item preprocessed as the processor would (the items are at final sizes already).
     rows = [
         preprocess_video(list(m.frames), proc, m.fps)[0]

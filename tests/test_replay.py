@@ -137,6 +137,7 @@ def _rollout_example(rng, t=40) -> Example:
         second_per_grid_ts=np.zeros((0,), np.float32),
         vision_spans=np.array([[2, 3]], np.int64),
         qid="q0",
+        temperatures=np.where(mask == 1, 0.9, 1.0).astype(np.float32),
     )
 
 

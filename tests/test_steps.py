@@ -542,3 +542,27 @@ def test_seq_mean_aggregation_and_entropy_bonus(parts, one, big, examples):
     mask = mb["loss_mask"] > 0
     per_seq = (ent * mask).sum(1) / mask.sum(1)
     np.testing.assert_allclose(float(acc_big.loss), -0.1 * per_seq.mean(), rtol=1e-5)
+
+
+def test_per_token_temperatures(parts, one, big, lp0):
+    """`sampled_temperatures`: each target's log-prob at its own temperature. Rows at 0.7 equal a scalar
+    temperature of 0.7, rows at 1.0 equal the raw log-probs (what the original's trainer computes)."""
+    mesh = one.mesh
+    per_token = Setup(mesh, *parts, grpo=dataclasses.replace(GRPO, sampled_temperatures=True))
+    scalar = Setup(mesh, *parts, grpo=dataclasses.replace(GRPO, temperature=0.7))
+    params = one.state().params
+    temps = np.ones_like(big["temperatures"])
+    temps[:, ::2] = 0.7  # even rows sampled at 0.7
+    micro = dict(big, temperatures=temps)
+    mixed = np.asarray(per_token.fns.logprobs(params, micro))
+    cold = np.asarray(scalar.fns.logprobs(params, big))
+    trained = big["loss_mask"] != 0
+    np.testing.assert_allclose(
+        mixed[:, ::2][trained[:, ::2]], cold[:, ::2][trained[:, ::2]], rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        mixed[:, 1::2][trained[:, 1::2]], lp0[:, 1::2][trained[:, 1::2]], rtol=1e-5, atol=1e-5
+    )
+    assert np.abs(cold - lp0)[trained].max() > 1e-2  # the temperature matters on these targets
+    # "raw" (the default) ignores the temperatures entirely.
+    np.testing.assert_array_equal(np.asarray(one.fns.logprobs(params, micro)), lp0)

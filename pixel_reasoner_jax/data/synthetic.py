@@ -108,6 +108,11 @@ FAMILIES: dict[str, SynthConfig] = {
         terse=True,
     ),
     "trap": SynthConfig(trap=trap_tasks.TrapConfig()),
+    # "quarters": the CPU demo of configs/grpo.py:tiny. The trap scene without its answer prior, squares at
+    # the centres of their quarters (one exact call per question) and large enough that a crop shows the
+    # asked one across most of a visual token, while the full view shows it a few pixels wide: cropping
+    # pays, and a warm start that answers directly half the time has something to learn.
+    "quarters": SynthConfig(trap=trap_tasks.TrapConfig(square=0.12, prior=0.25, centred=True)),
 }
 
 

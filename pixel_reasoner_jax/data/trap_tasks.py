@@ -34,12 +34,16 @@ class TrapConfig:
         puts the warm-started policy's first-token choice near a coin flip.
       prior: probability that the asked square is red (the other colours share the rest): an answer prior,
         as benchmarks have, which a policy can exploit without looking; 1/4 = no prior.
+      centred: every square sits at the centre of its quarter, so the crop of the asked square is one of
+        four boxes named by the question (a tiny policy learns the call exactly; its crops are valid from
+        the start). False: a random place in the quarter and a box of its own.
     """
 
     image_size: int = 448
     square: float = 0.07
     crop_fraction: float = 0.5
     prior: float = 0.5
+    centred: bool = False
 
     def __post_init__(self):
         if self.image_size < 112:
@@ -73,8 +77,11 @@ def trap_task(rng: np.random.Generator, cfg: TrapConfig) -> Task:
     colours.insert(quarter, asked)
     boxes = {}
     for (name, (col, row)), colour in zip(QUARTERS.items(), colours):
-        x = col * half + int(rng.integers(lo, hi + 1))
-        y = row * half + int(rng.integers(lo, hi + 1))
+        if cfg.centred:
+            x, y = col * half + (half - side) // 2, row * half + (half - side) // 2
+        else:
+            x = col * half + int(rng.integers(lo, hi + 1))
+            y = row * half + int(rng.integers(lo, hi + 1))
         boxes[name] = ((x, y, x + side, y + side), colour)
         draw.rectangle((x, y, x + side - 1, y + side - 1), fill=TARGET_COLORS[colour])
     quarter = list(QUARTERS)[quarter]

@@ -53,6 +53,8 @@ class Example:
       second_per_grid_ts: (V,) float32, one per video item, in order.
       vision_spans: (N, 2) int64 [start, end) of each item's pad run in input_ids.
       qid: the record's id (for error messages and logs).
+      temperatures: (T,) float32 the sampling temperature of token t (1.0 where it was not sampled or was
+        drawn greedily); None = 1.0 everywhere (SFT data).
     """
 
     input_ids: np.ndarray
@@ -65,6 +67,7 @@ class Example:
     second_per_grid_ts: np.ndarray
     vision_spans: np.ndarray
     qid: str = ""
+    temperatures: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -86,6 +89,7 @@ class Batch:
       attention_mask: (B, T) int32, 1 on real tokens.
       loss_mask: (B, T) float32, 1 where targets[:, t] is trained.
       sampler_logprobs: (B, T) float32 the sampler's log-prob of targets[:, t] (0 where not sampled).
+      temperatures: (B, T) float32 the sampling temperature of targets[:, t] (1.0 where not sampled).
       old_logprobs: (B, T) float32, a copy of sampler_logprobs until the trainer recomputes them.
       advantages: (B,) float32 zeros, filled by the trainer.
       pixel_values: (Pb, C) float32, rows of every item of the batch in flat (row-major B, T) pad order,
@@ -104,6 +108,7 @@ class Batch:
     attention_mask: np.ndarray
     loss_mask: np.ndarray
     sampler_logprobs: np.ndarray
+    temperatures: np.ndarray
     old_logprobs: np.ndarray
     advantages: np.ndarray
     pixel_values: np.ndarray | None
@@ -225,7 +230,15 @@ def expand_trajectory(traj: Trajectory, proc_cfg: ImageProcessorConfig, model_cf
             f"trajectory {traj.episode_id!r}: media give grids {ex.grid_thw.tolist()} but the episode "
             f"recorded {traj.grids.tolist()}"
         )
-    return ex
+    # Each sampled token's temperature (greedy turns read 1.0: their log-probs are of the raw logits).
+    # Sampled turns hold no pads: a turn moves right by the extra pads of the items before it.
+    extra = np.concatenate([[0], np.cumsum(ex.vision_spans[:, 1] - ex.vision_spans[:, 0] - 1)]).astype(int)
+    collapsed_pads = ex.vision_spans[:, 0] - extra[:-1]
+    temps = np.ones(ex.length, np.float32)
+    for turn in traj.turns:
+        start = turn.start + extra[int(np.searchsorted(collapsed_pads, turn.start))]
+        temps[start : start + turn.end - turn.start] = turn.temperature if turn.temperature > 0 else 1.0
+    return dataclasses.replace(ex, temperatures=temps)
 
 
 # ------------------------------------------------------------------------------------------ SFT
@@ -351,6 +364,7 @@ def truncate_example(ex: Example, max_len: int) -> Example:
         input_ids=ex.input_ids[:cut],
         loss_mask=ex.loss_mask[:cut],
         logprobs=ex.logprobs[:cut],
+        temperatures=None if ex.temperatures is None else ex.temperatures[:cut],
         positions=ex.positions[:, :cut],
         pixel_values=ex.pixel_values[:rows],
         grid_thw=ex.grid_thw[:keep],
@@ -405,6 +419,7 @@ def collate(
     attention = np.zeros((b, t), np.int32)
     mask = np.zeros((b, t), np.float32)
     logprobs = np.zeros((b, t), np.float32)
+    temperatures = np.ones((b, t), np.float32)
     for i, ex in enumerate(exs):
         n = ex.length
         input_ids[i, :n] = ex.input_ids
@@ -413,6 +428,8 @@ def collate(
         # Prediction alignment: column t describes token t + 1.
         mask[i, : n - 1] = ex.loss_mask[1:]
         logprobs[i, : n - 1] = ex.logprobs[1:]
+        if ex.temperatures is not None:
+            temperatures[i, : n - 1] = ex.temperatures[1:]
     targets = np.full((b, t), pad_id, np.int32)
     targets[:, :-1] = input_ids[:, 1:]
     grid_thw = np.concatenate([ex.grid_thw for ex in exs]).reshape(-1, 3).astype(np.int64)
@@ -436,6 +453,7 @@ def collate(
         attention_mask=attention,
         loss_mask=mask,
         sampler_logprobs=logprobs,
+        temperatures=temperatures,
         old_logprobs=logprobs.copy(),
         advantages=np.zeros((b,), np.float32),
         pixel_values=pixel_values,

@@ -193,7 +193,9 @@ class SelectiveReplayBuffer:
 # ---------------------------------------------------------------------------------------------------------
 
 # Stored whole; `logprobs` is stored at the trained tokens only (see encode_sample).
-_DENSE_FIELDS = [f.name for f in dataclasses.fields(Example) if f.name not in ("qid", "logprobs")]
+_DENSE_FIELDS = [
+    f.name for f in dataclasses.fields(Example) if f.name not in ("qid", "logprobs", "temperatures")
+]
 
 
 def _pack(a: np.ndarray) -> list:
@@ -232,6 +234,8 @@ def encode_sample(ex: Example, old_logprobs: np.ndarray) -> dict:
         )
     out = {"qid": ex.qid, "logprobs": _pack(ex.logprobs[trained]), "old_logprobs": _pack(old)}
     out.update({name: _pack(getattr(ex, name)) for name in _DENSE_FIELDS})
+    if ex.temperatures is not None:  # like the sampler's log-probs: 1.0 off the sampled tokens
+        out["temperatures"] = _pack(ex.temperatures[trained])
     return out
 
 
@@ -242,7 +246,12 @@ def decode_sample(d: dict) -> tuple[Example, np.ndarray]:
     values = _unpack(d["logprobs"])
     logprobs = np.zeros(trained.shape, values.dtype)
     logprobs[trained] = values
-    return Example(qid=d["qid"], logprobs=logprobs, **arrays), _unpack(d["old_logprobs"])
+    temperatures = None
+    if "temperatures" in d:
+        temperatures = np.ones(trained.shape, np.float32)
+        temperatures[trained] = _unpack(d["temperatures"])
+    example = Example(qid=d["qid"], logprobs=logprobs, temperatures=temperatures, **arrays)
+    return example, _unpack(d["old_logprobs"])
 
 
 def trained_values(x: np.ndarray, loss_mask: np.ndarray) -> list[np.ndarray]:

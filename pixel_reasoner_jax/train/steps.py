@@ -28,7 +28,9 @@ from pixel_reasoner_jax.train import losses
 from pixel_reasoner_jax.train import state as st
 
 # Keys of a stacked micro-batch pytree whose second axis (after the micro axis) is the batch axis B.
-_TOKEN_KEYS = ("input_ids", "targets", "attention_mask", "loss_mask", "sampler_logprobs", "old_logprobs")
+_TOKEN_KEYS = (
+    "input_ids", "targets", "attention_mask", "loss_mask", "sampler_logprobs", "temperatures", "old_logprobs"
+)  # fmt: skip
 _MEDIA_KEYS = ("pixel_values", "vision_inputs")
 
 
@@ -234,8 +236,11 @@ class GRPOLossSettings:
       entropy_coef: weight of the entropy bonus (subtracted from the loss, aggregated like it).
       tis_cap: truncation of the importance weight against `micro["sampler_logprobs"]`; None = off.
       max_len: per-sequence divisor of "seq-mean-token-sum-norm".
-      temperature: the sampler's temperature; log-probs are of the tempered distribution so that the ratio
-        against the sampler's log-probs compares like with like.
+      temperature: log-probs are of the distribution at this temperature (the original: 1.0, the raw
+        logits, whatever temperature sampled the tokens).
+      sampled_temperatures: each target's log-prob at the temperature its turn was sampled with
+        (`micro["temperatures"]`, on top of `temperature`), so that old, current and sampler log-probs
+        describe one distribution (`grpo.logprob_temperature = "sampled"`).
     """
 
     eps_low: float
@@ -246,6 +251,7 @@ class GRPOLossSettings:
     tis_cap: float | None
     max_len: int
     temperature: float = 1.0
+    sampled_temperatures: bool = False
 
     def __post_init__(self):
         checks = [
@@ -276,6 +282,7 @@ class GRPOLossSettings:
             tis_cap=float(grpo_cfg.tis_cap) if grpo_cfg.tis_cap > 0 else None,
             max_len=int(max_len),
             temperature=float(temperature),
+            sampled_temperatures=grpo_cfg.logprob_temperature == "sampled",
         )
 
 
@@ -348,6 +355,7 @@ def make_train_fns(
         raise ValueError(f"logprob_chunk must be >= 1, got {logprob_chunk}")
     # GRPO log-probs (old, reference, current) are of the sampler's tempered distribution; SFT's NLL is not.
     rl_temperature = 1.0 if grpo is None else grpo.temperature
+    per_token_temperature = grpo is not None and grpo.sampled_temperatures
     replicated = NamedSharding(mesh, P())
 
     def stop_frozen(params):
@@ -359,17 +367,21 @@ def make_train_fns(
 
         return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-    def forward(params, bufs, mb, temperature):
+    def forward(params, bufs, mb, temperature, per_token=False):
         """Log-probs and entropies (B, T) of the targets of one micro-batch.
 
         With `loss_index` in the micro-batch only the trained positions are projected onto the vocabulary;
-        the other positions read 0 (every loss masks them).
+        the other positions read 0 (every loss masks them). `per_token` divides each target's logits by
+        `mb["temperatures"]` as well.
         """
         model = nnx.merge(graphdef, params, bufs) if bufs is not None else nnx.merge(graphdef, params)
         pixel_values, vision_inputs = _vision_args(mb)
         hidden, _ = model.hidden_states(
             mb["input_ids"], mb["positions"], mb["attention_mask"], pixel_values, vision_inputs
         )
+        if per_token:
+            # Logits are linear in the hidden state: scaling a position's hidden scales its logits.
+            hidden = (hidden.astype(jnp.float32) / mb["temperatures"][..., None]).astype(hidden.dtype)
         if "loss_index" not in mb:
             return token_logprobs(model, hidden, mb["targets"], temperature=temperature, chunk=logprob_chunk)
         return indexed_token_logprobs(
@@ -397,7 +409,7 @@ def make_train_fns(
         agg = losses.LOSS_AGG[g.loss_agg]
 
         def loss_fn(params, mb):
-            lp, ent = forward(stop_frozen(params), bufs, mb, rl_temperature)
+            lp, ent = forward(stop_frozen(params), bufs, mb, rl_temperature, per_token_temperature)
             use_ref = g.kl_coef > 0
             loss_sum, denom, m = losses.grpo_loss(
                 lp,
@@ -466,7 +478,7 @@ def make_train_fns(
 
     def logprobs_fn(params, bufs, micro):
         def body(_, mb):
-            return None, forward(params, bufs, mb, rl_temperature)[0]
+            return None, forward(params, bufs, mb, rl_temperature, per_token_temperature)[0]
 
         return jax.lax.scan(body, None, micro)[1]
 
