@@ -241,8 +241,63 @@ def base_config() -> ml_collections.ConfigDict:
     lg.tensorboard = True
     lg.checkpoint_every = 16  # grpo: every rollout = 16 optimizer steps (§8.2)
     lg.keep_checkpoints = 3
+    # grpo: every this many loop steps, the first `rollout_groups` groups of the rollout batch (turns, images,
+    # crops, verdicts, shaped reward, advantage) go to workdir/rollouts/step_<N>/ for eval.viewer; 0 = off.
+    lg.rollouts_every = 16
+    lg.rollout_groups = 2
     lg.progress = True
     return c
+
+
+def apply_cpu_quarters(c: ml_collections.ConfigDict, *, family: str) -> None:
+    """Sizes shared by the CPU GRPO demos on the quarters scenes (configs/grpo.py:tiny, configs/trap.py):
+    the narrow tiny model, 56 px views, one sequence and one patch bucket, SFT then one optimizer step per
+    rollout of 4 prompts x G=8."""
+    c.model.tiny_size = "narrow"  # half the vocabulary-projection cost of "tiny", which dominates each step
+    d = c.data
+    d.synthetic_family = family
+    d.num_sft = 128
+    d.num_rl = 128
+    d.num_eval = 8
+    d.image_size = 448
+    # The original is kept at 448 px so crops cut real detail; the model sees every image at 56 px: the full
+    # view is 4 visual tokens (one per quarter), a crop of a square shows it large. Small views keep the
+    # vision tower and the sequences cheap.
+    d.image_max_pixels = d.eval_image_max_pixels = 256 * PIX
+    d.sft_image_max_pixels = 4 * PIX
+    # One sequence bucket and one patch bucket (per batch of 16 samples or requests, each with at most 3
+    # images of 16 patches), so each program compiles for few shapes; a crop trajectory is ~540 tokens.
+    d.max_seq_len = 640
+    d.seq_buckets = (640,)
+    d.patch_buckets = (1024,)
+
+    c.optim.lr = 1e-2  # high: the narrow model must learn the call format in a few dozen SFT steps
+    c.optim.warmup_ratio = 0.0
+    c.optim.schedule = "constant"
+    s = c.sft
+    s.batch_size = 8
+    s.micro_batches = 1
+    s.epochs = 1
+
+    r = c.rollout
+    r.max_new_tokens = 64  # a call is 49 tokens, an answer 6
+    r.decode_bucket = 16
+    r.max_total_tokens = 640
+    r.prompt_max_len = 576
+    r.max_tool_calls = 1  # at most two crops: bounds the sequence (the paper's free operations N is 1)
+    r.batch_size = 16  # episodes in flight: at most 16 requests per sampler call
+    r.model_max_pixels = r.crop_max_pixels = 4 * PIX
+    # Sampling from the full distribution: top-k/top-p truncation scans the 152k vocabulary 32 times per
+    # token, four times the rest of a tiny decode step on CPU.
+    r.top_p = 1.0
+    r.top_k = -1
+
+    g = c.grpo
+    g.group_size = 8
+    g.prompts_per_rollout = 4
+    g.train_batch_size = 32  # one optimizer step per rollout: on-policy
+    g.micro_batches = 2
+    g.filter = "refill"  # the original's `--filter True`
 
 
 def parse_variant(arg: str | None) -> str:

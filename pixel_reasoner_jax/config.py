@@ -256,6 +256,8 @@ class LogConfig:
     tensorboard: bool
     checkpoint_every: int
     keep_checkpoints: int
+    rollouts_every: int
+    rollout_groups: int
     progress: bool
 
 

@@ -179,6 +179,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log.plots_every": _nonneg,
     "log.checkpoint_every": _nonneg,
     "log.keep_checkpoints": _at_least_one,
+    "log.rollouts_every": _nonneg,
+    "log.rollout_groups": _at_least_one,
 }
 
 # Pixel ranges (min field, max field): 0 < min <= max.

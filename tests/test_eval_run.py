@@ -14,6 +14,7 @@ from memorize import ANSWER, ScriptedPolicy, call_text, crop_text, noise_image, 
 from configs import eval as eval_config
 from pixel_reasoner_jax import config as C
 from pixel_reasoner_jax.data.records import RLRecord
+from pixel_reasoner_jax.eval import rows as eval_rows
 from pixel_reasoner_jax.eval import run as eval_run
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.episode import Episode, PromptMedia
@@ -208,7 +209,7 @@ def test_multi_benchmark_report_with_categories_faithfulness_and_viewer_rows(tin
         assert all("/" not in p.split("/")[1] and ".." not in p for p in paths)
     mv = rows[3]
     assert len(mv["inputs"]) == 1 and len(mv["turns"][1]["images"]) == 2  # first frame; two selected frames
-    assert eval_run.safe_name("vstar-a/1") != eval_run.safe_name("vstar-a_1")
+    assert eval_rows.safe_name("vstar-a/1") != eval_rows.safe_name("vstar-a_1")
 
 
 def test_broken_media_is_counted_and_skipped(tiny_ckpt, tok, tmp_path):

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from pixel_reasoner_jax.eval import metrics as em
 from pixel_reasoner_jax.metrics import read_metrics
 from pixel_reasoner_jax.train import grpo, replay, sft
 from pixel_reasoner_jax.train import state as st
@@ -76,6 +77,7 @@ def ssr_run(tmp_path_factory, toy_grpo_config):
         **{
             "grpo.filter": "ssr", "grpo.prompts_per_rollout": 4, "grpo.steps": 4, "grpo.kl_coef": KL_COEF,
             "optim.lr": 3e-3, "optim.schedule": "linear", "log.checkpoint_every": 1, "log.keep_checkpoints": 4,
+            "log.rollouts_every": 2, "log.rollout_groups": 1,
         },
     )  # fmt: skip
     recorded = _run(cfg)
@@ -115,6 +117,24 @@ def test_ssr_trains_fresh_first_then_replay_with_the_stored_log_probs(ssr_run):
     # Fresh samples' old log-probs are this rollout's policy's.
     m = recorded[2]
     np.testing.assert_allclose(m["old_logprobs"], m["current_logprobs"], atol=1e-5)
+
+
+def test_rollout_dumps_for_the_viewer(ssr_run):
+    """Every 2nd loop step the first group of the rollout batch is dumped in the eval schema."""
+    cfg, run_a, _, _, _ = ssr_run
+    dumps = sorted(p.name for p in (run_a / grpo.ROLLOUTS_DIR).iterdir())
+    assert dumps == ["step_000000", "step_000002"]
+    lines = (run_a / grpo.ROLLOUTS_DIR / dumps[1] / "samples.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == cfg.grpo.group_size and [r["sample"] for r in rows] == [0, 1, 2, 3]
+    assert len({r["qid"] for r in rows}) == 1  # one group: one prompt
+    for row in rows:
+        em.SampleResult.from_json(row)  # the viewer's schema
+        assert row["turns"][0]["role"] == "assistant" and row["inputs"]
+        assert (run_a / grpo.ROLLOUTS_DIR / dumps[1] / row["inputs"][0]).is_file()
+    # Group rewards [1, 0, 0, 0] (one sample says the answer): advantage = shaped reward - group mean.
+    shaped = np.array([r["shaped_reward"] for r in rows])
+    np.testing.assert_allclose([r["advantage"] for r in rows], shaped - shaped.mean(), atol=1e-6)
 
 
 def test_skipped_steps_move_neither_the_optimizer_nor_the_schedule(ssr_run):

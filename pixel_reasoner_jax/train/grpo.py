@@ -18,6 +18,7 @@ from absl import logging
 from pixel_reasoner_jax.config import ConfigError, RunConfig
 from pixel_reasoner_jax.data import loader
 from pixel_reasoner_jax.data.records import RLRecord, load_rl_records
+from pixel_reasoner_jax.eval import rows  # the eval dump schema, so eval.viewer renders rollouts too
 from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.processing.batch import Example, expand_trajectory
 from pixel_reasoner_jax.rollout import faithfulness
@@ -34,6 +35,7 @@ from pixel_reasoner_jax.train.policies import Rollouts, SeededPolicy
 from pixel_reasoner_jax.train.run import RunContext, host, scalars
 
 PHASE = "grpo"
+ROLLOUTS_DIR = "rollouts"  # rollout dumps for eval.viewer (log.rollouts_every)
 REFERENCE_DIR = "grpo_reference"
 AccuracyFn = Callable[[Trajectory], float]
 
@@ -164,6 +166,7 @@ class GRPOTrainer:
         # Loaded once, kept on device: one more log-prob pass per batch when the KL term is on.
         self.ref_params = reference_params(ctx, sft_steps) if cfg.grpo.kl_coef > 0 else None
         self.rollouts = Rollouts(ctx)
+        self._step = int(ctx.start_step)
 
     def extra(self, loop_step: int) -> dict:
         out = {
@@ -220,7 +223,8 @@ class GRPOTrainer:
         return trajs, metrics
 
     def score(self, trajs: list[Trajectory]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """(advantages (B,), informative (B,) bool, metrics) of one rollout batch."""
+        """(advantages (B,), informative (B,) bool, metrics) of one rollout batch; dumps its first groups
+        every `log.rollouts_every` loop steps."""
         cfg, g = self.cfg, self.cfg.grpo.group_size
         t0 = time.perf_counter()
         acc = np.array([float(self.accuracy_fn(t)) if t.trainable else 0.0 for t in trajs])
@@ -250,6 +254,13 @@ class GRPOTrainer:
             "time/reward_s": time.perf_counter() - t0,
         }
         metrics.update(faithfulness.rollout_metrics(trajs, acc > 0.5))  # crops that show the target box
+        lg = cfg.log
+        if lg.rollouts_every and self._step % lg.rollouts_every == 0 and self.ctx.is_main:
+            rows.dump_rollouts(
+                trajs, self.ctx.workdir / ROLLOUTS_DIR / f"step_{self._step:06d}", self.ctx.tokenizer,
+                group_size=g, groups=lg.rollout_groups, scoring=rw.scoring, require_boxed=rw.require_boxed,
+                accuracy_reward=acc, shaped_reward=shaped["shaped"], advantage=adv,
+            )  # fmt: skip
         return adv, informative, metrics
 
     def select(self, trajs, adv, informative) -> Selection:
@@ -316,6 +327,7 @@ class GRPOTrainer:
     def train_rollout(self, step: int, until: int, bar) -> int:
         """One rollout batch: up to steps_per_rollout loop steps (not past `until`); returns the new step."""
         cfg, ctx = self.cfg, self.ctx
+        self._step = step
         trajs, roll_m = self.rollout(step)
         adv, informative, score_m = self.score(trajs)
         t0 = time.perf_counter()  # selection, expansion and old (and reference) log-probs
