@@ -287,10 +287,6 @@ def apply_cpu_quarters(c: ml_collections.ConfigDict, *, family: str) -> None:
     r.max_tool_calls = 1  # at most two crops: bounds the sequence (the paper's free operations N is 1)
     r.batch_size = 16  # episodes in flight: at most 16 requests per sampler call
     r.model_max_pixels = r.crop_max_pixels = 4 * PIX
-    # Sampling from the full distribution: top-k/top-p truncation scans the 152k vocabulary 32 times per
-    # token, four times the rest of a tiny decode step on CPU.
-    r.top_p = 1.0
-    r.top_k = -1
 
     g = c.grpo
     g.group_size = 8

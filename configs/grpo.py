@@ -24,21 +24,58 @@ except ImportError:  # loaded by path from outside the repository root
 
 
 def _apply_tiny_grpo(c) -> None:
-    """The README's CPU job: SFT warm start, then GRPO whose accuracy rises as the policy learns to crop.
+    """The README's CPU job: SFT warm start on terse color-query tool trajectories, then GRPO (every 7B
+    code path runs: masked multi-turn SFT, crops executed in rollouts, curiosity/penalty shaping, the
+    JaxSampler, checkpoints, HF export, plots). After the warm start the narrow model tries crop calls but
+    few are well-formed; the aim, GRPO accuracy rising through tool use on 2 cores, is not reached (README).
 
-    Task family "quarters" (data/trap_tasks.py): four coloured squares, one at the centre of each quarter of
-    a 448 px image, and "What colour is the square in the <quarter> quarter of the image?". The model sees
-    the image at 56 px (a square ~7 px of its visual token); `crop_image` on the named square shows it
-    ~21 px wide. The warm start answers directly in half of its trajectories and crops first in the other
-    half, so GRPO starts from a coin flip between a guess and a look. Every 7B code path runs: masked
-    multi-turn SFT, real crops in rollouts, shaped rewards, the JaxSampler, checkpoints, HF export, plots.
+    Most of a tiny step is the 152k-entry vocabulary: sizes below keep the trained positions per sample
+    at 64, the prompt in one 640-token bucket and the decode length fixed.
     """
-    base.apply_cpu_quarters(c, family="quarters")
-    c.sft.steps = 60
+    d = c.data
+    d.synthetic_family = "color"
+    # Half as wide with tied embeddings: a tiny step is mostly the 152k vocabulary projection (models/tiny).
+    c.model.tiny_size = "narrow"
+    d.num_sft = 64
+    d.num_rl = 64
+    # Originals are kept at 224 px so a crop of a small target stays above the 28 px minimum side; the
+    # model still sees every image at <= 112 px (rollout.model_max_pixels).
+    d.image_max_pixels = 64 * base.PIX
+    d.max_seq_len = 640
+    d.seq_buckets = (640,)
+    r = c.rollout
+    r.max_new_tokens = 64  # a call is about 50 tokens, an answer about 10
+    r.decode_bucket = 64  # one decode length: one compiled decode program per row bucket
+    r.prompt_max_len = 576
+    r.max_total_tokens = 640
+    # Sampling from the full distribution: top-k/top-p truncation scans the 152k vocabulary 32 times per
+    # token, four times the rest of a tiny decode step on CPU.
+    r.top_p = 1.0
+    r.top_k = -1
+    r.batch_size = 16  # every episode of a rollout in one sampler batch
+    # The paper's temperatures (1.0, 0.9) stay: at 0.3 or 0.6 more sampled calls were well-formed, but the
+    # sampler's and the trainer's log-probs then differed by ~0.1 per token (rollout/logprob_gap; 0.009
+    # at 1.0), a mismatch to understand before lowering it.
+    # Adam at 1e-2 (warmup 5 %): 80 SFT steps of 8 trajectories take the narrow model's token loss from
+    # 11.9 to ~0.45 (2.2 after 32 steps), where sampled calls start to be well-formed; the 64-wide
+    # preset after 32 steps (loss ~0.8) wrote none (measured; see the README).
+    c.optim.lr = 1e-2
+    c.optim.warmup_ratio = 0.05
+    s = c.sft
+    s.steps = 80
+    s.batch_size = 8
+    s.micro_batches = 1
+    s.epochs = 1
     g = c.grpo
-    g.steps = 16
+    g.steps = 15
+    g.group_size = 4
+    g.prompts_per_rollout = 4
+    g.train_batch_size = 16  # one optimizer step per rollout
+    g.micro_batches = 1
+    g.replay_capacity = 64
     c.log.checkpoint_every = 8
     c.log.plots_every = 8
+    c.log.rollouts_every = 5  # rollouts/step_*/ at loop steps 80, 85, 90: `eval.viewer` renders them
 
 
 def get_config(arg: str = "7b"):
