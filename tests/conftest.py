@@ -96,6 +96,7 @@ def toy_grpo_config(tiny_ckpt):
             "rollout.max_total_tokens": 48, "rollout.batch_size": 8, "model.logprob_chunk": 16,
             "data.max_seq_len": 48, "data.seq_buckets": (48,), "data.patch_buckets": (256,),
             "log.checkpoint_every": 0, "log.plots_every": 0, "log.tensorboard": False, "log.progress": False,
+            "log.rollouts_every": 0,
         }  # fmt: skip
         for dotted, value in {**settings, **overrides}.items():
             section, key = dotted.split(".")
