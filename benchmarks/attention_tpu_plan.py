@@ -10,10 +10,13 @@ Measured (2-core CPU host, jax / jaxlib 0.10.2, libtpu 0.0.42.1, topology v5p:2x
 decoder of 2 layers, 8 heads / 2 kv heads of 128, width 1024, bf16 weights and activations, remat "full",
 batch 1 on one chip, value_and_grad of the mean square of the final hidden states. XLA temp memory:
     T = 1024: splash 35.4 MiB | blocked 97.4 MiB
+    T = 4096: splash 196.6 MiB | blocked 1376.8 MiB
     T = 8192: splash 390.4 MiB | blocked 5455.0 MiB | dense 3475.8 MiB (arguments 50.1 MiB for all three)
-Splash lowers to three Mosaic kernels (splash_mha_fwd, _dq, _dkv). The blocked kernel alone (fwd+bwd,
-B=1 T=4096 N=8 K=2 H=128) plans 29.7 MiB temp, linear in T; inside the decoder's layer scan the TPU plan
-grows quadratically (see the note in models/blocked_attention.py's report, issue 10): on TPU use splash.
+Splash lowers to three Mosaic kernels (splash_mha_fwd, _dq, _dkv); with --devices 4 (batch 4 over fsdp,
+the kernel in shard_map) it plans 329.4 MiB temp per device at T = 8192. The blocked kernel alone (fwd+bwd,
+B=1 T=4096 N=8 K=2 H=128, not in a layer scan) plans 29.7 MiB temp, linear in T, but inside the decoder's
+layer scan its TPU plan grows quadratically (x4 from T = 4096 to 8192; 2117.2 MiB at 4096 with remat
+"none") for a reason not yet found: on TPU use splash (what "auto" picks).
 """
 
 import argparse

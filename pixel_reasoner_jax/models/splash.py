@@ -88,7 +88,7 @@ def _padded(q, k, v, q_segments, kv_segments, *, causal, block):
         return jnp.pad(x, ((0, 0), (0, to - x.shape[1])) + ((0, 0),) * (x.ndim - 2), constant_values=value)
 
     # (B, T, N, H) -> (B, N, T, H): the kernel's head-major layout. Scaling q first is how the kernel takes
-    # a softmax scale (it has no scale argument).
+    # a softmax scale (it has no scale argument); in bf16 that adds one rounding of q.
     q = jnp.swapaxes(pad(q * jnp.asarray(1.0 / math.sqrt(h), q.dtype), tp), 1, 2)
     k, v = (jnp.swapaxes(pad(x, sp), 1, 2) for x in (k, v))
     segments = sa.SegmentIds(
