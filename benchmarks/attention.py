@@ -2,6 +2,9 @@
 softmax, at a decoder-like causal shape and a vision-like block-diagonal shape; prints ms and the ratio.
 
     python benchmarks/attention.py [--steps 3] [--threads N] [--tokens 2048] [--block 256]
+
+TPU splash attention has no CPU speed to measure (Pallas interpret mode is an emulator): its TPU memory
+plan against blocked and dense, compiled ahead of time from a CPU host, is benchmarks/attention_tpu_plan.py.
 """
 
 import argparse

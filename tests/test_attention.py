@@ -1,11 +1,13 @@
-"""Blocked attention (models/blocked_attention.py) equals the dense masked softmax in values and gradients
-for every mask the model builds, really skips fully masked tiles, and `resolve_attention` picks kernels."""
+"""Blocked attention (models/blocked_attention.py) and TPU splash attention (models/splash.py, in Pallas
+interpret mode here) equal the dense masked softmax in values and gradients for every mask the model builds;
+blocked really skips fully masked tiles; `resolve_attention` picks kernels."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, attention, resolve_attention
 
 
@@ -48,26 +50,59 @@ def _inputs(case, seed=0):
     return [jnp.asarray(a) for a in arrays], kw
 
 
+TILES = {"blocked": {"block_q": 8, "block_k": 8}, "splash": {"block": 128}}
+
+
 def _value_and_grads(impl, qkv, kw, cot):
     def loss(q, k, v):
-        out = attention(
-            q, k, v, impl=impl, **kw, **({"block_q": 8, "block_k": 8} if impl == "blocked" else {})
-        )
+        out = attention(q, k, v, impl=impl, **kw, **TILES.get(impl, {}))
         return jnp.sum(cot * out), out
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*qkv)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_blocked_equals_dense(name):
+def _check_equals_dense(impl, case):
     """Outputs and the gradients of a random projection of them, 1e-5 relative to each array's scale."""
-    qkv, kw = _inputs(CASES[name])
+    qkv, kw = _inputs(case)
     cot = jnp.asarray(np.random.default_rng(1).standard_normal(qkv[0].shape), jnp.float32)
     (_, want), want_g = _value_and_grads("dense", qkv, kw, cot)
-    (_, got), got_g = _value_and_grads("blocked", qkv, kw, cot)
+    (_, got), got_g = _value_and_grads(impl, qkv, kw, cot)
     assert got.shape == want.shape and got.dtype == want.dtype
     for a, b in zip((got, *got_g), (want, *want_g)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_blocked_equals_dense(name):
+    _check_equals_dense("blocked", CASES[name])
+
+
+# Splash tiles are 128 x 128 at least, so these cases are longer than CASES: each spans two query and two
+# key tiles, ragged at the end (the module pads to whole tiles). Pallas interpret mode compiles slowly on a
+# CPU (seconds per kernel), hence two cases that together hold every mask kind.
+SPLASH_CASES = {
+    # Decoder: causal, right padding in one row and left padding in the other, 2 query heads per kv head.
+    "causal_padding_gqa": (2, 200, 200, 4, 2, True, np.r_[_seg((1, 170), (0, 30)), _seg((0, 45), (1, 155))], None, None, None),
+    # Vision, run under a 2 x 2 mesh (batch over fsdp, heads over tensor through shard_map): row 0 holds
+    # full-attention blocks of three images and padding, row 1 one window and its empty slots.
+    "vision_blocks_sharded": (2, 150, 150, 2, 2, False, np.r_[_seg((1, 60), (2, 50), (3, 30), (0, 10)), _seg((1, 100), (0, 50))], None, None, None),
+}  # fmt: skip
+
+
+def test_splash_equals_dense_causal():
+    _check_equals_dense("splash", SPLASH_CASES["causal_padding_gqa"])
+
+
+def test_splash_equals_dense_vision_blocks_sharded():
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
+    with sharding.use_mesh(mesh, "train"):
+        _check_equals_dense("splash", SPLASH_CASES["vision_blocks_sharded"])
+
+
+@pytest.mark.parametrize("name", ["decode_t1", "cache_prefill"])
+def test_splash_with_cache_positions_takes_blocked(name):
+    """Explicit positions (the KV cache) have no static splash mask: those calls run the blocked kernel."""
+    _check_equals_dense("splash", CASES[name])
 
 
 def test_fully_masked_tiles_are_skipped():
@@ -107,12 +142,11 @@ def test_resolve_attention():
     assert resolve_attention("auto", jnp.float32, "cpu") == "blocked"
     assert resolve_attention("auto", jnp.bfloat16, "gpu") == "cudnn"
     assert resolve_attention("auto", jnp.float32, "gpu") == "xla"
-    assert resolve_attention("auto", jnp.bfloat16, "tpu") == "blocked"
+    assert resolve_attention("auto", jnp.bfloat16, "tpu") == "splash"
+    assert resolve_attention("auto", jnp.float32, "tpu") == "splash"
     assert resolve_attention("auto", jnp.float32) in ATTENTION_IMPLS
-    for impl in ("dense", "blocked", "xla"):
+    for impl in ("dense", "blocked", "splash", "xla"):
         assert resolve_attention(impl, jnp.float32, "gpu") == impl
-    with pytest.raises(ValueError, match="splash attention is not wired yet"):
-        resolve_attention("splash", jnp.bfloat16, "tpu")
     with pytest.raises(ValueError, match="attention must be one of"):
         resolve_attention("flash", jnp.float32)
     with pytest.raises(ValueError, match="cudnn attention needs a bfloat16"):

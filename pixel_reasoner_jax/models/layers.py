@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixel_reasoner_jax.models.blocked_attention import blocked_attention, segment_mask
+from pixel_reasoner_jax.models.splash import splash_attention
 from pixel_reasoner_jax.sharding import constrain
 
 __all__ = [
@@ -30,7 +31,7 @@ __all__ = [
 
 Names = tuple[str | None, ...]
 # "auto" is resolved per backend by `resolve_attention` when a model is built; the rest are kernels.
-ATTENTION_IMPLS = ("auto", "dense", "blocked", "cudnn", "xla")
+ATTENTION_IMPLS = ("auto", "dense", "blocked", "splash", "cudnn", "xla")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -146,11 +147,11 @@ def resolve_attention(impl: str, dtype, platform: str | None = None) -> str:
     """The kernel `impl` names on `platform` (default: JAX's default backend); checks the choice.
 
     "auto": cuDNN on GPU with a 16-bit compute dtype ("xla" with float32, which cuDNN does not take),
-    "blocked" on CPU and, until splash attention is wired, on TPU.
+    "splash" on TPU, "blocked" elsewhere (CPU). A CPU host compiling ahead of time for a TPU names
+    "splash" itself (or passes platform="tpu").
     """
     if impl not in ATTENTION_IMPLS:
-        hint = " (TPU splash attention is not wired yet: use 'blocked' or 'auto')" if impl == "splash" else ""
-        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}{hint}")
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if impl == "cudnn" and not half:
         raise ValueError(f"cudnn attention needs a bfloat16 or float16 compute dtype, got {jnp.dtype(dtype)}")
@@ -159,7 +160,7 @@ def resolve_attention(impl: str, dtype, platform: str | None = None) -> str:
     platform = platform or jax.default_backend()
     if platform == "gpu":
         return "cudnn" if half else "xla"
-    return "blocked"
+    return "splash" if platform == "tpu" else "blocked"
 
 
 def attention(
@@ -187,11 +188,13 @@ def attention(
       q_segments: (B, T) int; kv_segments: (B, S) int.
       causal: also mask keys whose position is after the query's.
       impl: "dense" (masked softmax in float32 over the whole (T, S), the reference), "blocked" (query x
-        key tiles with online softmax, fully masked tiles skipped, models/blocked_attention.py), "cudnn"
-        or "xla" (`jax.nn.dot_product_attention` with a boolean mask). "auto" must be resolved first
+        key tiles with online softmax, fully masked tiles skipped, models/blocked_attention.py), "splash"
+        (the TPU Pallas kernel, models/splash.py; Pallas interpret mode off TPU; calls with explicit
+        positions, i.e. the KV cache, run "blocked" because splash's causal mask is static), "cudnn" or
+        "xla" (`jax.nn.dot_product_attention` with a boolean mask). "auto" must be resolved first
         (`resolve_attention`).
       q_positions, kv_positions: (B, T) / (B, S) slot indices for the causal test; default arange.
-      **blocks: `block_q` / `block_k` tile sizes of "blocked" (benchmarks and tests).
+      **blocks: `block_q` / `block_k` tile sizes of "blocked", `block` of "splash" (benchmarks, tests).
 
     Returns:
       (B, T, N, H) in q's dtype.
@@ -200,6 +203,11 @@ def attention(
     s, kh = k.shape[1], k.shape[2]
     if n % kh:
         raise ValueError(f"attention: {n} query heads is not a multiple of {kh} kv heads")
+    if impl == "splash":
+        if q_positions is None and kv_positions is None:
+            return splash_attention(q, k, v, q_segments, kv_segments, causal=causal, **blocks)
+        impl = "blocked"
+        blocks = {}
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     if kv_positions is None:
