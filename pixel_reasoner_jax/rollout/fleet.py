@@ -86,6 +86,7 @@ class Fleet:
         self._cond = threading.Condition()
         self._closed = False
         self._prober: threading.Thread | None = None
+        self._probing: int | None = None
 
     # ------------------------------------------------------------------------------------- rotation
 
@@ -98,9 +99,10 @@ class Fleet:
             return [i for i, s in enumerate(self.servers) if self._in_rotation(s)]
 
     def alive(self) -> list[int]:
-        """Indices of the servers not known to be down (the targets of a weight push)."""
+        """Indices of the servers not known to be down, less the one being probed: the targets of a weight
+        push (a probe loads the current weights itself, and two loads at once could land out of order)."""
         with self._cond:
-            return [i for i, s in enumerate(self.servers) if s.alive]
+            return [i for i, s in enumerate(self.servers) if s.alive and i != self._probing]
 
     def acquire(self, prefer: int | None = None) -> int:
         """Reserves a server for one request: `prefer` when it is in rotation, else the least loaded.
@@ -188,7 +190,8 @@ class Fleet:
                 out = [(s.next_probe, i) for i, s in enumerate(self.servers) if not self._in_rotation(s)]
                 now = time.monotonic()
                 if out and min(out)[0] <= now:
-                    return min(out)[1]
+                    self._probing = min(out)[1]
+                    return self._probing
                 self._cond.wait(min(out)[0] - now if out else None)
         return None
 
@@ -200,6 +203,7 @@ class Fleet:
             except Exception as e:  # noqa: BLE001 - any probe failure keeps the server out and is retried
                 version, error = None, f"{type(e).__name__}: {e}"
             with self._cond:
+                self._probing = None
                 if error is None:
                     s.version = version
                     if self.current is not None and version != self.current:

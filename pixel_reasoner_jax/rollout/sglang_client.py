@@ -215,7 +215,8 @@ class SGLangClient(Policy):
         """
         url = self.urls[server]
         try:
-            r = self._http.request(method, url + path, json=body, timeout=timeout)
+            # An explicit timeout=None would switch httpx's timeouts off, so the default is passed by name.
+            r = self._http.request(method, url + path, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT)
         except httpx.TransportError as e:
             raise ServerFailure(f"{url}{path}: {type(e).__name__}: {e}", transport=True) from None
         if r.status_code >= 500:
