@@ -133,7 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.rollout = r = ml_collections.ConfigDict()
     r.backend = "jax"  # "jax" (in-process sampler) | "sglang" (external servers, the original's vLLM role)
-    r.sglang_urls = _str()  # comma-separated http://host:port of SGLang servers
+    # SGLang servers: "http://h1:30000,http://h2:30000", or "@/path/urls.txt" (one URL a line, # comments)
+    r.sglang_urls = _str()
     r.launch_local_server = False  # start the in-repo SGLang-compatible server for this run
     r.template = "vcot"  # user-turn template: "vcot" (tools) | "notool" (textual baseline) (§2.3)
     r.temperature = 1.0  # first turn (§8.2)
@@ -159,8 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
     # trainer tokenizes with the same limits, so sampler and trainer agree (pitfall §12.8).
     r.model_min_pixels = 256 * PIX
     r.model_max_pixels = 4014080
-    r.request_timeout_s = 600.0
-    r.retries = 3
+    r.request_timeout_s = 600.0  # a /generate slower than this counts as a server failure
+    r.retries = 3  # resubmissions of one request to other servers after server failures
+    r.server_wait_s = 600.0  # how long a request waits for any server in rotation before the run fails
+    r.health_backoff_s = 1.0  # first /health probe of a failed server; doubles after each failed probe
+    r.health_max_backoff_s = 30.0
     r.batch_size = 128  # episodes decoded together (memory-bound choice, not in the reference)
     r.decode_bucket = 128  # decode lengths round up to a multiple (fewer compiled shapes)
 

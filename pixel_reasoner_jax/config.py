@@ -5,6 +5,7 @@ Library code receives these dataclasses (or one section of them), never a Config
 
 import dataclasses
 import math
+import pathlib
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -147,13 +148,21 @@ class RolloutConfig:
     model_max_pixels: int
     request_timeout_s: float
     retries: int
+    server_wait_s: float
+    health_backoff_s: float
+    health_max_backoff_s: float
     batch_size: int
     decode_bucket: int
 
     @property
     def urls(self) -> tuple[str, ...]:
-        """The SGLang server URLs, split from the comma string (empty when unset)."""
-        return tuple(u.strip() for u in (self.sglang_urls or "").split(",") if u.strip())
+        """The SGLang server URLs (empty when unset): the comma list, or the lines of the `@file` it names
+        (blank lines and `#` comments skipped). Raises OSError when that file cannot be read."""
+        spec = (self.sglang_urls or "").strip()
+        if spec.startswith("@"):
+            lines = pathlib.Path(spec[1:]).expanduser().read_text().splitlines()
+            return tuple(u for u in (line.split("#", 1)[0].strip() for line in lines) if u)
+        return tuple(u.strip() for u in spec.split(",") if u.strip())
 
 
 @dataclasses.dataclass(frozen=True)

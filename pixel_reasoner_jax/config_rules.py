@@ -141,6 +141,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rollout.min_crop_side": _nonneg,
     "rollout.request_timeout_s": _pos,
     "rollout.retries": _nonneg,
+    "rollout.server_wait_s": _pos,
+    "rollout.health_backoff_s": _pos,
+    "rollout.health_max_backoff_s": _pos,
     "rollout.batch_size": _pos,
     "rollout.decode_bucket": _pos,
     "grpo.num_episodes": _at_least_one,
@@ -302,14 +305,25 @@ def _validate_data(cfg: RunConfig) -> None:
 
 def _validate_rollout(cfg: RunConfig) -> None:
     r = cfg.rollout
-    if r.backend == "sglang" and not (r.urls or r.launch_local_server):
+    try:
+        urls = r.urls
+    except OSError as e:
+        raise ConfigError("rollout.sglang_urls", f"cannot read the URL file: {e}") from None
+    if r.backend == "sglang" and not (urls or r.launch_local_server):
         raise ConfigError(
             "rollout.sglang_urls", "backend 'sglang' needs server URLs or rollout.launch_local_server=True"
         )
-    for url in r.urls:
+    for url in urls:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("rollout.sglang_urls", f"expected http(s)://host:port, got {url!r}")
+    if len({u.rstrip("/") for u in urls}) != len(urls):
+        raise ConfigError("rollout.sglang_urls", f"a server is listed twice: {list(urls)}")
+    if r.health_max_backoff_s < r.health_backoff_s:
+        raise ConfigError(
+            "rollout.health_max_backoff_s",
+            f"must be >= rollout.health_backoff_s = {r.health_backoff_s}, got {r.health_max_backoff_s}",
+        )
     if r.prompt_max_len + r.max_new_tokens > r.max_total_tokens:
         raise ConfigError(
             "rollout.max_total_tokens",

@@ -153,6 +153,10 @@ RULES = [
     ("grpo", "tiny", {"rollout__crop_min_pixels": 10**7}, "rollout.crop_min_pixels"),
     ("grpo", "tiny", {"rollout__batch_size": 12}, "rollout.batch_size"),
     ("grpo", "tiny", {"rollout__request_timeout_s": 0.0}, "rollout.request_timeout_s"),
+    ("grpo", "tiny", {"rollout__sglang_urls": "http://a:1,http://a:1/"}, "rollout.sglang_urls"),
+    ("grpo", "tiny", {"rollout__sglang_urls": "@/nonexistent/urls.txt"}, "rollout.sglang_urls"),
+    ("grpo", "tiny", {"rollout__server_wait_s": 0.0}, "rollout.server_wait_s"),
+    ("grpo", "tiny", {"rollout__health_max_backoff_s": 0.5}, "rollout.health_max_backoff_s"),
     ("grpo", "tiny", {"grpo__group_size": 1}, "grpo.group_size"),
     ("grpo", "tiny", {"grpo__group_size": 3}, "grpo.train_batch_size"),
     ("grpo", "tiny", {"grpo__prompts_per_rollout": 3}, "grpo.prompts_per_rollout"),
@@ -220,6 +224,17 @@ VALID = [
 @pytest.mark.parametrize("overrides", VALID)
 def test_boundary_values_pass(overrides):
     C.validate(build("grpo", "tiny", overrides), num_devices=8)
+
+
+def test_sglang_urls_from_a_file(tmp_path):
+    path = tmp_path / "urls.txt"
+    path.write_text("# rollout fleet\nhttp://h1:30000\n\n  http://h2:30000  # second node\n")
+    cfg = build("grpo", "tiny", {"rollout__backend": "sglang", "rollout__sglang_urls": f"@{path}"})
+    C.validate(cfg, num_devices=8)
+    assert cfg.rollout.urls == ("http://h1:30000", "http://h2:30000")
+    path.write_text("h3:30000\n")
+    with pytest.raises(C.ConfigError, match="rollout.sglang_urls.*'h3:30000'"):
+        C.validate(cfg, num_devices=8)
 
 
 @pytest.mark.parametrize("field", ["ADVANTAGES", "LOSS_AGG", "REWARD_SHAPERS"])

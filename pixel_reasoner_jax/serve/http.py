@@ -170,7 +170,7 @@ def _model_info(st: _State, body: dict):
         "has_audio_understanding": False,
         "served_model_name": b.spec.served_model_name or st.model_path,
         "context_length": b.spec.context_length,
-        # Extension: video_data may be a list of frame images (see rollout/sglang_client.py).
+        # Extension: video_data may be a list of frame images (see rollout/sglang_protocol.py).
         "accepts_video_frames": True,
     }
 

@@ -220,6 +220,7 @@ class GRPOTrainer:
         }
         for status in STATUSES:
             metrics[f"rollout/status_{status}"] = _mean([t.status == status for t in trajs])
+        metrics.update(self.rollouts.metrics())  # per-server counters when rolling out on SGLang servers
         return trajs, metrics
 
     def score(self, trajs: list[Trajectory]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:

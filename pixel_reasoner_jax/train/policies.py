@@ -81,7 +81,9 @@ def open_policy(cfg: RunConfig, model_cfg, processor, model_fn, *, version: str,
             log_path=pathlib.Path(workdir) / SERVER_LOG,
         )
         urls.append(url)
-    client = SGLangClient(urls, timeout_s=cfg.rollout.request_timeout_s, retries=cfg.rollout.retries)
+    r = cfg.rollout
+    client = SGLangClient(urls, timeout_s=r.request_timeout_s, retries=r.retries, wait_s=r.server_wait_s,
+                          backoff_s=r.health_backoff_s, max_backoff_s=r.health_max_backoff_s)  # fmt: skip
     return client, client, server
 
 
@@ -129,6 +131,10 @@ class Rollouts:
             version,
             ctx.workdir / PUSH_DIR,
         )
+
+    def metrics(self) -> dict[str, float]:
+        """The server fleet's counters (SGLangClient.fleet_metrics); none for the in-process sampler."""
+        return {} if self.client is None else self.client.fleet_metrics()
 
     def close(self) -> None:
         if self.client is not None:
