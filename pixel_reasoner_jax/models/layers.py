@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixel_reasoner_jax.models.blocked_attention import blocked_attention, segment_mask
-from pixel_reasoner_jax.sharding import constrain
+from pixel_reasoner_jax.sharding import constrain, constrain_lookup
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -123,7 +123,7 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return constrain_lookup(jnp.take(self.embedding[...], ids, axis=0), "embed").astype(self.dtype)
 
 
 # ----------------------------------------------------------------------------------------- rotary

@@ -19,7 +19,7 @@ from pixel_reasoner_jax.config import ConfigError, RunConfig
 from pixel_reasoner_jax.data import loader
 from pixel_reasoner_jax.data.records import RLRecord, load_rl_records
 from pixel_reasoner_jax.models import hf_io
-from pixel_reasoner_jax.processing.batch import Example, expand_trajectory
+from pixel_reasoner_jax.processing.batch import Example
 from pixel_reasoner_jax.rollout import faithfulness
 from pixel_reasoner_jax.rollout.episode import (
     STATUSES,
@@ -29,6 +29,7 @@ from pixel_reasoner_jax.rollout.episode import (
     Trajectory,
     run_episodes,
 )
+from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
 from pixel_reasoner_jax.train import advantages, replay, rewards, sft, steps
 from pixel_reasoner_jax.train.policies import Rollouts, SeededPolicy
 from pixel_reasoner_jax.train.run import RunContext, host, scalars
