@@ -85,7 +85,7 @@ def make_inputs(cfg, *, batch: int = 1, text_tokens: int = 512, image_side: int 
     import numpy as np
     import torch
 
-    from pixel_reasoner_jax.models.vision import prepare_vision
+    from pixel_reasoner_jax.models.vision import prepare_vision, stack_vision
     from pixel_reasoner_jax.processing.rope import get_rope_index
     from pixel_reasoner_jax.train.steps import loss_index
 
@@ -119,7 +119,7 @@ def make_inputs(cfg, *, batch: int = 1, text_tokens: int = 512, image_side: int 
         image_token_id=cfg.image_token_id,
         video_token_id=cfg.video_token_id,
     )
-    pix = rng.standard_normal((batch * g * g, v.patch_dim)).astype(np.float32)
+    pix = rng.standard_normal((batch, g * g, v.patch_dim)).astype(np.float32)  # per-sample rows
     targets = np.concatenate([ids[:, 1:], np.zeros((batch, 1), np.int64)], 1)
     # Prediction alignment: column t trains token t + 1; the last column and vision pads are not trained.
     loss_mask = np.zeros(ids.shape, np.float32)
@@ -129,7 +129,7 @@ def make_inputs(cfg, *, batch: int = 1, text_tokens: int = 512, image_side: int 
         pos=pos,
         mask=mask.astype(np.int32),
         pix=pix,
-        vi=prepare_vision(grids, v),
+        vi=stack_vision([prepare_vision(grid[None], v)] * batch),
         targets=targets.astype(np.int32),
         loss_mask=loss_mask,
     )
@@ -139,7 +139,7 @@ def make_inputs(cfg, *, batch: int = 1, text_tokens: int = 512, image_side: int 
         input_ids=torch.tensor(ids),
         attention_mask=torch.tensor(mask),
         mm_token_type_ids=torch.tensor(tt),
-        pixel_values=torch.tensor(pix),
+        pixel_values=torch.tensor(pix.reshape(-1, v.patch_dim)),
         image_grid_thw=torch.tensor(grids),
     )
     return ours, hf, loss_mask

@@ -23,8 +23,7 @@ def examples_from(ours, cfg):
     from pixel_reasoner_jax.processing.batch import Example
 
     ids = ours["ids"]
-    g = int(round((ours["pix"].shape[0] // ids.shape[0]) ** 0.5))
-    rows_per = g * g
+    g = int(round(ours["pix"].shape[1] ** 0.5))
     out = []
     for i in range(ids.shape[0]):
         row = ids[i]
@@ -38,7 +37,7 @@ def examples_from(ours, cfg):
                 loss_mask=mask,
                 logprobs=np.zeros(row.shape, np.float32),
                 positions=ours["pos"][:, i],
-                pixel_values=ours["pix"][i * rows_per : (i + 1) * rows_per],
+                pixel_values=ours["pix"][i],
                 grid_thw=np.array([[1, g, g]], np.int64),
                 is_video=np.zeros(1, bool),
                 second_per_grid_ts=np.zeros(0, np.float32),

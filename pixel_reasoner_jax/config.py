@@ -13,7 +13,6 @@ from typing import Any
 MODES = ("sft", "grpo", "eval")
 VARIANTS = ("tiny", "3b", "7b")
 DTYPES = ("float32", "bfloat16")
-REMATS = ("none", "full", "dots")
 SFT_LOSS_MASKS = ("final_turns", "per_turn")
 SCHEDULES = ("cosine", "linear", "constant")
 BACKENDS = ("jax", "sglang")

@@ -17,7 +17,6 @@ from pixel_reasoner_jax.config import (
     FILTERS,
     LOGPROB_TEMPERATURES,
     MODES,
-    REMATS,
     SCHEDULES,
     SFT_LOSS_MASKS,
     SYNTHETIC_FAMILIES,
@@ -29,7 +28,7 @@ from pixel_reasoner_jax.config import (
     mesh_shape,
     rollout_mesh_shape,
 )
-from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS
+from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
 from pixel_reasoner_jax.tools.ops import VIDEO_CROP_INDEXES  # the owner of the numbering choice
 
 # Names of the train/ registries, used only when those modules are absent (they are the source of truth).
@@ -70,7 +69,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "variant": VARIANTS,
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
-    "model.remat": REMATS,
+    "model.remat": REMAT_POLICIES,
     "model.attention": ATTENTION_IMPLS,
     "data.sft_loss_mask": SFT_LOSS_MASKS,
     "data.synthetic_family": SYNTHETIC_FAMILIES,

@@ -180,6 +180,27 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
+def constrain_lookup(x: jax.Array, width: str = "embed") -> jax.Array:
+    """Constraint for rows looked up in a table whose width axis is split: (B, ..., D) with D split like
+    the table's `width` axis and B over the batch mesh axes that D does not use.
+
+    Why: the lookup's gradient flows from batch-split rows into the width-split table. Straight from
+    ("data", "fsdp") on B to "fsdp" on D, XLA's SPMD partitioner replicates the whole (B, T, D) cotangent
+    ("Involuntary full rematerialization"); through this layout it is an all-to-all and an all-gather.
+    A no-op where `constrain` is one.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    batch, split = logical_to_spec(("act_batch", width))
+
+    def axes(a):
+        return () if a is None else a if isinstance(a, tuple) else (a,)
+
+    rest = tuple(a for a in axes(batch) if a not in axes(split))
+    return jax.lax.with_sharding_constraint(x, P(rest or None, *[None] * (x.ndim - 2), split))
+
+
 def state_shardings(state, mesh: Mesh, rules: Rules | str = "train"):
     """NamedSharding tree for an nnx.State whose Variables carry logical `out_sharding` names."""
     rules = RULES[rules] if isinstance(rules, str) else rules

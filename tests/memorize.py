@@ -210,10 +210,11 @@ def memorize_checkpoint(base_ckpt, out_dir, *, max_steps: int = 400, lr: float =
     from pixel_reasoner_jax.models import hf_io
     from pixel_reasoner_jax.models.config import ModelConfig
     from pixel_reasoner_jax.models.qwen25vl import token_logprobs
-    from pixel_reasoner_jax.processing.batch import collate, expand_trajectory
+    from pixel_reasoner_jax.processing.batch import collate
     from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
     from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
     from pixel_reasoner_jax.rollout.episode import run_episodes
+    from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
 
     t0 = time.perf_counter()
     tok = QwenTokenizer.from_pretrained(base_ckpt)

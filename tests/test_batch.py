@@ -8,6 +8,7 @@ from memorize import ANSWER, Scripted, ScriptedPolicy, crop_text, noise_image, r
 
 from pixel_reasoner_jax.data import synthetic
 from pixel_reasoner_jax.data.records import load_image, load_sft_records
+from pixel_reasoner_jax.data.sft_examples import sft_example
 from pixel_reasoner_jax.models.config import ModelConfig
 from pixel_reasoner_jax.processing import batch as pb
 from pixel_reasoner_jax.processing import chat
@@ -15,6 +16,7 @@ from pixel_reasoner_jax.processing.rope import get_rope_index
 from pixel_reasoner_jax.processing.vision import preprocess_image, preprocess_video
 from pixel_reasoner_jax.rollout.episode import Episode, EpisodeConfig, PromptMedia, run_episodes
 from pixel_reasoner_jax.rollout.policy import Video
+from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
 
 PAD = 151643
 IMAGE = noise_image(336, 224, seed=1)
@@ -51,7 +53,7 @@ def rollouts(tok, proc):
 @pytest.fixture(scope="module")
 def examples(rollouts, proc, mcfg):
     trajs, _ = rollouts
-    return [pb.expand_trajectory(trajs[k], proc, mcfg) for k in ("img", "vid")]
+    return [expand_trajectory(trajs[k], proc, mcfg) for k in ("img", "vid")]
 
 
 def _rope(ex, mcfg):
@@ -108,16 +110,16 @@ def test_expand_trajectory(rollouts, examples, proc, mcfg, which):
 def test_expand_trajectory_errors(rollouts, proc, mcfg):
     trajs, _ = rollouts
     with pytest.raises(ValueError, match="'abort' has status 'aborted'"):
-        pb.expand_trajectory(trajs["abort"], proc, mcfg)
+        expand_trajectory(trajs["abort"], proc, mcfg)
     wrong = dataclasses.replace(trajs["img"], grids=trajs["img"].grids + np.array([0, 2, 2]))
     with pytest.raises(ValueError, match="trajectory 'img'.*recorded"):
-        pb.expand_trajectory(wrong, proc, mcfg)
+        expand_trajectory(wrong, proc, mcfg)
     bad = dataclasses.replace(trajs["img"], media=(IMAGE.resize((330, 224)),) + trajs["img"].media[1:])
     with pytest.raises(ValueError, match="330x224.*multiples of 28"):
-        pb.expand_trajectory(bad, proc, mcfg)
+        expand_trajectory(bad, proc, mcfg)
     other = dataclasses.replace(proc, merge_size=1)
     with pytest.raises(ValueError, match="differs from the model's vision config"):
-        pb.expand_trajectory(trajs["img"], other, mcfg)
+        expand_trajectory(trajs["img"], other, mcfg)
 
 
 # ------------------------------------------------------------------------------------------ collate
@@ -151,28 +153,37 @@ def test_collate_prediction_alignment(rollouts, examples, mcfg):
     assert b.num_loss_tokens == int(b.loss_mask.sum()) == sum(int(ex.loss_mask.sum()) for ex in examples)
     np.testing.assert_array_equal(b.old_logprobs, b.sampler_logprobs)
     assert b.old_logprobs is not b.sampler_logprobs
-    # Pixels: the rows of both examples in order, zero-padded to the next power of two.
-    rows = np.concatenate([ex.pixel_values for ex in examples])
-    assert b.pixel_values.shape[0] == 1 << (len(rows) - 1).bit_length()
-    np.testing.assert_array_equal(b.pixel_values[: len(rows)], rows)
-    assert not b.pixel_values[len(rows) :].any()
+    # Pixels: each example's rows in its own batch row, zero-padded to the next power of two of the largest.
+    largest = max(ex.num_patches for ex in examples)
+    assert b.pixel_values.shape[:2] == (2, 1 << (largest - 1).bit_length())
+    for i, ex in enumerate(examples):
+        np.testing.assert_array_equal(b.pixel_values[i, : ex.num_patches], ex.pixel_values)
+        assert not b.pixel_values[i, ex.num_patches :].any()
+        assert int(b.vision_inputs.num_patches[i]) == ex.num_patches
     np.testing.assert_array_equal(b.grid_thw, np.concatenate([ex.grid_thw for ex in examples]))
-    assert b.vision_inputs is not None and not b.truncated.any() and not b.advantages.any()
+    assert b.vision_inputs.perm.shape == b.pixel_values.shape[:2]
+    assert not b.truncated.any() and not b.advantages.any()
 
 
 def test_buckets(examples, mcfg):
     n = max(ex.length for ex in examples)
     b = pb.collate(examples, pad_id=PAD, vision_cfg=mcfg.vision, seq_buckets=(64, n + 8, 4 * n))
     assert b.input_ids.shape[1] == n + 8
-    rows = sum(ex.num_patches for ex in examples)
+    # Patch buckets are per sample: the largest sample's rows pick it.
+    counts = [ex.num_patches for ex in examples]
+    rows, big = max(counts), int(np.argmax(counts))
     b = pb.collate(examples, pad_id=PAD, vision_cfg=mcfg.vision, patch_buckets=(rows - 4, rows + 4, 8 * rows))
-    assert b.pixel_values.shape[0] == rows + 4
+    assert b.pixel_values.shape[1] == rows + 4
     long = int(np.argmax([ex.length for ex in examples]))
     short = min(ex.length for ex in examples)
     qid, length = examples[long].qid, examples[long].length
     with pytest.raises(ValueError, match=rf"sample {long} \('{qid}'\) has {length} tokens.*truncate=True"):
         pb.collate(examples, pad_id=PAD, vision_cfg=mcfg.vision, seq_buckets=(short,))
-    with pytest.raises(ValueError, match=f"{rows} patch rows, more than the largest patch bucket 64"):
+    qid = examples[big].qid
+    with pytest.raises(
+        ValueError,
+        match=rf"sample {big} \('{qid}'\) has {rows} patch rows, more than the largest patch bucket 64",
+    ):
         pb.collate(examples, pad_id=PAD, vision_cfg=mcfg.vision, patch_buckets=(16, 64))
     with pytest.raises(ValueError, match="at least one example"):
         pb.collate([], pad_id=PAD, vision_cfg=mcfg.vision)
@@ -208,7 +219,8 @@ def test_truncate_example(examples, mcfg):
     assert b.truncated.tolist() == [True, examples[1].length > limit]
     assert b.lengths.tolist() == [cut.length, other.length] and b.input_ids.shape[1] == limit
     np.testing.assert_array_equal(b.grid_thw, np.concatenate([cut.grid_thw, other.grid_thw]))
-    assert b.pixel_values[: cut.num_patches + other.num_patches].any()
+    assert b.pixel_values[0, : cut.num_patches].any() and not b.pixel_values[0, cut.num_patches :].any()
+    assert b.pixel_values[1, : other.num_patches].any()
 
 
 # ------------------------------------------------------------------------------------------ SFT
@@ -252,7 +264,7 @@ def test_sft_example_masks(tok, proc, mcfg, sft_records, mode, trained):
         "user",
         "assistant",
     ]
-    ex = pb.sft_example(rec, tok, proc, mcfg, mask_mode=mode)
+    ex = sft_example(rec, tok, proc, mcfg, mask_mode=mode)
     assert _trained_runs(tok, ex) == [_text(rec.messages[k]) + "<|im_end|>" for k in trained]
     assert ex.qid == rec.qid and not ex.logprobs.any() and len(ex.grid_thw) == 3
     np.testing.assert_array_equal(ex.positions, _rope(ex, mcfg))
@@ -262,13 +274,13 @@ def test_sft_example_masks(tok, proc, mcfg, sft_records, mode, trained):
     )
     # The erroneous crops of a self-correction trajectory are never trained in either mode.
     bad = sft_records["recrop2"]
-    runs = _trained_runs(tok, pb.sft_example(bad, tok, proc, mcfg, mask_mode=mode))
+    runs = _trained_runs(tok, sft_example(bad, tok, proc, mcfg, mask_mode=mode))
     assert runs == [_text(bad.messages[k]) + "<|im_end|>" for k in (6, 8)]
 
 
 def test_sft_example_video(tok, proc, mcfg, sft_records):
     rec = sft_records["select"]
-    ex = pb.sft_example(rec, tok, proc, mcfg, video_min_pixels=4 * 784)
+    ex = sft_example(rec, tok, proc, mcfg, video_min_pixels=4 * 784)
     n_sel = sum(c["type"] == "image" for c in rec.messages[3]["content"])
     assert ex.is_video.tolist() == [True] + [False] * n_sel
     assert ex.grid_thw[0].tolist() == [8, 8, 8] and ex.second_per_grid_ts.tolist() == [1.0]
@@ -282,13 +294,13 @@ def test_sft_errors_name_the_sample(tok, proc, mcfg, sft_records):
     missing = dataclasses.replace(rec, messages=[dict(m) for m in rec.messages])
     missing.messages[1] = {"role": "user", "content": [{"type": "image", "image": "/nonexistent/x.png"}]}
     with pytest.raises(ValueError, match=rf"sample '{rec.qid}'.*x\.png"):
-        pb.sft_example(missing, tok, proc, mcfg)
+        sft_example(missing, tok, proc, mcfg)
     literal = dataclasses.replace(rec, messages=[dict(m) for m in rec.messages])
     literal.messages[2] = {"role": "assistant", "content": [{"type": "text", "text": "<|image_pad|>"}]}
     with pytest.raises(ValueError, match=rf"sample '{rec.qid}'.*vision token"):
-        pb.sft_example(literal, tok, proc, mcfg)
+        sft_example(literal, tok, proc, mcfg)
     with pytest.raises(ValueError, match=rf"sample '{rec.qid}'.*mask mode"):
-        pb.sft_example(rec, tok, proc, mcfg, mask_mode="all")
+        sft_example(rec, tok, proc, mcfg, mask_mode="all")
     # Items given in another order than the conversation holds them.
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}]}]
     with pytest.raises(ValueError, match=r"sample 'x'.*media kinds"):

@@ -8,8 +8,8 @@ from flax import nnx
 from test_model_parity import CFG, batch_inputs, forward, ref  # noqa: F401 (ref is a fixture)
 
 from pixel_reasoner_jax.models.qwen25vl import init_cache
-from pixel_reasoner_jax.models.vision import prepare_vision
 from pixel_reasoner_jax.processing import rope
+from pixel_reasoner_jax.processing.batch import pack_vision
 
 STEPS = 16
 
@@ -57,11 +57,21 @@ def test_prefill_then_decode_matches_full_forward_and_hf_generate(ref):  # noqa:
     # ... and the full (uncached) forward over prompt + generated tokens gives the same rows.
     full_ids = np.concatenate([np.asarray(ours["ids"])[0], new])[None]
     pos, _ = rope.get_rope_index(
-        full_ids, image_grid_thw=[(1, 10, 14)], spatial_merge_size=2, tokens_per_second=2,
-        image_token_id=CFG.image_token_id, video_token_id=CFG.video_token_id,
+        full_ids,
+        image_grid_thw=[(1, 10, 14)],
+        spatial_merge_size=2,
+        tokens_per_second=2,
+        image_token_id=CFG.image_token_id,
+        video_token_id=CFG.video_token_id,
     )
-    full = forward((graphdef, params), jnp.asarray(full_ids, jnp.int32), jnp.asarray(pos),
-                   jnp.ones(full_ids.shape, jnp.int32), ours["pix"], ours["vi"])
+    full = forward(
+        (graphdef, params),
+        jnp.asarray(full_ids, jnp.int32),
+        jnp.asarray(pos),
+        jnp.ones(full_ids.shape, jnp.int32),
+        ours["pix"],
+        ours["vi"],
+    )
     np.testing.assert_allclose(got, full[0, n - 1 : n + STEPS - 1], atol=1e-4, rtol=0)
 
 
@@ -70,7 +80,9 @@ def test_left_padded_batch_decode(ref):  # noqa: F811
     _, (graphdef, params), _ = ref
     rng = np.random.default_rng(8)
     rows = [[("image", (1, 4, 6))], [("video", (2, 4, 6)), ("image", (1, 8, 8))]]
-    ours, _, valid, deltas = batch_inputs(rows, rng, t_bucket=None, p_bucket=None, w_bucket=None, secs=[1.0], pad_left=True)
+    ours, _, valid, deltas = batch_inputs(
+        rows, rng, t_bucket=None, p_bucket=None, w_bucket=None, secs=[1.0], pad_left=True
+    )
     b, tp = ours["ids"].shape
     n_pad = tp - valid.sum(1)
     assert n_pad.max() > 0
@@ -92,16 +104,28 @@ def test_left_padded_batch_decode(ref):  # noqa: F811
         img = [g for k, g in items if k == "image"]
         vid = [g for k, g in items if k == "video"]
         pos, _ = rope.get_rope_index(
-            full_ids, image_grid_thw=img or None, video_grid_thw=vid or None,
-            second_per_grid_ts=[1.0] if vid else None, spatial_merge_size=2, tokens_per_second=2,
-            image_token_id=CFG.image_token_id, video_token_id=CFG.video_token_id,
+            full_ids,
+            image_grid_thw=img or None,
+            video_grid_thw=vid or None,
+            second_per_grid_ts=[1.0] if vid else None,
+            spatial_merge_size=2,
+            tokens_per_second=2,
+            image_token_id=CFG.image_token_id,
+            video_token_id=CFG.video_token_id,
         )
-        grids = [g for _, g in items]
-        vi_r = prepare_vision(grids, CFG.vision)
-        start = int(sum(np.prod(g) for rr in rows[:r] for _, g in rr))
-        pix_r = np.asarray(ours["pix"])[start : start + int(vi_r.num_patches)]
-        full = forward((graphdef, params), jnp.asarray(full_ids, jnp.int32), jnp.asarray(pos),
-                       jnp.ones(full_ids.shape, jnp.int32), jnp.asarray(pix_r), vi_r)
+        grids = np.array([g for _, g in items])
+        n_rows = int(grids.prod(-1).sum())
+        # The row alone at its exact patch count (the batch pads every row to the largest one's bucket).
+        pix_r, vi_r = pack_vision(
+            [np.asarray(ours["pix"])[r, :n_rows]], [grids], CFG.vision, patch_buckets=(n_rows,)
+        )
+        full = forward(
+            (graphdef, params),
+            jnp.asarray(full_ids, jnp.int32),
+            jnp.asarray(pos),
+            jnp.ones(full_ids.shape, jnp.int32),
+            jnp.asarray(pix_r),
+            vi_r,
+        )
         k = prompt.size
         np.testing.assert_allclose(got[r], full[0, k - 1 : k + STEPS - 1], atol=1e-4, rtol=0)
-

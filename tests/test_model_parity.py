@@ -17,8 +17,8 @@ from flax import nnx
 from pixel_reasoner_jax.models import blocked_attention, hf_io
 from pixel_reasoner_jax.models.config import PRESETS
 from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
-from pixel_reasoner_jax.models.vision import prepare_vision
 from pixel_reasoner_jax.processing import rope
+from pixel_reasoner_jax.processing.batch import pack_vision
 
 CFG = PRESETS["tiny"]
 VS, VE = CFG.vision_start_token_id, CFG.vision_end_token_id
@@ -115,9 +115,18 @@ def batch_inputs(
         rows_pix = [
             rng.standard_normal((int(np.prod(g)), CFG.vision.patch_dim)).astype(np.float32) for g in grids
         ]
-        vi = prepare_vision(grids, CFG.vision, patch_bucket=p_bucket, window_bucket=w_bucket)
-        pix = np.zeros((vi.perm.shape[0], CFG.vision.patch_dim), np.float32)
-        pix[: int(vi.num_patches)] = np.concatenate(rows_pix)
+        # Our layout is per sample (row r holds its own items' patch rows); HF concatenates the batch.
+        per_row, start = [], 0
+        for items in rows:
+            per_row.append(rows_pix[start : start + len(items)])
+            start += len(items)
+        pix, vi = pack_vision(
+            [np.concatenate(p) if p else np.zeros((0, CFG.vision.patch_dim), np.float32) for p in per_row],
+            [np.array([g for _, g in items], np.int64).reshape(-1, 3) for items in rows],
+            CFG.vision,
+            patch_buckets=None if p_bucket is None else (p_bucket,),
+            min_windows=w_bucket or 1,
+        )
         ours.update(pix=jnp.asarray(pix), vi=vi)
         kinds = [k for k, _ in flat_items]
         if img is not None:

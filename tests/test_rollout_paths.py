@@ -12,11 +12,12 @@ from memorize import MEMO_IMAGE_SIZE, greedy_config, memo_episode, memorize_chec
 from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.models.config import ModelConfig
 from pixel_reasoner_jax.models.qwen25vl import token_logprobs
-from pixel_reasoner_jax.processing.batch import collate, expand_trajectory
+from pixel_reasoner_jax.processing.batch import collate
 from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.episode import UNTRAINABLE, run_episodes
 from pixel_reasoner_jax.rollout.sglang_client import SGLangClient
+from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
 from pixel_reasoner_jax.serve.backend import JaxBackend
 from pixel_reasoner_jax.serve.http import SGLangServer
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from pixel_reasoner_jax import sharding
 
@@ -75,3 +76,16 @@ def test_constrain_places_activation_and_is_noop_on_one_device():
     with pytest.raises(ValueError, match="rank"):
         with sharding.use_mesh(mesh, "train"):
             sharding.constrain(x, ("act_batch",))
+
+
+@pytest.mark.parametrize(
+    "role, want",
+    [("train", P("data", None, "fsdp")), ("rollout", P(("data", "fsdp")))],
+)
+def test_constrain_lookup_splits_batch_over_the_axes_the_width_leaves(role, want):
+    x = jnp.ones((8, 3, 8), jnp.float32)
+    with sharding.use_mesh(sharding.make_mesh(2, 4, 1), role):
+        y = jax.jit(lambda a: sharding.constrain_lookup(a + 1))(x)
+    assert y.sharding.spec == want
+    with sharding.use_mesh(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), role):
+        assert sharding.constrain_lookup(x) is x

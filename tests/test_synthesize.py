@@ -338,8 +338,8 @@ def _expected_calls(row: dict) -> None:
 
 
 def test_kept_path_through_a_stub_api(tmp_path, caplog, tok, proc, tiny_ckpt):
+    from pixel_reasoner_jax.data.sft_examples import sft_example
     from pixel_reasoner_jax.models.config import ModelConfig
-    from pixel_reasoner_jax.processing.batch import sft_example
 
     seeds = make_seeds(tmp_path, n_image=8, n_video=4)
     cfg = config(seeds, tmp_path / "out", "http://127.0.0.1:1/v1", **{"mix.textual": 0.25,

@@ -10,7 +10,9 @@ from test_model_parity import CFG, build_hf_reference
 from transformers import vision_utils
 
 from pixel_reasoner_jax.models import hf_io
-from pixel_reasoner_jax.models.vision import prepare_vision, vision_rotary
+from pixel_reasoner_jax.models.qwen25vl import splice_vision
+from pixel_reasoner_jax.models.vision import pad_windows, prepare_vision, stack_vision, vision_rotary
+from pixel_reasoner_jax.processing.batch import pack_vision
 
 VC = CFG.vision
 GRID_SETS = {
@@ -29,12 +31,18 @@ def tower(tmp_path_factory):
         dense = hf_io.load_model(ckpt)
         xla = hf_io.load_model(ckpt, attention="xla")
 
-    def jitted(model):
+    def batched(model):
+        """The tower on (B, Pb, C) rows and stacked inputs."""
         graphdef, params = nnx.split(model.visual)
         fn = jax.jit(lambda p, x, vi: nnx.merge(graphdef, p)(x, vi))
         return lambda x, vi: np.asarray(fn(params, x, vi))
 
-    return hf, jitted(dense), jitted(xla)
+    def jitted(model):
+        """The tower on one sample's (Pb, C) rows and `prepare_vision` output (a batch of one)."""
+        run = batched(model)
+        return lambda x, vi: run(x[None], stack_vision([vi]))[0]
+
+    return hf, jitted(dense), jitted(xla), batched(dense)
 
 
 @pytest.mark.parametrize("name", list(GRID_SETS))
@@ -83,7 +91,7 @@ def build_hf_config():
 
 @pytest.mark.parametrize("name", list(GRID_SETS))
 def test_tower_matches_transformers(tower, name):
-    hf, run, _ = tower
+    hf, run, _, _ = tower
     grid = np.array(GRID_SETS[name])
     p = int(grid.prod(-1).sum())
     pix = np.random.default_rng(0).standard_normal((p, VC.patch_dim)).astype(np.float32)
@@ -98,7 +106,7 @@ def test_tower_matches_transformers(tower, name):
 
 
 def test_bucket_padding_does_not_change_rows(tower):
-    _, run, _ = tower
+    _, run, _, _ = tower
     grid = np.array(GRID_SETS["partial_windows"])
     p = int(grid.prod(-1).sum())
     pix = np.random.default_rng(1).standard_normal((p, VC.patch_dim)).astype(np.float32)
@@ -110,7 +118,7 @@ def test_bucket_padding_does_not_change_rows(tower):
 
 
 def test_xla_attention_kernel_matches_dense(tower):
-    _, dense, xla = tower
+    _, dense, xla, _ = tower
     grid = np.array(GRID_SETS["video_and_image"])
     p = int(grid.prod(-1).sum())
     pix = np.random.default_rng(2).standard_normal((p, VC.patch_dim)).astype(np.float32)
@@ -137,3 +145,58 @@ def test_window_bucket_default_is_power_of_two():
     assert vi.window_gather.shape == (8, 64)
     assert int(vi.num_patches) == 164 and int(vi.num_merged) == 41
     assert vi.valid.sum() == 164 and vi.perm.shape == (256,)
+
+
+def test_per_sample_layout_equals_concatenated_batch(tower):
+    """Each row's items in their own batch row (attention never across rows) give the rows the former
+    layout gave, where every item of the batch went through one tower call and was spliced in flat
+    (row-major) pad order; a row without vision items included."""
+    _, _, _, run = tower
+    rows = [[(1, 10, 14), (1, 4, 8)], [(3, 6, 10)], [], [(1, 12, 6), (1, 4, 6), (1, 4, 4)]]
+    rng = np.random.default_rng(3)
+    grids = [np.array(r, np.int64).reshape(-1, 3) for r in rows]
+    pixels = [rng.standard_normal((int(g.prod(-1).sum()), VC.patch_dim)).astype(np.float32) for g in grids]
+    pix, vi = pack_vision(pixels, grids, VC, patch_buckets=None)
+    assert pix.shape == (4, 256, VC.patch_dim) and vi.perm.shape == (4, 256)
+    np.testing.assert_array_equal(vi.num_merged, [g.prod(-1).sum() // 4 for g in grids])
+    per_sample = run(jnp.asarray(pix), vi)
+
+    flat_pix = np.concatenate(pixels)
+    concat = prepare_vision(np.concatenate(grids), VC, patch_bucket=512)
+    padded = np.zeros((512, VC.patch_dim), np.float32)
+    padded[: len(flat_pix)] = flat_pix
+    old = run(jnp.asarray(padded[None]), stack_vision([concat]))[0]
+    start = 0
+    for b, n in enumerate(np.asarray(vi.num_merged).tolist()):
+        np.testing.assert_allclose(per_sample[b, :n], old[start : start + n], atol=1e-5, rtol=0)
+        start += n
+
+    # Splice: each row takes its own sample's rows, as the flat splice over the concatenation did.
+    t = 160
+    ids = np.zeros((4, t), np.int32)
+    for b, n in enumerate(np.asarray(vi.num_merged).tolist()):
+        ids[b, 3 : 3 + n] = CFG.image_token_id
+    embeds = np.ones((4, t, per_sample.shape[-1]), np.float32)
+    got = np.asarray(splice_vision(embeds, ids, per_sample, CFG.image_token_id, CFG.video_token_id))
+    is_pad = (ids == CFG.image_token_id).reshape(-1)
+    want = embeds.reshape(-1, embeds.shape[-1]).copy()
+    want[is_pad] = old[: int(is_pad.sum())]
+    np.testing.assert_allclose(got, want.reshape(got.shape), atol=1e-5, rtol=0)
+
+
+def test_stack_vision_pads_windows_and_checks_buckets():
+    small = prepare_vision([[1, 4, 6]], VC, patch_bucket=64)
+    large = prepare_vision([[1, 10, 14]], VC, patch_bucket=256)
+    with pytest.raises(ValueError, match="different patch buckets"):
+        stack_vision([small, large])
+    other = prepare_vision([[1, 4, 6], [1, 4, 4]], VC, patch_bucket=64)
+    vi = stack_vision([small, other], num_windows=8)
+    assert vi.window_gather.shape == (2, 8, 64) and vi.perm.shape == (2, 64)
+    # Added windows are empty: no filled slot, and the scatter never points into them.
+    np.testing.assert_array_equal(
+        vi.window_segments[0, : small.window_gather.shape[0]], small.window_segments
+    )
+    assert vi.window_segments[0, small.window_gather.shape[0] :].sum() == 0
+    assert vi.window_scatter[0].max() < small.window_gather.size
+    with pytest.raises(ValueError, match="num_windows 1 is smaller"):
+        pad_windows(small, 1)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from pixel_reasoner_jax.models.blocked_attention import blocked_attention, segment_mask
 from pixel_reasoner_jax.models.splash import splash_attention
-from pixel_reasoner_jax.sharding import constrain
+from pixel_reasoner_jax.sharding import constrain, constrain_lookup
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -124,7 +124,7 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return constrain_lookup(jnp.take(self.embedding[...], ids, axis=0), "embed").astype(self.dtype)
 
 
 # ----------------------------------------------------------------------------------------- rotary

@@ -13,7 +13,7 @@ from pixel_reasoner_jax.models.config import ModelConfig
 from pixel_reasoner_jax.models.layers import REMAT_POLICIES, Linear, resolve_attention
 from pixel_reasoner_jax.models.logprobs import chunked_logprobs
 from pixel_reasoner_jax.models.text import KVCache, Qwen2Decoder, init_cache
-from pixel_reasoner_jax.models.vision import Qwen25VisionTower, VisionInputs, prepare_vision
+from pixel_reasoner_jax.models.vision import Qwen25VisionTower, VisionInputs, prepare_vision, stack_vision
 
 __all__ = [
     "KVCache",
@@ -23,6 +23,7 @@ __all__ = [
     "init_cache",
     "prepare_vision",
     "splice_vision",
+    "stack_vision",
     "token_logprobs",
     "indexed_token_logprobs",
 ]
@@ -31,30 +32,41 @@ __all__ = [
 def splice_vision(
     embeds: jax.Array, input_ids: jax.Array, merged: jax.Array, image_token_id: int, video_token_id: int
 ) -> jax.Array:
-    """Image / video pad positions take the merged vision rows in flat (row-major over B, T) order.
+    """Each row's image / video pad positions take that sample's merged vision rows, in order.
 
-    A cumulative count over the pad mask gives each pad its row; no Python loop, any number of pads.
-    The caller guarantees the pad count equals the number of real merged rows (see `check_vision_tokens`).
+    A cumulative count over the row's pad mask gives each pad its row; no Python loop, any number of pads.
+    The caller guarantees each row's pad count equals its sample's real merged rows (`check_vision_tokens`).
 
     Args:
-      embeds: (B, T, D); input_ids: (B, T); merged: (M, D) rows in placeholder order.
+      embeds: (B, T, D); input_ids: (B, T); merged: (B, M, D) rows of each sample in placeholder order.
     """
-    b, t, d = embeds.shape
-    is_pad = ((input_ids == image_token_id) | (input_ids == video_token_id)).reshape(-1)
-    row = jnp.clip(jnp.cumsum(is_pad) - 1, 0, merged.shape[0] - 1)
-    rows = jnp.take(merged.astype(embeds.dtype), row, axis=0)
-    return jnp.where(is_pad[:, None], rows, embeds.reshape(-1, d)).reshape(b, t, d)
+    is_pad = (input_ids == image_token_id) | (input_ids == video_token_id)
+    row = jnp.clip(jnp.cumsum(is_pad, axis=1) - 1, 0, merged.shape[1] - 1)
+    rows = jnp.take_along_axis(merged.astype(embeds.dtype), row[..., None], axis=1)
+    return jnp.where(is_pad[..., None], rows, embeds)
 
 
 def check_vision_tokens(input_ids, vision_inputs: VisionInputs | None, cfg: ModelConfig) -> None:
-    """Host check that the image + video pad count equals the merged rows; raises ValueError otherwise."""
+    """Host check that each row's image + video pad count equals its sample's merged rows.
+
+    Raises:
+      ValueError: naming the first rows whose counts differ.
+    """
     ids = np.asarray(input_ids)
-    n_pad = int(((ids == cfg.image_token_id) | (ids == cfg.video_token_id)).sum())
-    n_rows = 0 if vision_inputs is None else int(vision_inputs.num_merged)
-    if n_pad != n_rows:
+    n_pad = ((ids == cfg.image_token_id) | (ids == cfg.video_token_id)).sum(-1).reshape(-1)
+    if vision_inputs is None:
+        n_rows = np.zeros_like(n_pad)
+    else:
+        n_rows = np.asarray(vision_inputs.num_merged).reshape(-1)
+    if n_rows.shape != n_pad.shape:
         raise ValueError(
-            f"input_ids hold {n_pad} image/video pad tokens but the vision inputs give {n_rows} rows"
+            f"input_ids hold {n_pad.size} rows but the vision inputs describe {n_rows.size} samples "
+            "(stack one prepare_vision per row: models.vision.stack_vision)"
         )
+    bad = np.flatnonzero(n_pad != n_rows)
+    if bad.size:
+        shown = ", ".join(f"row {r}: {n_pad[r]} pads vs {n_rows[r]} rows" for r in bad[:4])
+        raise ValueError(f"image/video pad tokens do not match the vision rows of their sample ({shown})")
 
 
 class Qwen25VL(nnx.Module):
@@ -101,7 +113,7 @@ class Qwen25VL(nnx.Module):
     # ------------------------------------------------------------------------------ pieces
 
     def encode_vision(self, pixel_values: jax.Array, vision_inputs: VisionInputs) -> jax.Array:
-        """Merged vision rows (Mb, D) in placeholder order (rows past `num_merged` are padding)."""
+        """Merged vision rows (B, Mb, D) per sample in placeholder order (rows past `num_merged` pad)."""
         return self.visual(pixel_values, vision_inputs)
 
     def embed(
@@ -137,7 +149,8 @@ class Qwen25VL(nnx.Module):
           input_ids: (B, T) ids (ignored when `inputs_embeds` is given).
           positions: (3, B, T) M-RoPE positions from `processing.rope` (decode: p + rope_delta).
           attention_mask: (B, T) 1 real / 0 padding.
-          pixel_values, vision_inputs: vision rows of every image / video in flat placeholder order.
+          pixel_values, vision_inputs: (B, Pb, C) patch rows of each row's images / videos in placeholder
+            order and their stacked `prepare_vision` index arrays (`processing.batch.pack_vision`).
           cache, cache_index: see `Qwen2Decoder.__call__`.
           inputs_embeds: precomputed `embed(...)` output (the sampler's separate splice jit).
         """

@@ -1,11 +1,15 @@
 """Qwen2.5-VL vision tower (HF Qwen2_5_VisionTransformerPretrainedModel) and its host-side input builder.
 
-`prepare_vision` turns grids into static-shape index arrays once on the host (window permutation, 2-D
-rotary ids, window / frame segments, padding to a patch bucket); the jitted tower only gathers and masks.
-Window blocks attend inside gathered (windows, 64) batches, so their cost is O(P * 64), not O(P^2).
+`prepare_vision` turns one sample's grids into static-shape index arrays once on the host (window
+permutation, 2-D rotary ids, window / frame segments, padding to a patch bucket) and `stack_vision` stacks
+samples on a leading batch axis; the jitted tower only gathers and masks. The tower runs per sample (its
+batch axis is sharded like the token batch), so no attention ever spans two samples and each device
+encodes the images of its own sequences. Window blocks attend inside gathered (windows, 64) batches, so
+their cost is O(P * 64), not O(P^2); full blocks are O(P^2) in a sample's own patches P.
 """
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,18 +19,29 @@ from flax import nnx
 from pixel_reasoner_jax.models.config import VisionConfig
 from pixel_reasoner_jax.models.layers import Linear, RMSNorm, apply_rotary, attention, constrain, remat
 
-__all__ = ["Qwen25VisionTower", "VisionInputs", "prepare_vision", "vision_rotary"]
+__all__ = [
+    "Qwen25VisionTower",
+    "VisionInputs",
+    "pad_windows",
+    "prepare_vision",
+    "stack_vision",
+    "vision_rotary",
+]
 
 VISION_NORM_EPS = 1e-6  # hard-coded in HF for every vision norm, independent of the text rms_norm_eps
+# Vision activations (B, rows, width): samples split like the token batch, so a device encodes its own.
+VISION_ACT = ("act_batch", "act_patches", "act_embed")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class VisionInputs:
-    """Static-shape index arrays for one vision-tower call (all NumPy on the host, jit arguments later).
+    """Static-shape index arrays of one sample's vision items (all NumPy on the host, jit arguments later).
 
     Rows are "patch rows" of `pixel_values` (C = 1176 values each), P = real patches, Pb = bucket.
-    "Window order" is HF's window permutation; padding rows sit after the real ones.
+    "Window order" is HF's window permutation; padding rows sit after the real ones. The shapes below are
+    one sample's (`prepare_vision`); the tower takes them stacked on a leading batch axis B
+    (`stack_vision`), every index staying local to its sample.
 
     Attributes:
       perm: (Pb,) window-order row -> input row.
@@ -149,12 +164,51 @@ def prepare_vision(
     )
 
 
+def pad_windows(vi: VisionInputs, num_windows: int) -> VisionInputs:
+    """The same inputs with `num_windows` attention windows; the added windows are empty (nothing reads them).
+
+    Works on one sample's inputs and on stacked ones (the window axis is the second to last).
+
+    Raises:
+      ValueError: fewer windows than `vi` already has.
+    """
+    w = vi.window_gather.shape[-2]
+    if num_windows < w:
+        raise ValueError(f"pad_windows: num_windows {num_windows} is smaller than the {w} windows present")
+    widths = [(0, 0)] * (vi.window_gather.ndim - 2) + [(0, num_windows - w), (0, 0)]
+    return dataclasses.replace(
+        vi,
+        window_gather=np.pad(vi.window_gather, widths),
+        window_segments=np.pad(vi.window_segments, widths),
+    )
+
+
+def stack_vision(samples: Sequence[VisionInputs], num_windows: int | None = None) -> VisionInputs:
+    """One sample's `prepare_vision` outputs per batch row, stacked on a leading axis B.
+
+    Args:
+      samples: per-sample inputs, all at one patch bucket.
+      num_windows: windows per sample after padding (None = the largest sample's count).
+
+    Raises:
+      ValueError: no samples, or samples at different patch buckets.
+    """
+    if not samples:
+        raise ValueError("stack_vision needs at least one sample, got none")
+    buckets = [v.perm.shape[0] for v in samples]
+    if len(set(buckets)) > 1:
+        raise ValueError(f"stack_vision: samples have different patch buckets {buckets}; use one bucket")
+    w = max(v.window_gather.shape[0] for v in samples) if num_windows is None else num_windows
+    padded = [pad_windows(v, w) for v in samples]
+    return jax.tree.map(lambda *xs: np.stack(xs), *padded)
+
+
 def vision_rotary(pos_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin (P, head_dim) float32 of the axial 2-D rotary: [h freqs, w freqs] duplicated."""
+    """cos, sin (..., P, head_dim) float32 of the axial 2-D rotary of (..., P, 2) ids: [h, w freqs] twice."""
     quarter = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter))
-    angles = pos_hw.astype(jnp.float32)[:, :, None] * inv_freq  # (P, 2, head_dim / 4)
-    angles = angles.reshape(angles.shape[0], -1)  # [h..., w...]
+    angles = pos_hw.astype(jnp.float32)[..., None] * inv_freq  # (..., P, 2, head_dim / 4)
+    angles = angles.reshape(*angles.shape[:-2], -1)  # [h..., w...]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -217,31 +271,41 @@ class VisionBlocks(nnx.Module):
         self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def layer(self, x, cos, sin, vi: VisionInputs, is_full, impl: str):
-        """One block (called on a single layer's slice inside the scan)."""
-        pb, e = x.shape
+        """One block over (B, Pb, E) rows (called on a single layer's slice inside the scan)."""
+        b, pb, e = x.shape
         n = self.attn.num_heads
-        qkv = self.attn.qkv(self.norm1(x)).reshape(pb, 3, n, e // n)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        qkv = self.attn.qkv(self.norm1(x)).reshape(b, pb, 3, n, e // n)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # HF applies the vision rotary in float32 and casts back.
-        q = apply_rotary(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
-        k = apply_rotary(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        q = apply_rotary(q.astype(jnp.float32), cos[:, :, None], sin[:, :, None]).astype(x.dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos[:, :, None], sin[:, :, None]).astype(x.dtype)
 
         def full(q, k, v):
-            seg = vi.full_segments[None]
-            return attention(
-                q[None], k[None], v[None], q_segments=seg, kv_segments=seg, causal=False, impl=impl
-            )[0]
+            seg = vi.full_segments
+            return attention(q, k, v, q_segments=seg, kv_segments=seg, causal=False, impl=impl)
 
         def windowed(q, k, v):
-            g = vi.window_gather
-            seg = vi.window_segments
-            out = attention(q[g], k[g], v[g], q_segments=seg, kv_segments=seg, causal=False, impl=impl)
-            return out.reshape(-1, *out.shape[2:])[vi.window_scatter]
+            nw, lw = vi.window_gather.shape[1:]
+            flat = vi.window_gather.reshape(b, nw * lw)
+
+            def gather(a):  # (B, Pb, N, H) -> (B * W, Lw, N, H): every window of every sample is a row
+                return _rows(a, flat).reshape(b * nw, lw, *a.shape[2:])
+
+            seg = vi.window_segments.reshape(b * nw, lw)
+            out = attention(
+                gather(q), gather(k), gather(v), q_segments=seg, kv_segments=seg, causal=False, impl=impl
+            )
+            return _rows(out.reshape(b, nw * lw, *out.shape[2:]), vi.window_scatter)
 
         out = jax.lax.cond(is_full, full, windowed, q, k, v)
-        x = x + self.attn.proj(out.reshape(pb, e))
+        x = x + self.attn.proj(out.reshape(b, pb, e))
         x = x + self.mlp(self.norm2(x))
-        return constrain(x, ("act_patches", "act_embed"))
+        return constrain(x, VISION_ACT)
+
+
+def _rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x[b, index[b]] for every sample b: (B, R, ...) rows gathered by (B, K) indices -> (B, K, ...)."""
+    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
 
 
 class PatchMerger(nnx.Module):
@@ -260,7 +324,8 @@ class PatchMerger(nnx.Module):
         self.unit = cfg.merge_unit
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.ln_q(x).reshape(x.shape[0] // self.unit, -1)
+        """(..., Pb, E) patch rows -> (..., Pb / merge^2, out_dim)."""
+        x = self.ln_q(x).reshape(*x.shape[:-2], x.shape[-2] // self.unit, -1)
         return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
@@ -288,15 +353,15 @@ class Qwen25VisionTower(nnx.Module):
         self.full_flags = tuple(i in cfg.fullatt_block_indexes for i in range(cfg.depth))
 
     def __call__(self, pixel_values: jax.Array, vi: VisionInputs) -> jax.Array:
-        """Merged rows (Mb, out_dim) in placeholder order; rows past `vi.num_merged` are padding.
+        """Merged rows (B, Mb, out_dim) per sample in placeholder order; rows past `vi.num_merged[b]` pad.
 
         Args:
-          pixel_values: (Pb, C) patch rows (padding rows arbitrary, e.g. zeros).
-          vi: `prepare_vision` output for the same grids and bucket.
+          pixel_values: (B, Pb, C) each sample's patch rows (padding rows arbitrary, e.g. zeros).
+          vi: `stack_vision` of the samples' `prepare_vision` outputs at bucket Pb.
         """
         cfg = self.cfg
-        x = self.patch_embed.proj(pixel_values[vi.perm])
-        x = constrain(x, ("act_patches", "act_embed"))
+        x = self.patch_embed.proj(constrain(_rows(pixel_values, vi.perm), VISION_ACT))
+        x = constrain(x, VISION_ACT)
         cos, sin = vision_rotary(vi.pos_hw, cfg.head_dim, cfg.rope_theta)
         graphdef, state = nnx.split(self.blocks)
         impl = self.attention
@@ -308,4 +373,4 @@ class Qwen25VisionTower(nnx.Module):
         flags = jnp.asarray(self.full_flags)
         x, _ = jax.lax.scan(remat(body, self.remat), x, (state, flags))
         merged = self.merger(x)
-        return merged[vi.merge_unpermute]
+        return constrain(_rows(merged, vi.merge_unpermute), VISION_ACT)

@@ -1,7 +1,9 @@
-"""Trainer view of rollouts and SFT records: expanded ids, masks, pixels, M-RoPE positions, padded batches.
+"""Trainer view of sequences: expanded ids, masks, pixels, M-RoPE positions, padded batches.
 
-`expand_trajectory` and `sft_example` build one `Example`; `collate` pads examples to sequence and patch
-buckets and adds the shifted targets and the vision-tower index arrays.
+`build_example` (collapsed ids + media) and `encode_messages` (a conversation) make one `Example`
+(rollout/trajectory.expand_trajectory and data/sft_examples.sft_example call them); `collate` pads
+examples to sequence and per-sample patch buckets and adds the shifted targets and the vision-tower
+index arrays.
 
 Alignment convention of a `Batch` (the "prediction" alignment): the model's output at position t predicts
 `targets[:, t] = input_ids[:, t + 1]`, and `loss_mask[:, t]`, `sampler_logprobs[:, t]` and `old_logprobs[:, t]`
@@ -17,25 +19,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pixel_reasoner_jax.data.records import SFTRecord, assistant_turn_mask, load_image, load_video_frames
 from pixel_reasoner_jax.models.config import ModelConfig, VisionConfig
-from pixel_reasoner_jax.models.vision import VisionInputs, prepare_vision
+from pixel_reasoner_jax.models.vision import VisionInputs, prepare_vision, stack_vision
 from pixel_reasoner_jax.processing import chat
 from pixel_reasoner_jax.processing.rope import get_rope_index
 from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
 from pixel_reasoner_jax.processing.vision import (
     ImageProcessorConfig,
+    Video,
     preprocess_image,
     preprocess_video,
-    resize_to_limits,
 )
-from pixel_reasoner_jax.rollout.policy import Video
-from pixel_reasoner_jax.rollout.trajectory import Trajectory, resize_video_frames
-from pixel_reasoner_jax.tools.ops import PIX
-
-# SFT video frames (reference §5): the SFT code caps each frame at 420*360 px; qwen_vl_utils' video floor.
-SFT_VIDEO_MIN_PIXELS = 128 * PIX
-SFT_VIDEO_MAX_PIXELS = 420 * 360
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +86,10 @@ class Batch:
       temperatures: (B, T) float32 the sampling temperature of targets[:, t] (1.0 where not sampled).
       old_logprobs: (B, T) float32, a copy of sampler_logprobs until the trainer recomputes them.
       advantages: (B,) float32 zeros, filled by the trainer.
-      pixel_values: (Pb, C) float32, rows of every item of the batch in flat (row-major B, T) pad order,
-        zero-padded to the patch bucket; None for a batch without vision items.
-      vision_inputs: models.vision.prepare_vision of the batch's grids at the patch bucket; None likewise.
-      grid_thw: (N, 3) int64 every item's grid in flat pad order.
+      pixel_values: (B, Pb, C) float32, each row's vision items' patch rows in pad order, zero-padded to
+        the per-sample patch bucket Pb (`pack_vision`); None for a batch without vision items.
+      vision_inputs: the rows' stacked models.vision.prepare_vision outputs at Pb; None likewise.
+      grid_thw: (N, 3) int64 every item's grid in flat (row-major B, T) pad order.
       lengths: (B,) int32 real tokens per row.
       num_tokens: real tokens in the batch.
       num_loss_tokens: trained target tokens in the batch.
@@ -213,35 +207,7 @@ def build_example(
     )
 
 
-def expand_trajectory(traj: Trajectory, proc_cfg: ImageProcessorConfig, model_cfg: ModelConfig) -> Example:
-    """The trainer's view of a rollout: each pad expanded to its grid's count, mask and log-probs repeated
-    with it (pads are never sampled, so they stay 0), pixels of every item, M-RoPE over the whole sequence.
-
-    Raises:
-      ValueError: the trajectory is not trainable (aborted, invalid tokens), or its grids disagree with
-        its media.
-    """
-    qid = getattr(traj.record, "qid", traj.episode_id)
-    if not traj.trainable:
-        raise ValueError(f"trajectory {traj.episode_id!r} has status {traj.status!r}, which is not trainable")
-    ex = build_example(traj.input_ids, traj.loss_mask, traj.logprobs, traj.media, proc_cfg, model_cfg, qid)
-    if not np.array_equal(ex.grid_thw, traj.grids):
-        raise ValueError(
-            f"trajectory {traj.episode_id!r}: media give grids {ex.grid_thw.tolist()} but the episode "
-            f"recorded {traj.grids.tolist()}"
-        )
-    # Each sampled token's temperature (greedy turns read 1.0: their log-probs are of the raw logits).
-    # Sampled turns hold no pads: a turn moves right by the extra pads of the items before it.
-    extra = np.concatenate([[0], np.cumsum(ex.vision_spans[:, 1] - ex.vision_spans[:, 0] - 1)]).astype(int)
-    collapsed_pads = ex.vision_spans[:, 0] - extra[:-1]
-    temps = np.ones(ex.length, np.float32)
-    for turn in traj.turns:
-        start = turn.start + extra[int(np.searchsorted(collapsed_pads, turn.start))]
-        temps[start : start + turn.end - turn.start] = turn.temperature if turn.temperature > 0 else 1.0
-    return dataclasses.replace(ex, temperatures=temps)
-
-
-# ------------------------------------------------------------------------------------------ SFT
+# ------------------------------------------------------------------------------------------ conversations
 
 
 def encode_messages(
@@ -279,59 +245,6 @@ def encode_messages(
         raise ValueError(f"sample {qid!r}: media kinds {is_video} (is_video) differ from the items {order}")
     zeros = np.zeros(enc.input_ids.shape, np.float32)
     return build_example(enc.input_ids, enc.loss_mask, zeros, media, proc_cfg, model_cfg, qid)
-
-
-def sft_example(
-    record: SFTRecord,
-    tok: QwenTokenizer,
-    proc_cfg: ImageProcessorConfig,
-    model_cfg: ModelConfig,
-    *,
-    mask_mode: str = "final_turns",
-    video_min_pixels: int = SFT_VIDEO_MIN_PIXELS,
-    video_max_pixels: int = SFT_VIDEO_MAX_PIXELS,
-    video_fps: float = 2.0,
-    num_video_frames: int = 16,
-) -> Example:
-    """Example of an SFT trajectory; loss mask from data.records.assistant_turn_mask(messages, mask_mode).
-
-    Images are resized into the processor's limits; a video item (a list of frame paths, all used, or a
-    video file / frame folder sampled to `num_video_frames`) is resized into the video limits at `video_fps`.
-    """
-    try:
-        media = _sft_media(record, proc_cfg, video_min_pixels, video_max_pixels, video_fps, num_video_frames)
-        turn_mask = assistant_turn_mask(record.messages, mask_mode)
-    except (ValueError, OSError) as e:  # unreadable media, a bad mode: name the sample
-        raise ValueError(f"sample {record.qid!r}: {e}") from e
-    loss = [m for m, msg in zip(turn_mask, record.messages) if msg.get("role") == "assistant"]
-    return encode_messages(
-        tok, record.messages, media, proc_cfg, model_cfg, assistant_loss=loss, qid=record.qid
-    )
-
-
-def _sft_media(
-    record: SFTRecord, proc_cfg, video_min_pixels, video_max_pixels, video_fps, num_video_frames
-) -> list[Image.Image | Video]:
-    """The record's vision items in order, at their final sizes."""
-    media: list[Image.Image | Video] = []
-    for msg in record.messages:
-        content = msg.get("content")
-        for item in content if isinstance(content, list) else ():
-            # SFTRecord content items are normalised: each has "type" text, image or video.
-            kind = item.get("type") if isinstance(item, Mapping) else "text"
-            if kind == chat.IMAGE:
-                img = load_image(item["image"])
-                media.append(resize_to_limits(img, proc_cfg.min_pixels, proc_cfg.max_pixels, proc_cfg.factor))
-            elif kind == chat.VIDEO:
-                src = item["video"]
-                frames = (
-                    [load_image(p) for p in src]
-                    if isinstance(src, list)
-                    else load_video_frames(src, num_video_frames)
-                )
-                frames = resize_video_frames(frames, video_min_pixels, video_max_pixels, proc_cfg.factor)
-                media.append(Video(frames=frames, fps=video_fps))
-    return media
 
 
 # ------------------------------------------------------------------------------------------ collate
@@ -374,6 +287,56 @@ def truncate_example(ex: Example, max_len: int) -> Example:
     )
 
 
+def pack_vision(
+    pixels: Sequence[np.ndarray],
+    grids: Sequence[np.ndarray],
+    vision_cfg: VisionConfig,
+    *,
+    patch_buckets: Sequence[int] | None,
+    min_windows: int = 1,
+    labels: Sequence[str] | None = None,
+) -> tuple[np.ndarray | None, VisionInputs | None]:
+    """The per-sample vision layout of B batch rows: (B, Pb, C) patch rows and their stacked index arrays.
+
+    Pb is the smallest patch bucket holding the largest sample, so each sample's images are encoded on the
+    device(s) holding its tokens and attention never crosses samples. Rows without vision items get
+    padding only.
+
+    Args:
+      pixels: per row, (P_b, C) patch rows of its items in pad order (P_b may be 0).
+      grids: per row, (I_b, 3) grids of those items.
+      vision_cfg: the vision tower config, for prepare_vision.
+      patch_buckets: allowed per-sample patch counts (None = powers of two), multiples of merge^2.
+      min_windows: at least this many attention windows per sample (a compile dimension; the count is
+        otherwise the largest sample's power-of-two need).
+      labels: per row, a name for errors (default "sample i").
+
+    Returns:
+      (pixel_values, vision_inputs), or (None, None) when no row has vision items.
+
+    Raises:
+      ValueError: a row with more patch rows than the largest patch bucket (naming it).
+    """
+    counts = [int(p.shape[0]) for p in pixels]
+    if not any(counts):
+        return None, None
+    pb = pick_bucket(max(counts), patch_buckets)
+    if pb is None:
+        i = int(np.argmax(counts))
+        name = f"sample {i}" if labels is None else labels[i]
+        raise ValueError(
+            f"{name} has {counts[i]} patch rows, more than the largest patch bucket {max(patch_buckets)} "
+            f"(per sample: {counts})"
+        )
+    width = next(p.shape[1] for p in pixels if p.shape[0])
+    pixel_values = np.zeros((len(pixels), pb, width), np.float32)
+    for i, p in enumerate(pixels):
+        pixel_values[i, : p.shape[0]] = p
+    vis = [prepare_vision(g, vision_cfg, patch_bucket=pb) for g in grids]
+    need = max(v.window_gather.shape[0] for v in vis)
+    return pixel_values, stack_vision(vis, max(need, min_windows))
+
+
 def collate(
     examples: Sequence[Example],
     *,
@@ -381,7 +344,7 @@ def collate(
     vision_cfg: VisionConfig,
     seq_buckets: Sequence[int] | None = None,
     patch_buckets: Sequence[int] | None = None,
-    window_bucket: int | None = None,
+    min_windows: int = 1,
     truncate: bool = False,
 ) -> Batch:
     """Pads examples into one Batch; T and the patch rows go to the smallest bucket that fits.
@@ -390,14 +353,14 @@ def collate(
       examples: at least one Example.
       pad_id: id of padding tokens (input_ids and the last target column).
       vision_cfg: the vision tower config, for prepare_vision.
-      seq_buckets, patch_buckets: allowed sizes; None = powers of two. Patch buckets must be multiples of
-        spatial_merge_size**2.
-      window_bucket: attention windows to pad to (None = the next power of two of the need).
+      seq_buckets, patch_buckets: allowed sizes (patch rows per sample); None = powers of two. Patch
+        buckets must be multiples of spatial_merge_size**2.
+      min_windows: at least this many attention windows per sample (`pack_vision`).
       truncate: a sequence longer than the largest seq bucket is cut (truncate_example) instead of raising.
 
     Raises:
       ValueError: no examples; a sequence longer than the largest bucket (naming the sample) without
-        truncate; more patch rows than the largest patch bucket.
+        truncate; a sample with more patch rows than the largest patch bucket.
     """
     if not examples:
         raise ValueError("collate needs at least one example, got none")
@@ -433,19 +396,14 @@ def collate(
     targets = np.full((b, t), pad_id, np.int32)
     targets[:, :-1] = input_ids[:, 1:]
     grid_thw = np.concatenate([ex.grid_thw for ex in exs]).reshape(-1, 3).astype(np.int64)
-    n_patches = sum(ex.num_patches for ex in exs)
-    pixel_values = vision_inputs = None
-    if n_patches:
-        pb = pick_bucket(n_patches, patch_buckets)
-        if pb is None:
-            raise ValueError(
-                f"the batch has {n_patches} patch rows, more than the largest patch bucket {max(patch_buckets)} "
-                f"(per sample: {[ex.num_patches for ex in exs]})"
-            )
-        rows = np.concatenate([ex.pixel_values for ex in exs])
-        pixel_values = np.zeros((pb, rows.shape[1]), np.float32)
-        pixel_values[:n_patches] = rows
-        vision_inputs = prepare_vision(grid_thw, vision_cfg, patch_bucket=pb, window_bucket=window_bucket)
+    pixel_values, vision_inputs = pack_vision(
+        [ex.pixel_values for ex in exs],
+        [ex.grid_thw for ex in exs],
+        vision_cfg,
+        patch_buckets=patch_buckets,
+        min_windows=min_windows,
+        labels=[f"sample {i} ({ex.qid!r})" for i, ex in enumerate(exs)],
+    )
     return Batch(
         input_ids=input_ids,
         targets=targets,

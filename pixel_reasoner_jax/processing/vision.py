@@ -69,6 +69,32 @@ def resize_to_limits(img: Image.Image, min_pixels: int, max_pixels: int, factor:
     return img.resize((w, h), resample=Image.BICUBIC)
 
 
+@dataclasses.dataclass(frozen=True)
+class Video:
+    """A video item: its frames (PIL, one size) and the sampled frame rate."""
+
+    frames: tuple[Image.Image, ...]
+    fps: float = 2.0
+
+
+def resize_video_frames(
+    frames: Sequence[Image.Image], min_pixels: int, max_pixels: int, factor: int = FACTOR
+) -> tuple[Image.Image, ...]:
+    """All frames resized (PIL bicubic, RGB) to frame 0's smart_resize size, so the video has one size.
+
+    Raises:
+      ValueError: no frames.
+    """
+    if not frames:
+        raise ValueError("a video needs at least one frame, got none")
+    h, w = smart_resize(frames[0].height, frames[0].width, factor, min_pixels, max_pixels)
+    out = []
+    for f in frames:
+        f = to_rgb(f)
+        out.append(f if f.size == (w, h) else f.resize((w, h), resample=Image.BICUBIC))
+    return tuple(out)
+
+
 # ------------------------------------------------------------------ processor config
 
 # OpenAI CLIP statistics, used by every Qwen2-VL / Qwen2.5-VL checkpoint.

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from pixel_reasoner_jax.processing.vision import Video  # public here too: requests carry videos
+
 # Finish reasons, as SGLang reports them in meta_info.finish_reason.type.
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -38,14 +40,6 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Video:
-    """A video item: its frames (PIL, one size) and the sampled frame rate."""
-
-    frames: tuple[Image.Image, ...]
-    fps: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from pixel_reasoner_jax.models.config import ModelConfig
-from pixel_reasoner_jax.models.vision import VisionInputs, prepare_vision
-from pixel_reasoner_jax.processing.batch import build_example, pick_bucket
+from pixel_reasoner_jax.models.vision import VisionInputs
+from pixel_reasoner_jax.processing.batch import build_example, pack_vision, pick_bucket
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.policy import GenerationRequest, Video
 
@@ -121,8 +121,9 @@ class SamplerBatch:
     Attributes:
       input_ids, attention_mask: (B, T) int32.
       positions: (3, B, T) int32 M-RoPE positions (1 on padding).
-      pixel_values: (Pb, C) float32 every item's rows in flat (row-major) pad order, zero-padded to the
-        patch bucket; None without media. vision_inputs: prepare_vision of those grids, likewise.
+      pixel_values: (B, Pb, C) float32 each row's item rows in pad order, zero-padded to the per-sample
+        patch bucket; None without media. vision_inputs: their stacked prepare_vision, likewise
+        (processing.batch.pack_vision).
       next_pos: (B,) int32 position of each row's first new token.
       temperature, top_p: (B,) float32; top_k: (B,) int32 (-1 off); max_new: (B,) int32.
       stop_ids: (B, S) int32 stop ids per row, padded with -1.
@@ -164,8 +165,8 @@ def pack_batch(
     """Pads `expanded` (with their `requests` and `seeds`) into one SamplerBatch of `batch_size` rows.
 
     Raises:
-      ValueError: a prompt longer than the largest sequence bucket, or more patch rows than the largest
-        patch bucket (naming the requests; `first_index` is the chunk's offset in the caller's list).
+      ValueError: a prompt longer than the largest sequence bucket, or a request with more patch rows than
+        the largest patch bucket (naming it; `first_index` is the chunk's offset in the caller's list).
     """
     n = len(expanded)
     if not 0 < n <= batch_size:
@@ -185,29 +186,20 @@ def pack_batch(
         ids[r, t - e.length :] = e.input_ids
         mask[r, t - e.length :] = 1
         positions[:, r, t - e.length :] = e.positions
-    pixel_values = vision_inputs = None
-    n_patches = sum(e.pixel_values.shape[0] for e in expanded)
-    if n_patches:
-        pb = pick_bucket(n_patches, patch_buckets)
-        if pb is None:
-            raise ValueError(
-                f"requests {first_index}..{first_index + n - 1} have {n_patches} patch rows together, more "
-                f"than the largest patch bucket {max(patch_buckets)} (per request: "
-                f"{[e.pixel_values.shape[0] for e in expanded]})"
-            )
-        rows = np.concatenate([e.pixel_values for e in expanded])
-        pixel_values = np.zeros((pb, rows.shape[1]), np.float32)
-        pixel_values[:n_patches] = rows
-        grids = np.concatenate([e.grid_thw for e in expanded])
-        vision_inputs = prepare_vision(grids, cfg.vision, patch_bucket=pb)
-        # The attention-window count is a compile dimension too; a floor of twice the full windows a
-        # bucket holds covers typical batches, so it varies only for batches of many small items.
-        slots = vision_inputs.window_gather.shape[1]
-        floor = pick_bucket(max(1, 2 * pb // slots), None)
-        if vision_inputs.window_gather.shape[0] < floor:
-            vision_inputs = prepare_vision(grids, cfg.vision, patch_bucket=pb, window_bucket=floor)
-    sp = [r.sampling for r in requests]
+    # The attention-window count is a compile dimension too; a floor of twice the full windows a per-sample
+    # bucket holds covers typical batches, so it varies only for samples of many small items.
+    pb = pick_bucket(max(e.pixel_values.shape[0] for e in expanded), patch_buckets)
+    slots = (cfg.vision.window_size // cfg.vision.patch_size) ** 2
     pad = batch_size - n
+    pixel_values, vision_inputs = pack_vision(
+        [e.pixel_values for e in expanded] + [np.zeros((0, cfg.vision.patch_dim), np.float32)] * pad,
+        [e.grid_thw for e in expanded] + [np.zeros((0, 3), np.int64)] * pad,
+        cfg.vision,
+        patch_buckets=patch_buckets,
+        min_windows=pick_bucket(max(1, 2 * (pb or 0) // slots), None),
+        labels=[request_label(first_index + i, r) for i, r in enumerate(requests)] + ["padding"] * pad,
+    )
+    sp = [r.sampling for r in requests]
     max_new = np.array([s.max_new_tokens for s in sp] + [1] * pad, np.int32)
     num_new = -(-int(max_new.max()) // decode_bucket) * decode_bucket
     n_stop = pick_bucket(max([len(s.stop_token_ids) for s in sp] + [MIN_STOP_SLOTS]), None)

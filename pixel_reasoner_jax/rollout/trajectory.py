@@ -1,17 +1,21 @@
-"""What a finished episode is: its statuses, turns and `Trajectory`, and the video sizing it shares.
+"""What a finished episode is: its statuses, turns and `Trajectory`, and its trainer view `expand_trajectory`.
 
-The reward, the trainer batch (processing/batch.py) and the metrics read these; rollout/episode.py builds them.
+The reward, the trainer and the metrics read these; rollout/episode.py builds them.
 """
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pixel_reasoner_jax.processing.vision import FACTOR, smart_resize, to_rgb
-from pixel_reasoner_jax.rollout.policy import Video
+from pixel_reasoner_jax.models.config import ModelConfig
+from pixel_reasoner_jax.processing.batch import Example, build_example
+from pixel_reasoner_jax.processing.vision import (  # noqa: F401 (resize_video_frames: its old home)
+    ImageProcessorConfig,
+    Video,
+    resize_video_frames,
+)
 
 # How an episode ended. Precedence when several hold (checked in this order): aborted, invalid_tokens;
 # then for a turn that requests a tool: max_tool_calls, context_limit, max_images, context_limit (the
@@ -165,19 +169,29 @@ class Trajectory:
         return sum(len(t.ignored_keys) for t in self.turns)
 
 
-def resize_video_frames(
-    frames: Sequence[Image.Image], min_pixels: int, max_pixels: int, factor: int = FACTOR
-) -> tuple[Image.Image, ...]:
-    """All frames resized (PIL bicubic, RGB) to frame 0's smart_resize size, so the video has one size.
+def expand_trajectory(traj: Trajectory, proc_cfg: ImageProcessorConfig, model_cfg: ModelConfig) -> Example:
+    """The trainer's view of a rollout: each pad expanded to its grid's count, mask and log-probs repeated
+    with it (pads are never sampled, so they stay 0), pixels of every item, M-RoPE over the whole sequence.
 
     Raises:
-      ValueError: no frames.
+      ValueError: the trajectory is not trainable (aborted, invalid tokens), or its grids disagree with
+        its media.
     """
-    if not frames:
-        raise ValueError("a video needs at least one frame, got none")
-    h, w = smart_resize(frames[0].height, frames[0].width, factor, min_pixels, max_pixels)
-    out = []
-    for f in frames:
-        f = to_rgb(f)
-        out.append(f if f.size == (w, h) else f.resize((w, h), resample=Image.BICUBIC))
-    return tuple(out)
+    qid = getattr(traj.record, "qid", traj.episode_id)
+    if not traj.trainable:
+        raise ValueError(f"trajectory {traj.episode_id!r} has status {traj.status!r}, which is not trainable")
+    ex = build_example(traj.input_ids, traj.loss_mask, traj.logprobs, traj.media, proc_cfg, model_cfg, qid)
+    if not np.array_equal(ex.grid_thw, traj.grids):
+        raise ValueError(
+            f"trajectory {traj.episode_id!r}: media give grids {ex.grid_thw.tolist()} but the episode "
+            f"recorded {traj.grids.tolist()}"
+        )
+    # Each sampled token's temperature (greedy turns read 1.0: their log-probs are of the raw logits).
+    # Sampled turns hold no pads: a turn moves right by the extra pads of the items before it.
+    extra = np.concatenate([[0], np.cumsum(ex.vision_spans[:, 1] - ex.vision_spans[:, 0] - 1)]).astype(int)
+    collapsed_pads = ex.vision_spans[:, 0] - extra[:-1]
+    temps = np.ones(ex.length, np.float32)
+    for turn in traj.turns:
+        start = turn.start + extra[int(np.searchsorted(collapsed_pads, turn.start))]
+        temps[start : start + turn.end - turn.start] = turn.temperature if turn.temperature > 0 else 1.0
+    return dataclasses.replace(ex, temperatures=temps)

@@ -20,7 +20,7 @@ from pixel_reasoner_jax.data import loader
 from pixel_reasoner_jax.data.records import RLRecord, load_rl_records
 from pixel_reasoner_jax.eval import rows  # the eval dump schema, so eval.viewer renders rollouts too
 from pixel_reasoner_jax.models import hf_io
-from pixel_reasoner_jax.processing.batch import Example, expand_trajectory
+from pixel_reasoner_jax.processing.batch import Example
 from pixel_reasoner_jax.rollout import faithfulness
 from pixel_reasoner_jax.rollout.episode import (
     STATUSES,
@@ -30,6 +30,7 @@ from pixel_reasoner_jax.rollout.episode import (
     Trajectory,
     run_episodes,
 )
+from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
 from pixel_reasoner_jax.train import advantages, replay, rewards, sft, steps
 from pixel_reasoner_jax.train.policies import Rollouts, SeededPolicy
 from pixel_reasoner_jax.train.run import RunContext, host, scalars

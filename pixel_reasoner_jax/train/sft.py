@@ -12,7 +12,8 @@ from absl import logging
 from pixel_reasoner_jax.config import RunConfig
 from pixel_reasoner_jax.data import loader
 from pixel_reasoner_jax.data.records import SFTRecord, load_sft_records
-from pixel_reasoner_jax.processing.batch import SFT_VIDEO_MIN_PIXELS, Example, sft_example
+from pixel_reasoner_jax.data.sft_examples import SFT_VIDEO_MIN_PIXELS, sft_example
+from pixel_reasoner_jax.processing.batch import Example
 from pixel_reasoner_jax.train import steps
 from pixel_reasoner_jax.train.run import RunContext, scalars
 

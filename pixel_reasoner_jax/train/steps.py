@@ -22,7 +22,7 @@ from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.config import GRPOConfig
 from pixel_reasoner_jax.models.config import VisionConfig
 from pixel_reasoner_jax.models.qwen25vl import indexed_token_logprobs, token_logprobs
-from pixel_reasoner_jax.models.vision import prepare_vision
+from pixel_reasoner_jax.models.vision import pad_windows
 from pixel_reasoner_jax.processing.batch import Batch, Example, collate, pick_bucket, truncate_example
 from pixel_reasoner_jax.train import losses
 from pixel_reasoner_jax.train import state as st
@@ -67,8 +67,9 @@ def micro_batches(
     `truncate`) before the buckets are chosen, since a cut drops vision items and their patch rows.
 
     Raises:
-      ValueError: `len(examples)` not a multiple of `n_micro`; a sequence too long without truncate; more
-        patch rows in a group than the largest patch bucket; some groups with vision items and some without.
+      ValueError: `len(examples)` not a multiple of `n_micro`; a sequence too long without truncate; a
+        sample with more patch rows than the largest patch bucket; some groups with vision items and some
+        without.
     """
     if not isinstance(n_micro, int) or n_micro < 1:
         raise ValueError(f"n_micro must be an int >= 1, got {n_micro!r}")
@@ -91,35 +92,27 @@ def micro_batches(
             f"micro-batches must all have vision items or none (they stack into one array); patch rows per "
             f"micro-batch: {patches}"
         )
-    pb = window = None
+    # The per-sample patch bucket of the largest sample fits every group; when none does, collate's
+    # pack_vision gets all the buckets and raises, naming the sample.
+    pb = pick_bucket(max(ex.num_patches for ex in exs), patch_buckets)
+    kw = dict(
+        pad_id=pad_id, vision_cfg=vision_cfg, seq_buckets=(t,), patch_buckets=(pb,) if pb else patch_buckets
+    )
+    out = [
+        dataclasses.replace(collate(g, **kw), truncated=cut[i * size : (i + 1) * size])
+        for i, g in enumerate(groups)
+    ]
     if all(patches):
-        pb = pick_bucket(max(patches), patch_buckets)
-        if pb is None:
-            raise ValueError(
-                f"a micro-batch has {max(patches)} patch rows, more than the largest patch bucket "
-                f"{max(patch_buckets)} (per micro-batch: {patches})"
-            )
-        # The window count depends on the grids; the largest need (a power of two) fits every group.
-        grids = [np.concatenate([ex.grid_thw for ex in g]).reshape(-1, 3) for g in groups]
-        window = max(prepare_vision(gr, vision_cfg, patch_bucket=pb).window_gather.shape[0] for gr in grids)
-    out = []
-    for i, g in enumerate(groups):
-        b = collate(
-            g,
-            pad_id=pad_id,
-            vision_cfg=vision_cfg,
-            seq_buckets=(t,),
-            patch_buckets=None if pb is None else (pb,),
-            window_bucket=window,
-        )
-        out.append(dataclasses.replace(b, truncated=cut[i * size : (i + 1) * size]))
+        # The window count depends on the grids; the largest group's (a power of two) fits every group.
+        window = max(b.vision_inputs.window_gather.shape[-2] for b in out)
+        out = [dataclasses.replace(b, vision_inputs=pad_windows(b.vision_inputs, window)) for b in out]
     return out
 
 
 def stack(batches: Sequence[Batch]) -> dict[str, Any]:
     """NumPy pytree with a leading micro axis: the token arrays (n, B, T), positions (n, 3, B, T),
-    advantages (n, B), ref_logprobs (n, B, T) zeros, and pixel_values (n, Pb, C) + vision_inputs when the
-    batches hold vision items (the keys are absent otherwise).
+    advantages (n, B), ref_logprobs (n, B, T) zeros, and pixel_values (n, B, Pb, C) + vision_inputs (each
+    (n, B, ...)) when the batches hold vision items (the keys are absent otherwise).
 
     Raises:
       ValueError: no batches; shapes that differ between batches (naming the field); vision items in some
@@ -174,13 +167,14 @@ def loss_index(loss_mask: np.ndarray, min_bucket: int = 16) -> tuple[np.ndarray,
 
 
 def _batch_axis(name: str) -> int:
-    """Axis of B in a stacked micro pytree entry (None for media entries, which are not per sample)."""
+    """Axis of B in a stacked micro pytree entry (every leaf of the per-sample media entries included)."""
     return {"positions": 2}.get(name, 1)
 
 
 def shard_batch(micro: dict[str, Any], mesh: Mesh, rules: sharding.Rules | str = "train") -> dict[str, Any]:
     """Places a stacked micro pytree on `mesh`: the batch axis over the rules' `act_batch` mesh axes
-    ("data", "fsdp" for training), vision rows and index arrays replicated (they are not per sample).
+    ("data", "fsdp" for training), the per-sample vision rows and index arrays included, so each device
+    encodes the images of its own sequences.
 
     Host NumPy arrays are assumed to be the full global batch on every process (multi-host: each process
     places its addressable shards); jax.Arrays are resharded.
@@ -196,20 +190,21 @@ def shard_batch(micro: dict[str, Any], mesh: Mesh, rules: sharding.Rules | str =
     dp = int(np.prod([mesh.shape[a] for a in names if a is not None]))
     out = {}
     for key, value in micro.items():
-        if key in _MEDIA_KEYS:
-            specs = jax.tree.map(lambda _: P(), value)
-        else:
-            axis = _batch_axis(key)
-            b = np.shape(value)[axis]
+        axis = _batch_axis(key)
+        for leaf in jax.tree.leaves(value):
+            b = np.shape(leaf)[axis]
             if b % dp:
                 raise ValueError(
                     f"shard_batch: {key!r} has batch size {b}, which does not divide over the {dp} "
                     f"data-parallel devices (mesh axes {names})"
                 )
-            spec = [None] * np.ndim(value)
-            spec[axis] = batch_axes
-            specs = P(*spec)
-        out[key] = jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), value, specs)
+
+        def spec(x, axis=axis):
+            s = [None] * np.ndim(x)
+            s[axis] = batch_axes
+            return NamedSharding(mesh, P(*s))
+
+        out[key] = jax.tree.map(lambda x: _place(x, spec(x)), value)
     return out
 
 
