@@ -97,7 +97,8 @@ class FakeTrainer:
 
     def __init__(self, k, *, every=0, missed=(), start=0, fail_at=None):
         self.cfg = types.SimpleNamespace(
-            grpo=types.SimpleNamespace(max_staleness=k, steps_per_rollout=1, tis_cap=2.0)
+            grpo=types.SimpleNamespace(max_staleness=k, steps_per_rollout=1, tis_cap=2.0),
+            log=types.SimpleNamespace(checkpoint_every=every),
         )
         self.ctx = types.SimpleNamespace(state=types.SimpleNamespace(params={"w": np.zeros(2)}))
         self.every, self.missed, self.fail_at = every, set(missed), fail_at

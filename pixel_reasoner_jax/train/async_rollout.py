@@ -61,7 +61,6 @@ class RolloutWorker:
         t0 = time.perf_counter()
         idle = t0 - self._last_end
         self.rollouts.push(params, version)
-        del params  # the sampler holds its own placement of them now
         push = time.perf_counter() - t0
         try:
             trajs, metrics = self.run(items, step)
@@ -97,6 +96,11 @@ def train(trainer, step: int, until: int, bar) -> int:
             "grpo: max_staleness %d without grpo.tis_cap: the ratio's old log-probs are the trainer's "
             "at training time, and nothing corrects for the older policy that sampled", k,
         )  # fmt: skip
+    if 0 < cfg.log.checkpoint_every <= max_lag:
+        logging.warning(
+            "grpo: a checkpoint every %d optimizer steps is a sync point every rollout: little overlaps",
+            cfg.log.checkpoint_every,
+        )
     worker = RolloutWorker(trainer.rollouts, trainer.run_rollout)
     pending: collections.deque[_Pending] = collections.deque()
     next_step = step

@@ -1,7 +1,8 @@
 """The GRPO loop: prompts x G episodes through a Policy, shaped rewards, group advantages, zero-advantage
 filtering (refill or selective replay), old and reference log-probs, clipped-objective steps, metrics, resume.
 
-`run` is the grpo mode (an optional SFT warm start first); `GRPOTrainer` is the loop, usable on its own.
+`run` is the grpo mode (an optional SFT warm start first); `GRPOTrainer` is the loop, usable on its own;
+with grpo.max_staleness > 0 its rollouts run ahead on a worker thread (train/async_rollout.py).
 Loop steps count every planned step and number the metric lines; optimizer steps count the steps that
 trained and number the checkpoints and the LR schedule. A rollout without a sample to train on (no
 informative group, nothing to replay) is skipped: its loop steps pass, the optimizer step does not move.
