@@ -223,3 +223,14 @@ def test_timing_panels():
     assert M.timing_panels(["time/data_s", "time/train_s", M.STEP_TIME]) == [
         ("", ["time/data_s", "time/train_s"])
     ]
+
+
+def test_async_rollouts_are_refused_over_several_processes(tmp_path, toy_grpo_config, monkeypatch):
+    from pixel_reasoner_jax.config import ConfigError
+
+    cfg = toy_grpo_config(tmp_path, **{"grpo.max_staleness": 1})
+    grpo.check_supported(cfg)
+    monkeypatch.setattr(grpo.jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match="grpo.max_staleness"):
+        grpo.check_supported(cfg)
+    grpo.check_supported(dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, max_staleness=0)))
