@@ -34,6 +34,12 @@ PLOT_GROUPS = (
     ("throughput", r"token|throughput|mfu|len|samples"),
 )
 
+# The GRPO loop's timing split (train/grpo.py, train/async_rollout.py): the trainer's side and the rollout
+# side each add up to the loop step's wall time STEP_TIME; idle is time spent waiting for the other side.
+STEP_TIME = "time/step_s"
+TRAINER_TIMES = ("time/trainer_idle_s", "time/reward_s", "time/old_logprobs_s", "time/train_s")
+ROLLOUT_TIMES = ("time/rollout_s", "time/weight_push_s", "time/rollout_idle_s")
+
 
 def _to_float(key: str, value: Any) -> float:
     """A Python float from a number, NumPy scalar or 0-d array (a JAX scalar is fetched to the host)."""
@@ -246,27 +252,44 @@ def _panels(path: pathlib.Path, title: str, series: dict[str, tuple[np.ndarray, 
     _save(fig, path)
 
 
+def timing_panels(keys) -> list[tuple[str, list[str]]]:
+    """(title, stacked keys) of each panel of `timing_split.png`: the trainer's and the rollout side's
+    components when the GRPO split (TRAINER_TIMES, ROLLOUT_TIMES) is logged, else every timing key but
+    STEP_TIME in one stack. STEP_TIME, when logged, is drawn over each panel as a line."""
+    keys = set(keys)
+    sides = [("trainer", TRAINER_TIMES), ("rollout", ROLLOUT_TIMES)]
+    if all(k in keys for _, side in sides for k in side):
+        return [(title, list(side)) for title, side in sides]
+    return [("", sorted(keys - {STEP_TIME}))]
+
+
 def _timing_split(path: pathlib.Path, series: dict[str, tuple[np.ndarray, np.ndarray]]) -> bool:
-    """A stacked area of the timing components over the steps where all of them were logged."""
+    """Stacked areas of the timing components (`timing_panels`) over the steps where all were logged."""
     from matplotlib.figure import Figure
 
     common = None
     for steps, _ in series.values():
         common = set(steps.tolist()) if common is None else common & set(steps.tolist())
-    if not common or len(series) < 2:
+    panels = timing_panels(series)
+    if not common or sum(len(keys) for _, keys in panels) < 2:
         return False
     x = np.asarray(sorted(common))
-    stacks = []
-    for steps, vals in series.values():
+
+    def values(key: str) -> np.ndarray:
+        steps, vals = series[key]
         last = {int(s): v for s, v in zip(steps, vals)}  # the latest value of a repeated step wins
-        stacks.append(np.asarray([last[int(s)] for s in x]))
-    fig = Figure(figsize=(8, 4), layout="constrained")
-    ax = fig.subplots()
-    ax.stackplot(x, np.nan_to_num(np.stack(stacks)), labels=list(series))
-    ax.set_xlabel("step")
-    ax.set_ylabel("seconds")
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(alpha=0.3)
+        return np.nan_to_num(np.asarray([last[int(s)] for s in x]))
+
+    fig = Figure(figsize=(8, 4 * len(panels)), layout="constrained")
+    for ax, (title, keys) in zip(np.atleast_1d(fig.subplots(len(panels), 1, sharex=True)), panels):
+        ax.stackplot(x, np.stack([values(k) for k in keys]), labels=keys)
+        if STEP_TIME in series:
+            ax.plot(x, values(STEP_TIME), color="black", linewidth=1, label=f"{STEP_TIME} (wall)")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("seconds")
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
     fig.suptitle("timing split per step")
     _save(fig, path)
     return True

@@ -1,7 +1,8 @@
 """The GRPO loop: prompts x G episodes through a Policy, shaped rewards, group advantages, zero-advantage
 filtering (refill or selective replay), old and reference log-probs, clipped-objective steps, metrics, resume.
 
-`run` is the grpo mode (an optional SFT warm start first); `GRPOTrainer` is the loop, usable on its own.
+`run` is the grpo mode (an optional SFT warm start first); `GRPOTrainer` is the loop, usable on its own;
+with grpo.max_staleness > 0 its rollouts run ahead on a worker thread (train/async_rollout.py).
 Loop steps count every planned step and number the metric lines; optimizer steps count the steps that
 trained and number the checkpoints and the LR schedule. A rollout without a sample to train on (no
 informative group, nothing to replay) is skipped: its loop steps pass, the optimizer step does not move.
@@ -12,6 +13,7 @@ import pathlib
 import time
 from collections.abc import Callable
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -31,7 +33,7 @@ from pixel_reasoner_jax.rollout.episode import (
     run_episodes,
 )
 from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
-from pixel_reasoner_jax.train import advantages, replay, rewards, sft, steps
+from pixel_reasoner_jax.train import advantages, async_rollout, replay, rewards, sft, steps
 from pixel_reasoner_jax.train.policies import Rollouts, SeededPolicy
 from pixel_reasoner_jax.train.run import RunContext, host, scalars
 
@@ -184,10 +186,28 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------------------------- rollout
 
+    def draw_prompts(self) -> list[dict]:
+        """The next rollout batch's prompts from the data iterator."""
+        return [next(self.it) for _ in range(self.cfg.grpo.prompts_per_rollout)]
+
     def rollout(self, step: int) -> tuple[list[Trajectory], dict[str, float]]:
-        cfg, ctx, g = self.cfg, self.ctx, self.cfg.grpo.group_size
-        items = [next(self.it) for _ in range(cfg.grpo.prompts_per_rollout)]
+        """The synchronous rollout: the policy brought to the train state, then `run_rollout` on this thread
+        (the trainer idles meanwhile)."""
+        items = self.draw_prompts()
+        t0 = time.perf_counter()
         self.rollouts.sync()
+        push = time.perf_counter() - t0
+        trajs, metrics = self.run_rollout(items, step)
+        metrics["time/weight_push_s"] = push
+        metrics["time/trainer_idle_s"] = push + metrics["time/rollout_s"]
+        return trajs, metrics
+
+    def run_rollout(self, items: list[dict], step: int) -> tuple[list[Trajectory], dict[str, float]]:
+        """G episodes per prompt under the policy's current weights, seeded by (seed, loop step, rid).
+
+        Touches no trainer state (train/async_rollout.py calls it from its worker thread).
+        """
+        cfg, ctx, g = self.cfg, self.ctx, self.cfg.grpo.group_size
         t0 = time.perf_counter()
         proc = self.rollouts.processor
         episodes = []
@@ -210,9 +230,11 @@ class GRPOTrainer:
         trajs = run_episodes(policy, episodes, max_concurrency=cfg.rollout.batch_size)
         dt = time.perf_counter() - t0
         sampled = [int(t.loss_mask.sum()) for t in trajs]
+        unit, count = self.rollouts.units
         metrics = {
             "time/rollout_s": dt,
             "throughput/rollout_tokens_per_s": sum(sampled) / dt,
+            f"throughput/rollout_tokens_per_s_per_{unit}": sum(sampled) / dt / count,
             "rollout/response_tokens": _mean(sampled),
             "rollout/sequence_tokens": _mean([t.expanded_length for t in trajs]),
             "tools/calls_per_response": _mean([t.num_calls for t in trajs]),
@@ -224,12 +246,18 @@ class GRPOTrainer:
         metrics.update(self.rollouts.metrics())  # per-server counters when rolling out on SGLang servers
         return trajs, metrics
 
-    def score(self, trajs: list[Trajectory]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """(advantages (B,), informative (B,) bool, metrics) of one rollout batch; dumps its first groups
-        every `log.rollouts_every` loop steps."""
+    def score(
+        self, trajs: list[Trajectory], keep: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """(advantages (B,), informative (B,) bool, metrics) of one rollout batch; samples outside `keep`
+        (dropped, e.g. too stale) are scored like untrainable ones: reward 0 and never informative. Dumps
+        the batch's first groups every `log.rollouts_every` loop steps."""
         cfg, g = self.cfg, self.cfg.grpo.group_size
         t0 = time.perf_counter()
-        acc = np.array([float(self.accuracy_fn(t)) if t.trainable else 0.0 for t in trajs])
+        trainable = np.array([t.trainable for t in trajs], bool)
+        if keep is not None:
+            trainable &= keep
+        acc = np.array([float(self.accuracy_fn(t)) if ok else 0.0 for t, ok in zip(trajs, trainable)])
         rw = cfg.reward
         shaped = rewards.batch_rewards(
             acc,
@@ -241,7 +269,6 @@ class GRPOTrainer:
         )  # fmt: skip
         adv = advantages.group_advantages(shaped["shaped"], g, cfg.grpo.advantage)
         uniform = advantages.uniform_groups(shaped["shaped"], g, cfg.grpo.uniform_tol)
-        trainable = np.array([t.trainable for t in trajs])
         informative = trainable & ~np.repeat(uniform, g)
         metrics = {
             "reward/shaped": _mean(shaped["shaped"]),
@@ -265,12 +292,12 @@ class GRPOTrainer:
             )  # fmt: skip
         return adv, informative, metrics
 
-    def select(self, trajs, adv, informative) -> Selection:
+    def select(self, trajs, adv, informative, keep: np.ndarray | None = None) -> Selection:
         """The rollout batch's training samples, or none (the steps are skipped).
 
         refill: informative samples repeated back to the rollout batch (the original's `--filter True`);
         ssr: half the rollout batch, fresh informative samples first, replay fills the rest (`--filter
-        SSR`, `replay.SelectiveReplayBuffer.mix`); none: every trainable sample.
+        SSR`, `replay.SelectiveReplayBuffer.mix`); none: every trainable sample in `keep` (None: all).
         """
         n = self.cfg.grpo.trained_per_rollout
         mode = self.cfg.grpo.filter
@@ -298,6 +325,8 @@ class GRPOTrainer:
             }
             return Selection([e for e, _ in decoded], adv_s[order], [lp for _, lp in decoded], metrics)
         pool = informative if mode == "refill" else np.array([t.trainable for t in trajs])
+        if keep is not None:
+            pool = pool & keep
         idx = replay.refill_informative(np.flatnonzero(pool).tolist(), n, self.rng)
         return Selection([ex(i) for i in idx], adv[np.asarray(idx, np.int64)] if idx else np.zeros((0,)))
 
@@ -327,17 +356,41 @@ class GRPOTrainer:
         return micro
 
     def train_rollout(self, step: int, until: int, bar) -> int:
-        """One rollout batch: up to steps_per_rollout loop steps (not past `until`); returns the new step."""
-        cfg, ctx = self.cfg, self.ctx
-        self._step = step
+        """One synchronous rollout batch: rolled out now, then trained; returns the new loop step."""
         trajs, roll_m = self.rollout(step)
-        adv, informative, score_m = self.score(trajs)
+        return self.train_batch(step, until, bar, trajs, roll_m)
+
+    def train_batch(self, step, until, bar, trajs, roll_m, *, keep=None, on_plan=None) -> int:
+        """Scores, selects and trains one rolled-out batch: up to steps_per_rollout loop steps (not past
+        `until`); returns the new loop step.
+
+        Args:
+          roll_m: the rollout's metrics; a "time/rollout_idle_s" among them is the rollout worker's idle
+            time, else the rollout ran on this thread and idled for the rest of each step.
+          keep: (B,) bool, the samples that may train (train/async_rollout.py drops stale ones); None: all.
+          on_plan: called with whether this batch ends with a checkpoint, once that is known (after the
+            selection) and before the old log-probs and the steps.
+        """
+        cfg, ctx = self.cfg, self.ctx
+        self._step = step  # numbers the rollout dump
+        adv, informative, score_m = self.score(trajs, keep)
         t0 = time.perf_counter()  # selection, expansion and old (and reference) log-probs
-        sel = self.select(trajs, adv, informative)
+        sel = self.select(trajs, adv, informative, keep)
         qids = [t.record.qid for t in trajs[:: cfg.grpo.group_size]]
+        versions = sorted({v for t in trajs for v in t.turn_versions})  # the policies that sampled
+        version = versions[0] if len(versions) == 1 else versions or self.rollouts.policy.weight_version
         n_steps = min(cfg.grpo.steps_per_rollout, until - step)
         per_epoch = cfg.grpo.steps_per_rollout // cfg.grpo.epochs_per_rollout
         tb = cfg.grpo.train_batch_size
+        # Checkpoints are numbered by optimizer steps and land on rollout boundaries (the config makes
+        # checkpoint_every a multiple of the steps per rollout); a skipped rollout saves nothing new.
+        every, s0, opt_before = cfg.log.checkpoint_every, self.sft_steps, self.opt_step
+        opt_after = opt_before + (n_steps if sel.examples else 0)
+        saves = step + n_steps == until or bool(
+            every and (opt_after - s0) // every > (opt_before - s0) // every
+        )
+        if on_plan is not None:
+            on_plan(saves)
         micros = []
         if sel.examples:
             # Epoch 0 in selection order (already shuffled), later epochs reshuffled.
@@ -350,14 +403,14 @@ class GRPOTrainer:
                 old = None if sel.old_logprobs is None else [sel.old_logprobs[i] for i in part]
                 micros.append(self._micro([sel.examples[i] for i in part], sel.advantages[part], old))
         t_old = time.perf_counter() - t0
-        once = {**{k: v for k, v in roll_m.items() if k.startswith("time/")}, "time/reward_s": 0.0}
+        worker_idle = "time/rollout_idle_s" in roll_m
+        once = [k for k in roll_m if k.startswith("time/")] + ["time/reward_s", "time/old_logprobs_s"]
         base = {**roll_m, **score_m, **sel.metrics, "time/old_logprobs_s": t_old}
-        opt_before = self.opt_step
         for k in range(n_steps):
             t1 = time.perf_counter()
             step += 1
             # Time keys add up to the wall time: a rollout's own costs are booked on its first step only.
-            metrics = {**base, **{key: 0.0 for key in once}, "time/old_logprobs_s": 0.0} if k else dict(base)
+            metrics = {**base, **{key: 0.0 for key in once}} if k else dict(base)
             if micros:
                 micro = micros[k]
                 ctx.state, out = self.fns.grpo_step(ctx.state, micro)
@@ -366,31 +419,43 @@ class GRPOTrainer:
                 mask = micro["loss_mask"] != 0
                 gap = np.abs(micro["sampler_logprobs"] - micro["old_logprobs"])[mask]
                 metrics["rollout/logprob_gap"] = _mean(gap)
-                metrics["throughput/train_tokens_per_s"] = float(mask.sum()) / (time.perf_counter() - t1)
+                per_s = float(mask.sum()) / (time.perf_counter() - t1)
+                metrics["throughput/train_tokens_per_s"] = per_s
+                metrics["throughput/train_tokens_per_s_per_device"] = per_s / ctx.mesh.size
             else:
                 self.skipped += 1
             metrics["train/loop_step"] = float(step)
             metrics["train/optimizer_step"] = float(self.opt_step)
             metrics["train/skipped_steps"] = float(self.skipped)
-            metrics["time/train_s"] = time.perf_counter() - t1
+            end = time.perf_counter()
+            metrics["time/train_s"] = end - t1
+            # The trainer's side (idle, reward, old log-probs, train) and the rollout side (rollout, push,
+            # idle) each add up to the step's wall time (metrics.TRAINER_TIMES / ROLLOUT_TIMES).
+            metrics["time/step_s"] = end - self._step_end
+            if not worker_idle:
+                busy = metrics["time/rollout_s"] + metrics["time/weight_push_s"]
+                metrics["time/rollout_idle_s"] = max(0.0, metrics["time/step_s"] - busy)
+            self._step_end = end
             ctx.log(step, metrics)
-            ctx.samples.write(step, PHASE, qids, weight_version=self.rollouts.policy.weight_version)
+            ctx.samples.write(step, PHASE, qids, weight_version=version)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/shaped']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
-        # Checkpoints are numbered by optimizer steps and land on rollout boundaries (the config makes
-        # checkpoint_every a multiple of the steps per rollout); a skipped rollout saves nothing new.
-        every, s0 = cfg.log.checkpoint_every, self.sft_steps
-        if step == until or (every and (self.opt_step - s0) // every > (opt_before - s0) // every):
+        if saves:
             ctx.save(self.opt_step, self.extra(step))
         return step
 
     def train(self, until: int) -> None:
-        """Rollout batches from the context's loop step up to loop step `until`."""
+        """Rollout batches from the context's loop step up to loop step `until`: synchronous, or with
+        rollouts sampled ahead by a worker thread when grpo.max_staleness > 0 (train/async_rollout.py)."""
         step = int(self.ctx.start_step)
         bar = self.ctx.progress(until, "grpo")
+        self._step_end = time.perf_counter()
         try:
-            while step < until:
-                step = self.train_rollout(step, until, bar)
+            if self.cfg.grpo.max_staleness:
+                step = async_rollout.train(self, step, until, bar)
+            else:
+                while step < until:
+                    step = self.train_rollout(step, until, bar)
         finally:
             bar.close()
         self.ctx.start_step = step
@@ -407,13 +472,15 @@ def check_supported(cfg: RunConfig) -> None:
     """Settings the config allows but this loop does not run.
 
     Raises:
-      ConfigError: grpo.max_staleness > 0 (asynchronous rollouts).
+      ConfigError: grpo.max_staleness > 0 over several processes: the worker thread would issue the
+        sampler's (or the weight export's) cross-host collectives in an order no other process shares.
     """
-    if cfg.grpo.max_staleness:
+    process_count = jax.process_count()
+    if cfg.grpo.max_staleness and process_count > 1:
         raise ConfigError(
             "grpo.max_staleness",
-            f"this loop is synchronous (every sample comes from the current policy); got "
-            f"{cfg.grpo.max_staleness}, expected 0",
+            f"asynchronous rollouts run in one process; got {cfg.grpo.max_staleness} with {process_count} "
+            f"processes, expected 0",
         )
 
 

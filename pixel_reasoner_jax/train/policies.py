@@ -114,14 +114,33 @@ class Rollouts:
         """The weight label of the current train state: optimizer updates applied."""
         return str(int(host(self.ctx.state.step)))
 
+    @property
+    def units(self) -> tuple[str, int]:
+        """What rollout throughput is divided by: ("device", devices of the in-process sampler's mesh) or
+        ("server", SGLang servers; their devices are not known here)."""
+        if self.client is None:
+            return "device", jax.device_count()
+        return "server", len(self.client.urls)
+
     def sync(self) -> None:
         """Brings the policy to the train state's weights when its version lags (after a step or resume)."""
         version = self.version()
         if self.policy.weight_version == version:
             return
         params = self.ctx.state.params
+        # Copies for the in-process sampler: the train step donates the state's buffers.
+        self.push(jax.tree.map(lambda x: x.copy(), params) if self.client is None else params, version)
+
+    def push(self, params, version: str) -> None:
+        """Brings the policy to `params` labelled `version` unless it serves that version already.
+
+        The in-process sampler keeps `params` (or its own resharded copy): pass arrays no train step will
+        donate. Safe from the rollout worker thread (train/async_rollout.py) while the trainer steps.
+        """
+        if self.policy.weight_version == version:
+            return
         if self.client is None:
-            self.policy.update_weights(jax.tree.map(lambda x: x.copy(), params), version)
+            self.policy.update_weights(params, version)
             return
         ctx = self.ctx
         self.client.push_weights(
