@@ -594,6 +594,11 @@ class SGLangClient(Policy):
         logger.info("weights %s pushed to %d servers from %s", version, len(self.urls), model_path)
         return final
 
+    def expect_weight_version(self, version: str | int) -> None:
+        """Checks later responses against `version`: weights another client (another trainer process) has
+        pushed to these servers."""
+        self._expected = str(version)
+
     def health(self) -> dict[str, bool]:
         """url -> whether GET /health answers 200 now (no retries)."""
         out = {}

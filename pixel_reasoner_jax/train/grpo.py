@@ -29,7 +29,7 @@ from pixel_reasoner_jax.rollout.episode import (
     Trajectory,
     run_episodes,
 )
-from pixel_reasoner_jax.train import advantages, replay, rewards, sft, steps
+from pixel_reasoner_jax.train import advantages, multihost, replay, rewards, sft, steps
 from pixel_reasoner_jax.train.policies import Rollouts, SeededPolicy
 from pixel_reasoner_jax.train.run import RunContext, host, scalars
 
@@ -130,11 +130,10 @@ class GRPOTrainer:
         self.ctx, self.cfg, self.sft_steps = ctx, cfg, sft_steps
         self.accuracy_fn = accuracy_fn or default_accuracy(cfg)
         extra = ctx.extra if ctx.extra.get("phase") == PHASE else {}
-        ds = loader.rl_dataset(
-            records, cfg.data.seed, num_epochs=None, process_index=0, process_count=1,
-            num_frames=cfg.data.num_video_frames,
-        )  # fmt: skip
-        self.it = loader.make_iterator(ds)  # every process rolls out the same prompts (one SPMD program)
+        # Each process reads its own shard of the prompt stream (train/multihost.py); every process's
+        # iterator state is the same count, so process 0's checkpointed state resumes them all.
+        ds = loader.rl_dataset(records, cfg.data.seed, num_epochs=None, num_frames=cfg.data.num_video_frames)
+        self.it = loader.make_iterator(ds)
         if extra.get("rl_iter"):
             self.it.set_state(extra["rl_iter"])
         self.rng = np.random.Generator(np.random.PCG64(cfg.seed))
@@ -182,7 +181,7 @@ class GRPOTrainer:
 
     def rollout(self, step: int) -> tuple[list[Trajectory], dict[str, float]]:
         cfg, ctx, g = self.cfg, self.ctx, self.cfg.grpo.group_size
-        items = [next(self.it) for _ in range(cfg.grpo.prompts_per_rollout)]
+        items = [next(self.it) for _ in range(multihost.local_prompts(cfg.grpo.prompts_per_rollout))]
         self.rollouts.sync()
         t0 = time.perf_counter()
         proc = self.rollouts.processor
@@ -199,11 +198,12 @@ class GRPOTrainer:
                         None,
                         proc,
                         media=media,
-                        episode_id=f"s{step}-p{k}-g{j}",
+                        episode_id=f"s{step}-p{multihost.batch_prompt_index(k)}-g{j}",
                     )  # fmt: skip
                 )
         policy = SeededPolicy(self.rollouts.policy, cfg.seed, step)
         trajs = run_episodes(policy, episodes, max_concurrency=cfg.rollout.batch_size)
+        trajs = multihost.gather_rollout(trajs, g)  # every process's episodes, in one-process order
         dt = time.perf_counter() - t0
         sampled = [int(t.loss_mask.sum()) for t in trajs]
         metrics = {
@@ -393,8 +393,10 @@ def check_supported(cfg: RunConfig) -> None:
     """Settings the config allows but this loop does not run.
 
     Raises:
-      ConfigError: grpo.max_staleness > 0 (asynchronous rollouts).
+      ConfigError: grpo.max_staleness > 0 (asynchronous rollouts); grpo.prompts_per_rollout not a
+        multiple of the processes.
     """
+    multihost.check(cfg)
     if cfg.grpo.max_staleness:
         raise ConfigError(
             "grpo.max_staleness",
