@@ -120,14 +120,16 @@ def grpo_main_worker(spec: dict) -> None:
     import toy_grpo
     from absl import flags
 
-    from pixel_reasoner_jax import main as entry
-
     settings = {
         **toy_grpo.SETTINGS, "data.rl_path": spec["rl_path"], "model.checkpoint": spec["ckpt"],
         "grpo.steps": GRPO_STEPS, "grpo.filter": "none", "grpo.entropy_coef": 0.01, "optim.lr": 1e-2,
     }  # fmt: skip
     argv = ["main", f"--config={REPO / 'configs' / 'grpo.py'}:tiny", f"--workdir={spec['workdir']}"]
     argv += [f"--config.{k}={v}" for k, v in settings.items()]
+    # config_flags registers the --config.<key> overrides it finds in sys.argv when main is imported.
+    sys.argv = argv
+    from pixel_reasoner_jax import main as entry
+
     flags.FLAGS(argv)
     assert entry.main(argv[:1]) == 0
 
