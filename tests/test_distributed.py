@@ -6,7 +6,8 @@ devices, all in one launch (each process start costs seconds of imports and comp
   3. a weight push to an SGLang-API server from both processes: process 0 exports and pushes once, process
      1 waits and then expects the pushed version.
 
-This file is also the worker: `python tests/test_distributed.py SPEC_JSON` (see `_spec`).
+This file is also the worker: `python tests/test_distributed.py SPEC_JSON`, the spec as `_launch` writes it
+(out, ckpt, rl_path, workdir, and for the two processes coordinator, num_processes, process_id, server_port).
 """
 
 import json
@@ -14,6 +15,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import portpicker
@@ -22,6 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 GLOBAL_DEVICES = 4
 BATCH, LENGTH = 8, 96  # 2 micro-batches of one sample per device; every process holds the global batch
 GRPO_STEPS = 2
+HANG_S = 540  # all workers together; below pytest's 600 s timeout, so a hung worker is killed, not orphaned
 
 
 def _examples():
@@ -206,9 +209,10 @@ def _launch(tmp_path, tiny_ckpt) -> tuple[pathlib.Path, pathlib.Path]:
             cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), json.dumps(spec)]
             procs.append(subprocess.Popen(cmd, env=_env(devices), stdout=f, stderr=subprocess.STDOUT))
     errors = []
+    deadline = time.monotonic() + HANG_S
     for p, log in zip(procs, logs):
         try:
-            p.wait(timeout=600)
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
@@ -225,10 +229,12 @@ def _tensors(export: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def test_two_processes_match_one_process(tmp_path, tiny_ckpt):
+    _compare(*_launch(tmp_path, tiny_ckpt))
+
+
+def _compare(single: pathlib.Path, multi: pathlib.Path) -> None:
     from pixel_reasoner_jax.metrics import read_metrics
     from pixel_reasoner_jax.train.run import EXPORT_DIR, read_samples
-
-    single, multi = _launch(tmp_path, tiny_ckpt)
 
     # 1. The SFT and GRPO steps.
     a, b = np.load(single / "steps.npz"), np.load(multi / "steps.npz")
