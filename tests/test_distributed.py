@@ -169,9 +169,12 @@ def worker(spec: dict) -> None:
     import jax
 
     if spec.get("coordinator"):
+        # A generous heartbeat timeout: on a busy 2-core machine a worker's heartbeat thread can starve
+        # for longer than the default 100 s, and the coordinator then ends both workers.
         jax.distributed.initialize(
-            spec["coordinator"], num_processes=spec["num_processes"], process_id=spec["process_id"]
-        )
+            spec["coordinator"], num_processes=spec["num_processes"], process_id=spec["process_id"],
+            heartbeat_timeout_seconds=HANG_S,
+        )  # fmt: skip
     jax.config.update("jax_default_matmul_precision", "highest")
     state, model_cfg = steps_worker(spec["out"], spec["ckpt"])
     grpo_main_worker(spec)
