@@ -71,15 +71,6 @@ def _atomic_dir(final: pathlib.Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _sync(name: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def prepare_assets(cfg: RunConfig) -> RunConfig:
     """Generates what the config asks for under the workdir when absent (process 0 writes, others wait):
     the tiny checkpoint (variant tiny without model.checkpoint) and the synthetic data (data.synthetic).
@@ -87,6 +78,8 @@ def prepare_assets(cfg: RunConfig) -> RunConfig:
     Returns the config with model.checkpoint and the data paths pointing at them.
     """
     import jax
+
+    from pixel_reasoner_jax import distributed  # imports jax, which this module loads only at run time
 
     workdir = pathlib.Path(cfg.workdir)
     main_process = jax.process_index() == 0
@@ -128,7 +121,7 @@ def prepare_assets(cfg: RunConfig) -> RunConfig:
             eval_path=str(root / "eval.jsonl"),
             data_root=str(root),
         )
-    _sync("pixel_reasoner_assets")
+    distributed.barrier("pixel_reasoner_assets")
     return dataclasses.replace(cfg, model=model, data=data)
 
 

@@ -67,37 +67,17 @@ def toy_grpo_config(tiny_ckpt):
     workdir/run.
     """
     import dataclasses
-    import json
 
-    from PIL import Image
+    import toy_grpo
 
     from configs import grpo as grpo_config
     from pixel_reasoner_jax import main as entry
     from pixel_reasoner_jax.config import validate
 
     def make(workdir, **overrides):
-        root = workdir / "data"
-        root.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for i in range(8):
-            Image.new("RGB", (56, 56), (30 * i, 200 - 20 * i, 90)).save(root / f"img{i}.png")
-            rows.append(
-                {"qid": f"toy-{i}", "question": "Name the color.", "image": [f"img{i}.png"], "answer": "x"}
-            )
-        (root / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rl_path = toy_grpo.write_data(workdir / "data")
         c = grpo_config.get_config("tiny")
-        settings = {
-            "data.synthetic": False, "data.rl_path": str(root / "rl.jsonl"), "sft.steps": 0,
-            "grpo.prompts_per_rollout": 2, "grpo.group_size": 4, "grpo.train_batch_size": 8,
-            "grpo.micro_batches": 1, "grpo.filter": "refill",
-            "optim.warmup_ratio": 0.0, "optim.schedule": "constant",
-            "rollout.template": "notool", "rollout.top_k": 4, "rollout.top_p": 1.0,
-            "rollout.max_new_tokens": 2, "rollout.decode_bucket": 2, "rollout.prompt_max_len": 46,
-            "rollout.max_total_tokens": 48, "rollout.batch_size": 8, "model.logprob_chunk": 16,
-            "data.max_seq_len": 48, "data.seq_buckets": (48,), "data.patch_buckets": (256,),
-            "log.checkpoint_every": 0, "log.plots_every": 0, "log.tensorboard": False, "log.progress": False,
-            "log.rollouts_every": 0,
-        }  # fmt: skip
+        settings = {**toy_grpo.SETTINGS, "data.rl_path": str(rl_path)}
         for dotted, value in {**settings, **overrides}.items():
             section, key = dotted.split(".")
             setattr(getattr(c, section), key, value)

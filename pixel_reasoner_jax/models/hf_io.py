@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixel_reasoner_jax import distributed
 from pixel_reasoner_jax.models.config import ModelConfig
 
 __all__ = [
@@ -424,14 +425,6 @@ def load_model(
 # ------------------------------------------------------------------------------------------- export
 
 
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def to_hf_tensors(
     params_or_model, cfg: ModelConfig, *, dtype=None
 ) -> list[tuple[str, Callable[[], np.ndarray], tuple, np.dtype]]:
@@ -453,7 +446,7 @@ def to_hf_tensors(
         out_dtype = np.dtype(dtype if dtype is not None else value.dtype)
 
         def thunk(value=value, i=None, rule=rule, hf_shape=hf_shape, out_dtype=out_dtype):
-            x = _host(value if i is None else value[i])
+            x = distributed.to_host(value if i is None else value[i])
             return _to_hf(x, rule, hf_shape).astype(out_dtype, copy=False)
 
         if n_layers is None:
@@ -480,7 +473,7 @@ def export_hf(
 
     Written to `<out_dir>.tmp-<id>` and renamed into place (an existing `out_dir` is replaced), so a
     reader never sees a half-written folder. Multi-host: every process must call it (gathers are
-    collective); only process 0 writes.
+    collective); only process 0 writes, and every process returns once the folder is in place.
 
     Args:
       params_or_model: a `Qwen25VL`, its Param state, or a nested dict of arrays.
@@ -519,6 +512,7 @@ def export_hf(
             stnp.save_file(arrays, os.path.join(tmp, fname), metadata={"format": "pt"})
         del arrays
     if not writer:
+        distributed.barrier("pixel_reasoner_export_hf")
         return out_dir
     if len(shards) > 1:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -540,4 +534,5 @@ def export_hf(
     os.rename(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier("pixel_reasoner_export_hf")  # the others read the folder once they pass it
     return out_dir

@@ -470,6 +470,11 @@ class SGLangClient(Policy):
         self._load(server, *pushed)
         return pushed[1]
 
+    def expect_weight_version(self, version: str | int) -> None:
+        """Checks later responses against `version`: weights another client (another trainer process) has
+        pushed to these servers. Each server rejoins this client's rotation once a probe sees it serve them."""
+        self.fleet.set_current(str(version))
+
     def health(self) -> dict[str, bool]:
         """url -> whether GET /health answers 200 now (no retries)."""
         out = {}

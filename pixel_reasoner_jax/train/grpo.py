@@ -33,7 +33,7 @@ from pixel_reasoner_jax.rollout.episode import (
     run_episodes,
 )
 from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
-from pixel_reasoner_jax.train import advantages, async_rollout, replay, rewards, sft, steps
+from pixel_reasoner_jax.train import advantages, async_rollout, multihost, replay, rewards, sft, steps
 from pixel_reasoner_jax.train.policies import Rollouts, SeededPolicy
 from pixel_reasoner_jax.train.run import RunContext, host, scalars
 
@@ -135,11 +135,10 @@ class GRPOTrainer:
         self.ctx, self.cfg, self.sft_steps = ctx, cfg, sft_steps
         self.accuracy_fn = accuracy_fn or default_accuracy(cfg)
         extra = ctx.extra if ctx.extra.get("phase") == PHASE else {}
-        ds = loader.rl_dataset(
-            records, cfg.data.seed, num_epochs=None, process_index=0, process_count=1,
-            num_frames=cfg.data.num_video_frames,
-        )  # fmt: skip
-        self.it = loader.make_iterator(ds)  # every process rolls out the same prompts (one SPMD program)
+        # Each process reads its own shard of the prompt stream (train/multihost.py); every process's
+        # iterator state is the same count, so process 0's checkpointed state resumes them all.
+        ds = loader.rl_dataset(records, cfg.data.seed, num_epochs=None, num_frames=cfg.data.num_video_frames)
+        self.it = loader.make_iterator(ds)
         if extra.get("rl_iter"):
             self.it.set_state(extra["rl_iter"])
         self.rng = np.random.Generator(np.random.PCG64(cfg.seed))
@@ -187,8 +186,8 @@ class GRPOTrainer:
     # ---------------------------------------------------------------------------------- rollout
 
     def draw_prompts(self) -> list[dict]:
-        """The next rollout batch's prompts from the data iterator."""
-        return [next(self.it) for _ in range(self.cfg.grpo.prompts_per_rollout)]
+        """This process's share of the next rollout batch's prompts from the data iterator."""
+        return [next(self.it) for _ in range(multihost.local_prompts(self.cfg.grpo.prompts_per_rollout))]
 
     def rollout(self, step: int) -> tuple[list[Trajectory], dict[str, float]]:
         """The synchronous rollout: the policy brought to the train state, then `run_rollout` on this thread
@@ -223,11 +222,12 @@ class GRPOTrainer:
                         None,
                         proc,
                         media=media,
-                        episode_id=f"s{step}-p{k}-g{j}",
+                        episode_id=f"s{step}-p{multihost.batch_prompt_index(k)}-g{j}",
                     )  # fmt: skip
                 )
         policy = SeededPolicy(self.rollouts.policy, cfg.seed, step)
         trajs = run_episodes(policy, episodes, max_concurrency=cfg.rollout.batch_size)
+        trajs = multihost.gather_rollout(trajs, g)  # every process's episodes, in one-process order
         dt = time.perf_counter() - t0
         sampled = [int(t.loss_mask.sum()) for t in trajs]
         unit, count = self.rollouts.units
@@ -473,8 +473,10 @@ def check_supported(cfg: RunConfig) -> None:
 
     Raises:
       ConfigError: grpo.max_staleness > 0 over several processes: the worker thread would issue the
-        sampler's (or the weight export's) cross-host collectives in an order no other process shares.
+        sampler's (or the weight export's) cross-host collectives in an order no other process shares;
+        grpo.prompts_per_rollout not a multiple of the processes.
     """
+    multihost.check(cfg)
     process_count = jax.process_count()
     if cfg.grpo.max_staleness and process_count > 1:
         raise ConfigError(

@@ -6,6 +6,7 @@ Shared by the GRPO loop and the eval runner.
 
 import dataclasses
 import pathlib
+import socket
 import zlib
 from collections.abc import Sequence
 
@@ -13,7 +14,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pixel_reasoner_jax.config import RunConfig, rollout_mesh_shape
+from pixel_reasoner_jax import distributed
+from pixel_reasoner_jax.config import ConfigError, RunConfig, rollout_mesh_shape
 from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.rollout.policy import GenerationRequest, GenerationResult, Policy
 from pixel_reasoner_jax.rollout.sampler import JaxSampler
@@ -47,17 +49,31 @@ class SeededPolicy(Policy):
         return self.inner.generate(seeded)
 
 
-def open_policy(cfg: RunConfig, model_cfg, processor, model_fn, *, version: str, workdir, max_batch: int):
+def open_policy(
+    cfg: RunConfig, model_cfg, processor, model_fn, *, version: str, workdir, max_batch: int,
+    shared_server: bool = False,
+):  # fmt: skip
     """(policy, SGLang client or None, local server or None) for `cfg.rollout.backend`.
 
+    The in-process sampler runs on this process's devices: each process samples its own episodes.
+
     Args:
-      model_fn: builds the Qwen25VL the in-process sampler serves (called for backend "jax" only).
+      model_fn: builds the Qwen25VL the in-process sampler serves (called for backend "jax" only), its
+        parameters on this process's devices.
       version: the weight label of that model.
       workdir: where a launched local server writes its log.
       max_batch: episodes decoded together.
+      shared_server: with rollout.launch_local_server, process 0 alone launches the server and every
+        process uses it (one set of servers, which one process keeps at the trainer's weights); False:
+        each process launches its own.
+
+    Raises:
+      ConfigError: rollout.launch_local_server with shared_server over processes on several hosts (the
+        server listens on 127.0.0.1 of its own host).
     """
     if cfg.rollout.backend == "jax":
-        data, tensor = rollout_mesh_shape(cfg.mesh, jax.device_count())
+        devices = jax.local_devices()
+        data, tensor = rollout_mesh_shape(cfg.mesh, len(devices))
         sampler = JaxSampler(
             model_fn(),
             model_cfg,
@@ -66,25 +82,54 @@ def open_policy(cfg: RunConfig, model_cfg, processor, model_fn, *, version: str,
             seq_buckets=cfg.data.seq_buckets,
             patch_buckets=cfg.data.patch_buckets,
             decode_bucket=cfg.rollout.decode_bucket,
-            mesh=make_mesh(data, 1, tensor),
+            mesh=make_mesh(data, 1, tensor, devices=devices),
             rules="rollout",
             weight_version=version,
         )
         return sampler, None, None
     urls, server = list(cfg.rollout.urls), None
     if cfg.rollout.launch_local_server:
-        url, server = start_local_server(
-            cfg.model.checkpoint,
-            max_batch=max_batch,
-            weight_version=version,
-            timeout_s=cfg.rollout.request_timeout_s,
-            log_path=pathlib.Path(workdir) / SERVER_LOG,
-        )
-        urls.append(url)
+        shared = shared_server and jax.process_count() > 1
+        if shared and len(set(distributed.allgather_object(socket.gethostname()))) > 1:
+            raise ConfigError(
+                "rollout.launch_local_server",
+                f"the {jax.process_count()} trainer processes run on several hosts and a local server is "
+                "reachable on its own host only; launch SGLang servers and pass rollout.sglang_urls",
+            )
+        url = None
+        if not shared or jax.process_index() == 0:
+            url, server = start_local_server(
+                cfg.model.checkpoint,
+                max_batch=max_batch,
+                weight_version=version,
+                timeout_s=cfg.rollout.request_timeout_s,
+                log_path=pathlib.Path(workdir) / SERVER_LOG,
+            )
+        urls.append(distributed.broadcast_object(url) if shared else url)
     r = cfg.rollout
     client = SGLangClient(urls, timeout_s=r.request_timeout_s, retries=r.retries, wait_s=r.server_wait_s,
                           backoff_s=r.health_backoff_s, max_backoff_s=r.health_max_backoff_s)  # fmt: skip
     return client, client, server
+
+
+def push_weights(client: SGLangClient, params, model_cfg, version: str, shared_dir, *, extra_files_from=None):
+    """Brings the client's servers to `params` as weight `version`, from any number of trainer processes.
+
+    Every process calls it (the export gathers the parameters collectively); process 0 alone writes the
+    folder and loads it on the servers, the others wait at a barrier and then expect `version` from the
+    servers. Several pushers would each publish and load the same weights, and a process that writes no
+    files has nothing to push.
+    """
+
+    def export(out: str) -> None:
+        hf_io.export_hf(params, model_cfg, out, extra_files_from=extra_files_from)
+
+    if jax.process_index() == 0:
+        client.push_weights(export, version, shared_dir)
+    else:
+        export(str(shared_dir))  # takes part in the gathers; writes nothing on this process
+    distributed.barrier("pixel_reasoner_push_weights")
+    client.expect_weight_version(version)
 
 
 class Rollouts:
@@ -94,16 +139,22 @@ class Rollouts:
         self.ctx = ctx
 
         def model_fn():
-            # Copies: the train step donates the state's buffers, which must never be the sampler's.
-            params = jax.tree.map(lambda x: x.copy(), ctx.state.params)
-            return nnx.merge(ctx.graphdef, params, ctx.state.buffers)
+            return nnx.merge(ctx.graphdef, self._sampler_params(), ctx.state.buffers)
 
         # A launched server starts from the checkpoint folder, labelled "base": the first sync pushes ours.
         version = self.version() if ctx.cfg.rollout.backend == "jax" else "base"
         self.policy, self.client, self.server = open_policy(
-            ctx.cfg, ctx.model_cfg, self.processor, model_fn,
-            version=version, workdir=ctx.workdir, max_batch=ctx.cfg.rollout.batch_size,
+            ctx.cfg, ctx.model_cfg, self.processor, model_fn, version=version, workdir=ctx.workdir,
+            max_batch=ctx.cfg.rollout.batch_size, shared_server=True,
         )  # fmt: skip
+
+    def _sampler_params(self):
+        """The train state's parameters for this process's sampler: copies (the train step donates the
+        state's buffers, which must never be the sampler's), gathered to the host when they span processes
+        (the sampler's devices are this process's only)."""
+        if jax.process_count() > 1:
+            return jax.tree.map(distributed.to_host, self.ctx.state.params)
+        return jax.tree.map(lambda x: x.copy(), self.ctx.state.params)
 
     @property
     def processor(self):
@@ -127,9 +178,9 @@ class Rollouts:
         version = self.version()
         if self.policy.weight_version == version:
             return
-        params = self.ctx.state.params
-        # Copies for the in-process sampler: the train step donates the state's buffers.
-        self.push(jax.tree.map(lambda x: x.copy(), params) if self.client is None else params, version)
+        # Copies for the in-process sampler (the train step donates the state's buffers); SGLang servers get
+        # an export of the state itself.
+        self.push(self._sampler_params() if self.client is None else self.ctx.state.params, version)
 
     def push(self, params, version: str) -> None:
         """Brings the policy to `params` labelled `version` unless it serves that version already.
@@ -143,13 +194,10 @@ class Rollouts:
             self.policy.update_weights(params, version)
             return
         ctx = self.ctx
-        self.client.push_weights(
-            lambda out: hf_io.export_hf(
-                params, ctx.model_cfg, out, extra_files_from=ctx.cfg.model.checkpoint
-            ),
-            version,
-            ctx.workdir / PUSH_DIR,
-        )
+        push_weights(
+            self.client, params, ctx.model_cfg, version, ctx.workdir / PUSH_DIR,
+            extra_files_from=ctx.cfg.model.checkpoint,
+        )  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
         """The server fleet's counters (SGLangClient.fleet_metrics); none for the in-process sampler."""
