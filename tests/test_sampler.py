@@ -17,7 +17,7 @@ from pixel_reasoner_jax.models.config import ModelConfig
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.policy import GenerationRequest, SamplingParams, Video
 from pixel_reasoner_jax.rollout.sampler import JaxSampler, sample_tokens, truncation_mask
-from pixel_reasoner_jax.rollout.sampler_inputs import expand_request, pack_batch
+from pixel_reasoner_jax.rollout.sampler_inputs import expand_request, pack_prompts
 from pixel_reasoner_jax.sharding import make_mesh
 
 IM_START, IM_END, VS, VE = 151644, 151645, 151652, 151653
@@ -88,16 +88,7 @@ def setup(tiny_ckpt):
             for r, res in zip(requests, results)
         ]
         expanded = [expand_request(r, i, cfg, image_cfg) for i, r in enumerate(full)]
-        b = pack_batch(
-            expanded,
-            full,
-            [0] * len(full),
-            cfg,
-            batch_size=len(full),
-            seq_buckets=(T_BUCKET,),
-            patch_buckets=(256,),
-            decode_bucket=1,
-        )
+        b = pack_prompts(expanded, cfg, batch_size=len(full), seq_buckets=(T_BUCKET,), patch_buckets=(256,))
         temps = np.array([r.sampling.temperature or 1.0 for r in requests], np.float32)  # greedy: raw logits
         lp, best = score(
             params, b.input_ids, b.positions, b.attention_mask, b.pixel_values, b.vision_inputs, temps
@@ -191,6 +182,46 @@ def test_seeded_sampling_reproducible_regardless_of_batch_mates(setup):
     # Unseeded requests draw fresh seeds.
     free = sampler.generate([dataclasses.replace(requests[0], seed=None)] * 4)
     assert len({r.output_ids for r in free}) == 4
+
+
+def _assert_same_as_alone(sampler, requests, results):
+    for r, res in zip(requests, results):
+        (alone,) = sampler.generate([r])
+        assert alone.output_ids == res.output_ids, r.rid
+        assert alone.finish_reason == res.finish_reason
+        np.testing.assert_allclose(alone.logprobs, res.logprobs, atol=1e-4, rtol=0)
+
+
+def test_shared_prefill_and_refilled_slots_equal_alone(setup):
+    sampler = setup["sampler"]  # 4 slots
+    base = mixed_requests(temperature=1.0)
+    # G = 4 samples of one prompt (one holds a separate copy of the same image) with their own seeds and
+    # budgets, then 3 requests that wait for slots: each fills the slot of a finished sample.
+    group = [
+        dataclasses.replace(base[0], rid=f"g{k}", seed=100 + k, sampling=SamplingParams(n, temperature=1.0))
+        for k, n in enumerate((2, NEW, NEW, 4))
+    ]
+    group[3] = dataclasses.replace(group[3], media=(image(56, 84, 1),))
+    waiting = [dataclasses.replace(r, sampling=SamplingParams(3, temperature=1.0)) for r in base[1:]]
+    requests = group + waiting
+    before = sampler.stats
+    results = sampler.generate(requests)
+    used = {k: v - before[k] for k, v in sampler.stats.items()}
+    # One prefill for the four samples, one per waiting prompt; refills happen while others decode.
+    assert used["prompts_prefilled"] == 4 and used["slots_filled"] == 7 and used["decode_calls"] >= 3
+    assert [len(r.output_ids) for r in results] == [2, NEW, NEW, 4, 3, 3, 3]
+    assert len({r.output_ids[:2] for r in results[:4]}) > 1  # the shared prompt's samples are distinct
+    _assert_same_as_alone(sampler, requests, results)
+
+
+def test_group_larger_than_the_slots_is_split(setup):
+    sampler = setup["sampler"]  # 4 slots
+    r = mixed_requests(temperature=1.0)[3]  # video + image
+    requests = [dataclasses.replace(r, seed=200 + k, rid=f"s{k}") for k in range(6)]
+    before = sampler.stats
+    results = sampler.generate(requests)
+    assert sampler.stats["prompts_prefilled"] - before["prompts_prefilled"] == 2  # 4 slots, then 2
+    _assert_same_as_alone(sampler, requests[3:5], results[3:5])  # one from each prefill
 
 
 def test_top_k_one_equals_greedy(setup):

@@ -1,7 +1,7 @@
 """Qwen2 text decoder with sectioned multimodal rotary (HF Qwen2_5_VLTextModel) and its KV cache.
 
 Layers are stacked and run under `lax.scan`; one attention path serves training, prefill and decode: keys
-are the layer's own tokens, or a fixed-size cache written at a shared `cache_index`.
+are the layer's own tokens, or a fixed-size cache written at a `cache_index` shared by the rows or given per row.
 """
 
 import dataclasses
@@ -21,7 +21,7 @@ from pixel_reasoner_jax.models.layers import (
     remat,
 )
 
-__all__ = ["KVCache", "Qwen2Decoder", "init_cache", "mrope_cos_sin"]
+__all__ = ["KVCache", "Qwen2Decoder", "init_cache", "mrope_cos_sin", "write_slots"]
 
 
 @jax.tree_util.register_dataclass
@@ -50,6 +50,29 @@ def init_cache(cfg: ModelConfig | TextConfig, batch: int, max_len: int, dtype=jn
     return KVCache(
         k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), mask=jnp.zeros((batch, max_len), jnp.int32)
     )
+
+
+def write_slots(x, new, index: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    """`x` (B, S, ...) with `new` (B, T, ...) written at slots [index, index + T) of each row.
+
+    `index` is a scalar (every row) or (B,) (each row at its own slot; out-of-range writes clamp, as
+    dynamic_update_slice does). With `layer`, `x` is (L, B, S, ...) and only that layer's slice is written.
+    """
+    new = new.astype(x.dtype)
+    if layer is not None:
+        new, x_starts = new[None], (layer,)
+    else:
+        x_starts = ()
+    tail = (0,) * (new.ndim - len(x_starts) - 2)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(x, new, (*x_starts, 0, index, *tail))
+    # One row at a time (vmapped over the batch axis): XLA turns it into one in-place scatter.
+    axis = len(x_starts)
+
+    def row(x_r, new_r, i):
+        return jax.lax.dynamic_update_slice(x_r, new_r, (*x_starts, i, *tail))
+
+    return jax.vmap(row, in_axes=(axis, axis, 0), out_axes=axis)(x, new, index)
 
 
 def mrope_cos_sin(
@@ -130,9 +153,8 @@ class DecoderLayers(nnx.Module):
         if kv is None:
             keys, values = k, v
         else:
-            start = (0, ctx["cache_index"], 0, 0)
-            keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start).astype(k.dtype)
-            values = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start).astype(v.dtype)
+            keys = write_slots(kv[0], k, ctx["cache_index"]).astype(k.dtype)
+            values = write_slots(kv[1], v, ctx["cache_index"]).astype(v.dtype)
         out = attention(
             q,
             keys,
@@ -188,7 +210,8 @@ class Qwen2Decoder(nnx.Module):
           attention_mask: (B, T) 1 for real tokens, 0 for padding.
           cache: None for a plain causal forward; else the T tokens are written at slots
             [cache_index, cache_index + T) of every row and attend to all valid earlier slots.
-          cache_index: shared scalar write offset (0 for prefill).
+          cache_index: write offset: a scalar shared by every row (0 for prefill), or (B,) one per row
+            (continuous batching: each row decodes at its own slot).
         """
         cfg = self.cfg
         b, t, _ = embeds.shape
@@ -209,8 +232,8 @@ class Qwen2Decoder(nnx.Module):
         else:
             idx = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
             s = cache.max_len
-            kv_mask = jax.lax.dynamic_update_slice(cache.mask, q_seg, (0, idx))
-            q_pos = jnp.broadcast_to(idx + jnp.arange(t, dtype=jnp.int32), (b, t))
+            kv_mask = write_slots(cache.mask, q_seg, idx)
+            q_pos = jnp.broadcast_to(idx[..., None] + jnp.arange(t, dtype=jnp.int32), (b, t))
             kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             ctx = dict(
                 q_segments=q_seg, kv_segments=kv_mask, q_positions=q_pos, kv_positions=kv_pos, cache_index=idx
@@ -222,9 +245,8 @@ class Qwen2Decoder(nnx.Module):
                 layer_state, i = xs
                 kv = (k_all[i], v_all[i])
                 x, (k, v) = nnx.merge(graphdef, layer_state).layer(x, cos, sin, kv, ctx, impl)
-                at = (i, 0, idx, 0, 0)
-                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+                k_all = write_slots(k_all, k, idx, layer=i)
+                v_all = write_slots(v_all, v, idx, layer=i)
                 return (x, k_all, v_all), None
 
             layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)

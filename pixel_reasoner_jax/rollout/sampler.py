@@ -1,9 +1,12 @@
-"""In-process JAX sampler (a rollout Policy): one jitted prefill and one jitted `while_loop` decode.
+"""In-process JAX sampler (a rollout Policy): continuous batching over decode slots with shared prefill.
 
-Weights are jit arguments (an update never recompiles), the KV cache is donated to the decode loop, and
-shapes are bucketed (batch, prompt, patches, new tokens) so a rollout compiles a handful of programs.
+Identical prompts (GRPO's G samples) are prefilled once and their KV rows copied to every slot; finished slots
+are refilled from the waiting requests. Weights are jit arguments (an update never recompiles), the slot state
+is donated to each program, and shapes are bucketed (slots, prompt, patches, new tokens), so a rollout
+compiles a handful of programs: `prefill` (encode prompts into given slots) and `decode` (the step loop).
 """
 
+import collections
 import contextlib
 import threading
 from collections.abc import Sequence
@@ -15,9 +18,16 @@ from flax import nnx
 
 from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.models.config import ModelConfig
-from pixel_reasoner_jax.models.qwen25vl import KVCache, check_vision_tokens, init_cache
+from pixel_reasoner_jax.models.qwen25vl import check_vision_tokens, init_cache
 from pixel_reasoner_jax.processing.batch import pick_bucket
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
+from pixel_reasoner_jax.rollout.kv_slots import (
+    SlotState,
+    constrain_slots,
+    decode_steps,
+    fill_slots,
+    init_slots,
+)
 from pixel_reasoner_jax.rollout.policy import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -25,97 +35,19 @@ from pixel_reasoner_jax.rollout.policy import (
     GenerationResult,
     Policy,
 )
-from pixel_reasoner_jax.rollout.sampler_inputs import SamplerBatch, expand_request, pack_batch
+from pixel_reasoner_jax.rollout.sampler_inputs import (
+    ExpandedRequest,
+    SlotParams,
+    check_fits,
+    expand_request,
+    pack_prompts,
+    prompt_groups,
+    request_label,
+    stop_slots,
+)
+from pixel_reasoner_jax.rollout.sampling import sample_tokens, truncation_mask
 
 __all__ = ["JaxSampler", "sample_tokens", "truncation_mask"]
-
-
-def _row_keys(seeds_b2: jax.Array, step) -> jax.Array:
-    """One key per row from its own seed and the step only, so a row never depends on its batch-mates."""
-
-    def one(words):
-        return jax.random.fold_in(jax.random.fold_in(jax.random.key(words[0]), words[1]), step)
-
-    return jax.vmap(one)(seeds_b2)
-
-
-def _order_keys(x: jax.Array) -> jax.Array:
-    """float32 -> int32 keys with the same order (so a threshold can be bisected exactly over the keys)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-def truncation_mask(logp_bv: jax.Array, top_p_b: jax.Array, top_k_b: jax.Array) -> jax.Array:
-    """(B, V) True for the tokens top-k (-1 off) and top-p keep; the most likely token is always kept.
-
-    Token i survives when fewer than k tokens are more likely and the mass of the more likely tokens is
-    below top_p (the sort-based definition; tied tokens share a fate). Both tests are monotone in the
-    token's log-prob, so one exact 32-step bisection over the ordered bit patterns finds the smallest
-    surviving key without sorting the vocabulary (XLA's sort is slow on CPU and the vocabulary is 152k).
-    """
-    key_bv = _order_keys(logp_bv)
-    p_bv = jnp.exp(logp_bv)
-
-    def kept(kappa_b):  # would a token at key kappa survive?
-        above_bv = key_bv > kappa_b[:, None]
-        mass_ok = (top_p_b >= 1.0) | (jnp.sum(jnp.where(above_bv, p_bv, 0.0), axis=-1) < top_p_b)
-        count_ok = (top_k_b <= 0) | (jnp.sum(above_bv, axis=-1) < top_k_b)
-        return mass_ok & count_ok
-
-    def step(_, lo_hi):
-        lo_b, hi_b = lo_hi
-        mid_b = (lo_b >> 1) + (hi_b >> 1) + (lo_b & hi_b & 1)  # floor((lo + hi) / 2) without overflow
-        ok_b = kept(mid_b)
-        return jnp.where(ok_b, lo_b, mid_b + 1), jnp.where(ok_b, mid_b, hi_b)
-
-    # Invariant: a token at key hi survives (the maximum always does); lo only rises past rejected keys.
-    lo_b, _ = jax.lax.fori_loop(0, 32, step, (key_bv.min(axis=-1), key_bv.max(axis=-1)))
-    return key_bv >= lo_b[:, None]
-
-
-def _inverse_cdf(p_bv: jax.Array, keys_b: jax.Array) -> jax.Array:
-    """One draw per row from unnormalised probabilities: one uniform per row instead of V Gumbel draws."""
-    cdf_bv = jnp.cumsum(p_bv, axis=-1)
-    u_b = jax.vmap(jax.random.uniform)(keys_b) * cdf_bv[:, -1]
-    v = p_bv.shape[-1]
-    # The first index whose cdf exceeds u; u may round up to the total, so clip to the last live token.
-    last_b = v - 1 - jnp.argmax((p_bv > 0)[:, ::-1], axis=-1)
-    return jnp.minimum(jnp.sum(cdf_bv <= u_b[:, None], axis=-1), last_b).astype(jnp.int32)
-
-
-def sample_tokens(
-    logits_bv: jax.Array,
-    temperature_b: jax.Array,
-    top_p_b: jax.Array,
-    top_k_b: jax.Array,
-    keys_b: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Per-row sampled ids (B,) and their log-probs (B,) under SGLang's semantics.
-
-    Log-probs are log_softmax(logits / temperature) over the whole vocabulary, before top-k / top-p
-    truncation; temperature 0 is greedy (argmax) with log_softmax(logits). A row's draw depends only on
-    its own logits, parameters and key, never on what its batch-mates ask for.
-    """
-    greedy_b = temperature_b <= 0
-    scaled_bv = logits_bv / jnp.where(greedy_b, 1.0, temperature_b)[:, None]
-    # log p(tok) = scaled[tok] - logsumexp(scaled): the (B, V) log_softmax is only built when sampling.
-    lse_b = jax.nn.logsumexp(scaled_bv, axis=-1)
-    best_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    truncate_b = ~greedy_b & ((top_p_b < 1.0) | (top_k_b > 0))
-
-    def stochastic(_):
-        logp_bv = scaled_bv - lse_b[:, None]
-        keep_bv = jax.lax.cond(
-            truncate_b.any(),
-            lambda: truncation_mask(logp_bv, top_p_b, top_k_b) | ~truncate_b[:, None],
-            lambda: jnp.ones(logp_bv.shape, bool),
-        )
-        return _inverse_cdf(jnp.where(keep_bv, jnp.exp(logp_bv), 0.0), keys_b)
-
-    # All-greedy batches (evaluation, benchmarks) skip the vocabulary-wide sampling work.
-    sampled_b = jax.lax.cond(greedy_b.all(), lambda _: best_b, stochastic, None)
-    tok_b = jnp.where(greedy_b, best_b, sampled_b)
-    return tok_b, jnp.take_along_axis(scaled_bv, tok_b[:, None], axis=-1)[:, 0] - lse_b
 
 
 class JaxSampler(Policy):
@@ -124,7 +56,9 @@ class JaxSampler(Policy):
     Args:
       model: a `Qwen25VL`; its graph is split once and its parameters become jit arguments.
       cfg: its architecture; image_cfg: patch sizes (media arrive at their final size, never resized).
-      max_batch: rows per device call; larger request lists run in chunks.
+      max_batch: decode slots; longer request lists wait and fill slots as they free up.
+      refill_fraction: a decode call returns to refill once this share of the slots (at least one, at most
+        the waiting requests) is free; smaller refills sooner, larger prefills more prompts per call.
       seq_buckets, patch_buckets: allowed prompt lengths / patch-row counts (None = powers of two).
       decode_bucket: new-token budgets are rounded up to multiples of it (bounds decode compilations).
       mesh, rules: run sharded over `mesh` with these logical rules; None = one device.
@@ -143,6 +77,7 @@ class JaxSampler(Policy):
         seq_buckets: Sequence[int] | None = None,
         patch_buckets: Sequence[int] | None = None,
         decode_bucket: int = 64,
+        refill_fraction: float = 0.25,
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding.Rules | str = "rollout",
         weight_version: str = "0",
@@ -156,6 +91,8 @@ class JaxSampler(Policy):
                 f"image_cfg (patch, merge, temporal) = {got} differs from the model's vision config "
                 f"{(v.patch_size, v.spatial_merge_size, v.temporal_patch_size)}"
             )
+        if not 0 < refill_fraction <= 1:
+            raise ValueError(f"refill_fraction must be in (0, 1], got {refill_fraction}")
         if decode_bucket < 1:
             raise ValueError(f"decode_bucket must be >= 1, got {decode_bucket}")
         if patch_buckets is not None and any(b % v.merge_unit for b in patch_buckets):
@@ -171,6 +108,7 @@ class JaxSampler(Policy):
         self.seq_buckets = None if seq_buckets is None else tuple(sorted(seq_buckets))
         self.patch_buckets = None if patch_buckets is None else tuple(sorted(patch_buckets))
         self.decode_bucket = decode_bucket
+        self.refill_fraction = refill_fraction
         self._mesh, self._rules = mesh, rules
         self._cache_dtype = cache_dtype or model.dtype
         self._rng = np.random.default_rng(seed)
@@ -187,10 +125,12 @@ class JaxSampler(Policy):
         pure = jax.device_put(pure, placement)
         self._weights = (pure, str(weight_version))
         self._traces = {"prefill": 0, "decode": 0}
+        self._stats = {"prompts_prefilled": 0, "slots_filled": 0, "decode_calls": 0}
         self._vision_shapes: set[tuple[int, ...]] = set()
         self._lock = threading.Lock()
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len",))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(2,), static_argnames=("num_new",))
+        self._init = jax.jit(self._init_fn, static_argnums=(0, 1, 2))
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(2,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(2,))
 
     # ------------------------------------------------------------------------------ Policy
 
@@ -210,6 +150,12 @@ class JaxSampler(Policy):
             size = getattr(fn, "_cache_size", None)
             counts[name] = max(size(), self._traces[name]) if size else self._traces[name]
         return {**counts, "vision": len(self._vision_shapes)}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Running totals: prompts prefilled, slots filled from them (more when G samples share a prefill),
+        and decode calls (one more per refill)."""
+        return dict(self._stats)
 
     def update_weights(self, params, version: str) -> None:
         """Swaps in new parameters (an nnx.State of Params or its pure dict) without recompiling.
@@ -239,38 +185,52 @@ class JaxSampler(Policy):
         self._weights = (jax.tree.map(_place_like, old, new), str(version))
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """One result per request, in order; chunks of `max_batch` rows share one prefill + decode call.
+        """One result per request, in order, decoded in up to `max_batch` slots at a time.
+
+        Requests with identical prompts share one prefill; a finished slot takes the next waiting request.
+        A request's tokens and log-probs depend on it alone (and the weights), not on its slot or batch-mates.
 
         Raises:
           ValueError: a malformed request (named), before any device work starts.
         """
         requests = list(requests)
-        expanded = [expand_request(r, i, self.cfg, self.image_cfg) for i, r in enumerate(requests)]
-        seeds = [r.seed if r.seed is not None else int(self._rng.integers(1 << 63)) for r in requests]
-        chunks = []
-        for s in range(0, len(requests), self.max_batch):
-            e = slice(s, s + self.max_batch)
-            rows = pick_bucket(len(expanded[e]), None)
-            rows = min(-(-rows // self._batch_shards) * self._batch_shards, self.max_batch)
-            batch = pack_batch(
-                expanded[e],
-                requests[e],
-                seeds[e],
-                self.cfg,
-                batch_size=rows,
-                seq_buckets=self.seq_buckets,
-                patch_buckets=self.patch_buckets,
-                decode_bucket=self.decode_bucket,
-                first_index=s,
+        if not requests:
+            return []
+        groups = prompt_groups(requests)
+        expanded: dict[int, ExpandedRequest] = {}
+        for g in groups:
+            i = g[0]
+            expanded[i] = expand_request(requests[i], i, self.cfg, self.image_cfg)
+        buckets = [
+            check_fits(
+                expanded[g[0]], request_label(g[0], requests[g[0]]), self.seq_buckets, self.patch_buckets
             )
-            check_vision_tokens(batch.input_ids, batch.vision_inputs, self.cfg)
-            chunks.append(batch)
+            for g in groups
+        ]
+        seeds = [r.seed if r.seed is not None else int(self._rng.integers(1 << 63)) for r in requests]
+        slots = -(-pick_bucket(len(requests), None) // self._batch_shards) * self._batch_shards
+        slots = min(slots, self.max_batch)
+        budget = max(r.sampling.max_new_tokens for r in requests)
+        num_new = -(-budget // self.decode_bucket) * self.decode_bucket
         # One weight snapshot per call: every result is labelled with the version that produced it.
         params, version = self._weights
-        out: list[GenerationResult] = []
-        for batch in chunks:
-            out += self._run(batch, params, version)
-        return out
+        run = _Run(requests, seeds, expanded, groups, SlotParams.empty(slots, stop_slots(requests)))
+        with self._scope():
+            state = self._init(slots, max(buckets) + num_new, num_new)
+            while True:
+                if run.queue and run.free:
+                    state = self._fill(run, state, params)
+                running = slots - len(run.free)
+                if not running:
+                    break
+                waiting = sum(len(members) for members in run.queue)
+                want = min(waiting, max(1, int(self.refill_fraction * slots))) if waiting else slots
+                state = self._decode(
+                    params, self._rest, state, run.params_now(), np.int32(len(run.free) + want)
+                )
+                self._stats["decode_calls"] += 1
+                run.collect(state, version)
+        return run.results
 
     # ------------------------------------------------------------------------------ device
 
@@ -279,142 +239,153 @@ class JaxSampler(Policy):
             return contextlib.nullcontext()
         return sharding.use_mesh(self._mesh, self._rules)
 
-    def _run(self, b: SamplerBatch, params, version: str) -> list[GenerationResult]:
-        t = b.input_ids.shape[1]
-        with self._scope():
-            cache, logits = self._prefill(
-                params,
-                self._rest,
-                b.input_ids,
-                b.positions,
-                b.attention_mask,
-                b.pixel_values,
-                b.vision_inputs,
-                cache_len=t + b.num_new,
-            )
-            out = self._decode(
-                params,
-                self._rest,
-                cache,
-                logits,
-                b.next_pos,
-                b.temperature,
-                b.top_p,
-                b.top_k,
-                b.max_new,
-                b.stop_ids,
-                b.seeds,
-                b.live,
-                num_new=b.num_new,
-            )
-        tokens, logprobs, lengths, stopped = (np.asarray(x) for x in out[:4])
-        results = []
-        for r, prompt_tokens in enumerate(b.prompt_tokens):
-            n = int(lengths[r])
-            ids = tuple(int(x) for x in tokens[r, :n])
-            stop = bool(stopped[r])
-            results.append(
-                GenerationResult(
-                    output_ids=ids,
-                    logprobs=tuple(float(x) for x in logprobs[r, :n]),
-                    finish_reason=FINISH_STOP if stop else FINISH_LENGTH,
-                    matched_stop=ids[-1] if stop else None,
-                    weight_version=version,
-                    prompt_tokens=prompt_tokens,
-                )
-            )
-        return results
+    def _fill(self, run: "_Run", state: SlotState, params) -> SlotState:
+        """Prefills the next waiting prompts (as many as free slots and the largest patch bucket allow)."""
+        slot_rows = run.take(self.patch_buckets)
+        rows = sorted(set(slot_rows.values()))
+        k = -(-pick_bucket(len(rows), None) // self._batch_shards) * self._batch_shards
+        k = min(k, len(run.owner))
+        ex = [run.expanded[i] for i in rows]
+        batch = pack_prompts(
+            ex, self.cfg, batch_size=k, seq_buckets=self.seq_buckets, patch_buckets=self.patch_buckets
+        )
+        check_vision_tokens(batch.input_ids, batch.vision_inputs, self.cfg)
+        self._stats["prompts_prefilled"] += len(rows)
+        self._stats["slots_filled"] += len(slot_rows)
+        src = np.full(len(run.owner), -1, np.int32)
+        base = batch.input_ids.shape[1]
+        for slot, leader in slot_rows.items():
+            src[slot] = rows.index(leader)
+            run.assign(slot, base)
+        return self._prefill(
+            params,
+            self._rest,
+            state,
+            batch.input_ids,
+            batch.positions,
+            batch.attention_mask,
+            batch.pixel_values,
+            batch.vision_inputs,
+            src,
+            run.params_now(),
+        )
 
     def _model(self, params, rest):
         return nnx.merge(self._graphdef, params, rest)
 
+    def _init_fn(self, slots: int, cache_len: int, num_new: int) -> SlotState:
+        return constrain_slots(init_slots(self.cfg, slots, cache_len, num_new, self._cache_dtype))
+
     def _prefill_fn(
-        self, params, rest, ids_bt, positions_3bt, mask_bt, pixel_values, vision_inputs, *, cache_len
+        self, params, rest, state, ids_kt, positions_3kt, mask_kt, pixel_values, vision_inputs, src_b, slot_p
     ):
-        """Vision encode + splice + decoder over the left-padded prompts; the cache and last-token logits."""
+        """Vision encode + splice + decoder over k left-padded prompts, written into the slots `src_b` names.
+
+        Each filled slot also samples its first token from its prompt's last-token logits.
+        """
         with self._lock:
             self._traces["prefill"] += 1
             if pixel_values is not None:
                 self._vision_shapes.add((*pixel_values.shape, *vision_inputs.window_gather.shape))
         model = self._model(params, rest)
-        cache = init_cache(self.cfg, ids_bt.shape[0], cache_len, self._cache_dtype)
-        hidden_btd, cache = model.hidden_states(
-            ids_bt,
-            positions_3bt,
-            mask_bt,
-            pixel_values,
-            vision_inputs,
-            cache=_constrain(cache),
-            cache_index=0,
+        prompt = init_cache(self.cfg, ids_kt.shape[0], ids_kt.shape[1], self._cache_dtype)
+        hidden_ktd, prompt = model.hidden_states(
+            ids_kt, positions_3kt, mask_kt, pixel_values, vision_inputs, cache=prompt, cache_index=0
         )
-        return _constrain(cache), model.logits(hidden_btd[:, -1:])[:, 0]
+        logits_kv = model.logits(hidden_ktd[:, -1:])[:, 0]
+        return constrain_slots(fill_slots(constrain_slots(state), prompt, logits_kv, src_b, slot_p))
 
-    def _decode_fn(
-        self,
-        params,
-        rest,
-        cache,
-        logits_bv,
-        next_pos_b,
-        temp_b,
-        top_p_b,
-        top_k_b,
-        max_new_b,
-        stop_bs,
-        seeds_b2,
-        live_b,
-        *,
-        num_new,
-    ):
-        """Samples up to `num_new` tokens per row in a `while_loop` that stops once every row finished.
-
-        Token j of a row is fed at cache slot (prompt bucket + j) with position next_pos + j on all three
-        M-RoPE axes (text after the prompt: the rope delta of decode_positions).
-        """
+    def _decode_fn(self, params, rest, state, slot_p, exit_after):
+        """Decodes the live slots until `exit_after` slots are done (kv_slots.decode_steps)."""
         with self._lock:
             self._traces["decode"] += 1
         model = self._model(params, rest)
-        b = logits_bv.shape[0]
-        start = cache.max_len - num_new
+        b = state.last.shape[0]
 
-        def pick(logits, step):
-            return sample_tokens(logits, temp_b, top_p_b, top_k_b, _row_keys(seeds_b2, step))
-
-        def finish(tok_b, step, done_b, stopped_b, lengths_b):
-            active_b = ~done_b
-            hit_b = active_b & (tok_b[:, None] == stop_bs).any(-1)
-            lengths_b = jnp.where(active_b, step + 1, lengths_b)
-            return done_b | hit_b | (step + 1 >= max_new_b), stopped_b | hit_b, lengths_b
-
-        tok_b, lp_b = pick(logits_bv, 0)
-        tokens_bn = jnp.zeros((b, num_new), jnp.int32).at[:, 0].set(tok_b)
-        logprobs_bn = jnp.zeros((b, num_new), jnp.float32).at[:, 0].set(lp_b)
-        flags = finish(tok_b, 0, ~live_b, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
-
-        def cond(state):
-            step, done_b = state[0], state[5]
-            return (step < num_new) & ~done_b.all()
-
-        def body(state):
-            step, cache, tok_b, tokens_bn, logprobs_bn, done_b, stopped_b, lengths_b = state
-            pos_3b1 = jnp.broadcast_to((next_pos_b + step - 1)[None, :, None], (3, b, 1))
+        def step(tok_b, pos_b, slot_b, cache):
             hidden_b1d, cache = model.hidden_states(
                 tok_b[:, None],
-                pos_3b1,
+                jnp.broadcast_to(pos_b[None, :, None], (3, b, 1)),
                 jnp.ones((b, 1), jnp.int32),
                 cache=cache,
-                cache_index=start + step - 1,
+                cache_index=slot_b,
             )
-            tok_b, lp_b = pick(model.logits(hidden_b1d)[:, 0], step)
-            tokens_bn = tokens_bn.at[:, step].set(tok_b)
-            logprobs_bn = logprobs_bn.at[:, step].set(lp_b)
-            flags = finish(tok_b, step, done_b, stopped_b, lengths_b)
-            return (step + 1, _constrain(cache), tok_b, tokens_bn, logprobs_bn, *flags)
+            return model.logits(hidden_b1d)[:, 0], cache
 
-        state = (jnp.int32(1), cache, tok_b, tokens_bn, logprobs_bn, *flags)
-        _, cache, _, tokens_bn, logprobs_bn, _, stopped_b, lengths_b = jax.lax.while_loop(cond, body, state)
-        # Returning the cache lets XLA alias it with the donated input: the loop updates it in place.
-        return tokens_bn, logprobs_bn, lengths_b, stopped_b, cache
+        # Returning the state lets XLA alias it with the donated input: the loop updates it in place.
+        return decode_steps(step, constrain_slots(state), slot_p, exit_after)
+
+
+class _Run:
+    """Host bookkeeping of one generate call: the waiting prompt groups, slot owners and results."""
+
+    def __init__(self, requests, seeds, expanded, groups, params: SlotParams):
+        self.requests, self.seeds, self.expanded = requests, seeds, expanded
+        self.queue = collections.deque(list(g) for g in groups)  # members waiting; [0] leads the group
+        self.owner = [-1] * params.base.shape[0]  # request index per slot
+        self.leader = [-1] * params.base.shape[0]  # the group leader whose prefill a slot took
+        self.params = params
+        self.results: list[GenerationResult | None] = [None] * len(requests)
+
+    @property
+    def free(self) -> list[int]:
+        return [s for s, o in enumerate(self.owner) if o < 0]
+
+    def take(self, patch_buckets) -> dict[int, int]:
+        """Moves waiting requests into free slots: {slot: its group's leader} (the leader's prefill row).
+
+        Whole groups first; a group larger than the free slots fills them and keeps its rest waiting.
+        Prompts are added while their patch rows fit the largest patch bucket together.
+        """
+        out, free = {}, self.free
+        limit = None if patch_buckets is None else max(patch_buckets)
+        patches = 0
+        while self.queue and free:
+            members = self.queue[0]
+            n = self.expanded[members[0]].pixel_values.shape[0]
+            if out and limit is not None and patches + n > limit:
+                break
+            patches += n
+            leader = members[0]
+            while members and free:
+                slot = free.pop(0)
+                out[slot] = leader
+                self.owner[slot], self.leader[slot] = members.pop(0), leader
+            if members:
+                # The rest keep the expansion and prefill again later (the slots ran out).
+                self.expanded[members[0]] = self.expanded[leader]
+            else:
+                self.queue.popleft()
+        return out
+
+    def assign(self, slot: int, base: int) -> None:
+        i = self.owner[slot]
+        ex = self.expanded[self.leader[slot]]
+        self.params.assign(slot, self.requests[i], self.seeds[i], ex.next_pos, base)
+
+    def params_now(self) -> SlotParams:
+        # Copies: the host edits these arrays at the next fill while the device may still read them.
+        return jax.tree.map(np.copy, self.params)
+
+    def collect(self, state: SlotState, version: str) -> None:
+        """Results of the slots that finished; they become free."""
+        done, count, stopped = (np.asarray(x) for x in (state.done, state.count, state.stopped))
+        finished = [s for s, o in enumerate(self.owner) if o >= 0 and done[s]]
+        if not finished:
+            return
+        tokens, logprobs = np.asarray(state.tokens), np.asarray(state.logprobs)
+        for s in finished:
+            n, stop = int(count[s]), bool(stopped[s])
+            ids = tuple(int(x) for x in tokens[s, :n])
+            self.results[self.owner[s]] = GenerationResult(
+                output_ids=ids,
+                logprobs=tuple(float(x) for x in logprobs[s, :n]),
+                finish_reason=FINISH_STOP if stop else FINISH_LENGTH,
+                matched_stop=ids[-1] if stop else None,
+                weight_version=version,
+                prompt_tokens=self.expanded[self.leader[s]].length,
+            )
+            self.owner[s] = self.leader[s] = -1
 
 
 def _place_like(old: jax.Array, x) -> jax.Array:
@@ -423,13 +394,3 @@ def _place_like(old: jax.Array, x) -> jax.Array:
         x = np.asarray(x, dtype=old.dtype)
     x = jax.device_put(x, old.sharding)
     return x if x.dtype == old.dtype else x.astype(old.dtype)
-
-
-def _constrain(cache: KVCache) -> KVCache:
-    """KV cache sharded on batch and kv heads (a no-op without a mesh)."""
-    kv = (None, "act_batch", None, "act_kv_heads", None)
-    return KVCache(
-        k=sharding.constrain(cache.k, kv),
-        v=sharding.constrain(cache.v, kv),
-        mask=sharding.constrain(cache.mask, ("act_batch", None)),
-    )

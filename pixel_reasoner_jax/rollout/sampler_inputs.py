@@ -1,12 +1,15 @@
 """Host-side packing of the JAX sampler's requests: validation, pad expansion, pixels, M-RoPE, buckets.
 
-`expand_request` checks and expands one GenerationRequest; `pack_batch` pads a chunk of them into the NumPy
-arrays of one prefill + decode call (rollout/sampler.py). Nothing here touches a device.
+`expand_request` checks and expands one GenerationRequest; `prompt_groups` finds identical prompts (prefilled
+once); `pack_prompts` pads prompts into one prefill call's arrays and `SlotParams` holds the decode slots'
+sampling parameters (rollout/sampler.py). Nothing here touches a device.
 """
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -16,7 +19,18 @@ from pixel_reasoner_jax.processing.batch import build_example, pack_vision, pick
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.policy import GenerationRequest, Video
 
-__all__ = ["ExpandedRequest", "SamplerBatch", "expand_request", "pack_batch", "request_label", "split_seed"]
+__all__ = [
+    "ExpandedRequest",
+    "PromptBatch",
+    "SlotParams",
+    "check_fits",
+    "expand_request",
+    "pack_prompts",
+    "prompt_groups",
+    "request_label",
+    "split_seed",
+    "stop_slots",
+]
 
 # Left padding id; any id other than a vision pad works, since padding is masked out everywhere.
 PAD_ID = 0
@@ -108,6 +122,34 @@ def expand_request(
     return ExpandedRequest(ex.input_ids, ex.positions, ex.pixel_values, ex.grid_thw)
 
 
+def prompt_groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
+    """Indices of `requests` grouped by identical prompts (same ids, same media content), in first-seen
+    order: each group is prefilled once and its KV rows copied to every member (GRPO's G samples).
+
+    Media compare by content (mode, size, pixel bytes; a video's fps too), since the G episodes of a record
+    may hold separately resized copies of one image; each object is hashed once per call.
+    """
+    digests: dict[int, bytes] = {}
+
+    def image_digest(im: Image.Image) -> bytes:
+        if id(im) not in digests:
+            h = hashlib.blake2b(f"{im.mode}{im.size}".encode(), digest_size=16)
+            h.update(im.tobytes())
+            digests[id(im)] = h.digest()
+        return digests[id(im)]
+
+    def media_key(m) -> tuple:
+        if isinstance(m, Video):
+            return ("video", m.fps, tuple(image_digest(f) for f in m.frames))
+        return ("image", image_digest(m)) if isinstance(m, Image.Image) else ("other", id(m))
+
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        key = (tuple(int(t) for t in r.input_ids), tuple(media_key(m) for m in r.media))
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 def split_seed(seed: int) -> tuple[int, int]:
     """A Python int seed as two uint32 words (low, high) of its value mod 2**64."""
     s = int(seed) % (1 << 64)
@@ -115,8 +157,8 @@ def split_seed(seed: int) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerBatch:
-    """NumPy arrays of one prefill + decode call; B rows (padded with dead rows), prompts left-padded to T.
+class PromptBatch:
+    """NumPy arrays of one prefill call; B rows (padded with empty rows), prompts left-padded to T.
 
     Attributes:
       input_ids, attention_mask: (B, T) int32.
@@ -124,13 +166,6 @@ class SamplerBatch:
       pixel_values: (B, Pb, C) float32 each row's item rows in pad order, zero-padded to the per-sample
         patch bucket; None without media. vision_inputs: their stacked prepare_vision, likewise
         (processing.batch.pack_vision).
-      next_pos: (B,) int32 position of each row's first new token.
-      temperature, top_p: (B,) float32; top_k: (B,) int32 (-1 off); max_new: (B,) int32.
-      stop_ids: (B, S) int32 stop ids per row, padded with -1.
-      seeds: (B, 2) uint32 per-row seed words.
-      live: (B,) bool, False on padding rows (finished before they start).
-      num_new: decode length N, max_new rounded up to the decode bucket.
-      prompt_tokens: expanded prompt length of each live row.
     """
 
     input_ids: np.ndarray
@@ -138,47 +173,49 @@ class SamplerBatch:
     positions: np.ndarray
     pixel_values: np.ndarray | None
     vision_inputs: VisionInputs | None
-    next_pos: np.ndarray
-    temperature: np.ndarray
-    top_p: np.ndarray
-    top_k: np.ndarray
-    max_new: np.ndarray
-    stop_ids: np.ndarray
-    seeds: np.ndarray
-    live: np.ndarray
-    num_new: int
-    prompt_tokens: tuple[int, ...]
 
 
-def pack_batch(
+def check_fits(
+    expanded: ExpandedRequest,
+    label: str,
+    seq_buckets: Sequence[int] | None,
+    patch_buckets: Sequence[int] | None,
+) -> int:
+    """The sequence bucket of one expanded prompt.
+
+    Raises:
+      ValueError: naming the request, for a prompt longer than the largest sequence bucket or more patch
+        rows than the largest patch bucket.
+    """
+    t = pick_bucket(expanded.length, seq_buckets)
+    if t is None:
+        raise ValueError(
+            f"{label}: expanded prompt of {expanded.length} tokens is longer than the largest sequence "
+            f"bucket {max(seq_buckets)}"
+        )
+    n = expanded.pixel_values.shape[0]
+    if n and pick_bucket(n, patch_buckets) is None:
+        raise ValueError(f"{label}: {n} patch rows, more than the largest patch bucket {max(patch_buckets)}")
+    return t
+
+
+def pack_prompts(
     expanded: Sequence[ExpandedRequest],
-    requests: Sequence[GenerationRequest],
-    seeds: Sequence[int],
     cfg: ModelConfig,
     *,
     batch_size: int,
     seq_buckets: Sequence[int] | None,
     patch_buckets: Sequence[int] | None,
-    decode_bucket: int,
-    first_index: int = 0,
-) -> SamplerBatch:
-    """Pads `expanded` (with their `requests` and `seeds`) into one SamplerBatch of `batch_size` rows.
+) -> PromptBatch:
+    """Pads `expanded` into one PromptBatch of `batch_size` rows (each must pass `check_fits`).
 
     Raises:
-      ValueError: a prompt longer than the largest sequence bucket, or a request with more patch rows than
-        the largest patch bucket (naming it; `first_index` is the chunk's offset in the caller's list).
+      ValueError: a row with more patch rows than the largest patch bucket (callers check first).
     """
     n = len(expanded)
     if not 0 < n <= batch_size:
-        raise ValueError(f"pack_batch: {n} requests for a batch of {batch_size} rows")
-    lengths = [e.length for e in expanded]
-    t = pick_bucket(max(lengths), seq_buckets)
-    if t is None:
-        i = int(np.argmax(lengths))
-        raise ValueError(
-            f"{request_label(first_index + i, requests[i])}: expanded prompt of {lengths[i]} tokens is "
-            f"longer than the largest sequence bucket {max(seq_buckets)}"
-        )
+        raise ValueError(f"pack_prompts: {n} prompts for a batch of {batch_size} rows")
+    t = pick_bucket(max(e.length for e in expanded), seq_buckets)
     ids = np.full((batch_size, t), PAD_ID, np.int32)
     mask = np.zeros((batch_size, t), np.int32)
     positions = np.ones((3, batch_size, t), np.int32)
@@ -197,29 +234,58 @@ def pack_batch(
         cfg.vision,
         patch_buckets=patch_buckets,
         min_windows=pick_bucket(max(1, 2 * (pb or 0) // slots), None),
-        labels=[request_label(first_index + i, r) for i, r in enumerate(requests)] + ["padding"] * pad,
     )
-    sp = [r.sampling for r in requests]
-    max_new = np.array([s.max_new_tokens for s in sp] + [1] * pad, np.int32)
-    num_new = -(-int(max_new.max()) // decode_bucket) * decode_bucket
-    n_stop = pick_bucket(max([len(s.stop_token_ids) for s in sp] + [MIN_STOP_SLOTS]), None)
-    stop_ids = np.full((batch_size, n_stop), -1, np.int32)
-    for r, s in enumerate(sp):
-        stop_ids[r, : len(s.stop_token_ids)] = s.stop_token_ids
-    return SamplerBatch(
-        input_ids=ids,
-        attention_mask=mask,
-        positions=positions,
-        pixel_values=pixel_values,
-        vision_inputs=vision_inputs,
-        next_pos=np.array([e.next_pos for e in expanded] + [0] * pad, np.int32),
-        temperature=np.array([s.temperature for s in sp] + [0.0] * pad, np.float32),
-        top_p=np.array([s.top_p for s in sp] + [1.0] * pad, np.float32),
-        top_k=np.array([s.top_k for s in sp] + [-1] * pad, np.int32),
-        max_new=max_new,
-        stop_ids=stop_ids,
-        seeds=np.array([split_seed(s) for s in seeds] + [(0, 0)] * pad, np.uint32).reshape(batch_size, 2),
-        live=np.arange(batch_size) < n,
-        num_new=num_new,
-        prompt_tokens=tuple(lengths),
-    )
+    return PromptBatch(ids, mask, positions, pixel_values, vision_inputs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotParams:
+    """Per-slot (B,) arrays of the decode slots' requests, read by the prefill and decode programs.
+
+    Attributes:
+      base: int32 cache slot of each row's first generated token (its prompt's sequence bucket).
+      next_pos: int32 position of the first generated token (all three M-RoPE axes).
+      temperature, top_p: float32; top_k: int32 (-1 off); max_new: int32.
+      stop_ids: (B, S) int32 stop ids per row, padded with -1.
+      seeds: (B, 2) uint32 per-row seed words.
+    Empty slots hold greedy one-token defaults; their rows are never read.
+    """
+
+    base: np.ndarray
+    next_pos: np.ndarray
+    temperature: np.ndarray
+    top_p: np.ndarray
+    top_k: np.ndarray
+    max_new: np.ndarray
+    stop_ids: np.ndarray
+    seeds: np.ndarray
+
+    @classmethod
+    def empty(cls, slots: int, stop_slots: int) -> "SlotParams":
+        z = np.zeros(slots, np.int32)
+        return cls(
+            base=z.copy(),
+            next_pos=z.copy(),
+            temperature=np.zeros(slots, np.float32),
+            top_p=np.ones(slots, np.float32),
+            top_k=np.full(slots, -1, np.int32),
+            max_new=np.ones(slots, np.int32),
+            stop_ids=np.full((slots, stop_slots), -1, np.int32),
+            seeds=np.zeros((slots, 2), np.uint32),
+        )
+
+    def assign(self, slot: int, req: GenerationRequest, seed: int, next_pos: int, base: int) -> None:
+        """Writes request `req` (with its resolved `seed`) into `slot` (the arrays are updated in place)."""
+        sp = req.sampling
+        self.base[slot], self.next_pos[slot] = base, next_pos
+        self.temperature[slot], self.top_p[slot], self.top_k[slot] = sp.temperature, sp.top_p, sp.top_k
+        self.max_new[slot] = sp.max_new_tokens
+        self.stop_ids[slot] = -1
+        self.stop_ids[slot, : len(sp.stop_token_ids)] = sp.stop_token_ids
+        self.seeds[slot] = split_seed(seed)
+
+
+def stop_slots(requests: Sequence[GenerationRequest]) -> int:
+    """Stop-id slots per row for these requests (a decode compile dimension)."""
+    return pick_bucket(max([len(r.sampling.stop_token_ids) for r in requests] + [MIN_STOP_SLOTS]), None)
