@@ -184,18 +184,51 @@ def test_bad_arguments_raise(tmp_path, trained):
                 c.restore(1, target)
 
 
-@pytest.mark.parametrize("damage", ["commit_marker", "state_item", "metadata"])
+def test_arrays_item_round_trip_and_is_optional(tmp_path, trained):
+    _, _, state, shardings = trained
+    arrays = {
+        "ids": np.arange(7, dtype=np.int32),
+        "none": np.zeros((0, 2), np.float32),
+        "names": np.array(["a", "bc"]),
+        "digests": np.array([b"f" * 64], "S64"),
+    }
+    with ckpt.Checkpointer(tmp_path, max_to_keep=5) as c:
+        c.save(1, state, {"s": 1}, arrays=arrays)
+        c.save(2, state, {"s": 2})  # no arrays: no item
+        c.save(3, state, {"s": 3}, arrays={})  # empty: no item either
+        for bad, err in (({"a/b": np.zeros(1)}, ValueError), ({"o": np.array([object()])}, TypeError)):
+            with pytest.raises(err, match="arrays"):
+                c.save(4, state, arrays=bad)
+        with pytest.raises(TypeError, match="NumPy array"):
+            c.save(4, state, arrays={"list": [1, 2]})
+    assert sorted(p.name for p in (tmp_path / "1").iterdir() if p.is_dir()) == ["arrays", "extra", "state"]
+    assert not (tmp_path / "2" / ckpt.ARRAYS).exists() and not (tmp_path / "3" / ckpt.ARRAYS).exists()
+    with ckpt.Checkpointer(tmp_path) as c:
+        assert c.all_steps() == [1, 2, 3]  # none quarantined
+        got = c.arrays(1)
+        assert got.keys() == arrays.keys()
+        for k, v in arrays.items():
+            assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
+        assert c.arrays(1, keys=("ids", "absent")).keys() == {"ids"} and c.arrays(2) == {}
+        assert c.restore(1, st.abstract_like(state, shardings))[1] == {"s": 1}
+        with pytest.raises(ValueError, match="step 9 is not a committed"):
+            c.arrays(9)
+
+
+@pytest.mark.parametrize("damage", ["commit_marker", "state_item", "arrays_item", "metadata"])
 def test_damaged_latest_step_falls_back_to_previous(tmp_path, trained, damage):
     _, _, state, shardings = trained
     shifted = dataclasses.replace(state, params=jax.tree.map(lambda x: x + 1, state.params))
     with ckpt.Checkpointer(tmp_path, max_to_keep=5) as c:
-        c.save(2, state, {"step": 2})
-        c.save(3, shifted, {"step": 3})
+        c.save(2, state, {"step": 2}, arrays={"step": np.array([2])})
+        c.save(3, shifted, {"step": 3}, arrays={"step": np.array([3])})
     step3 = tmp_path / "3"
     if damage == "commit_marker":
         (step3 / "commit_success.txt").unlink()  # as a non-atomic filesystem leaves a cut-short save
     elif damage == "state_item":
         shutil.rmtree(step3 / "state")
+    elif damage == "arrays_item":  # an optional item the step's metadata lists is required
+        (step3 / ckpt.ARRAYS / ckpt.ARRAYS_FILE).unlink()
     else:
         (step3 / "_CHECKPOINT_METADATA").unlink()
     # A save killed before orbax's rename leaves a tmp folder: never a step.
@@ -203,7 +236,7 @@ def test_damaged_latest_step_falls_back_to_previous(tmp_path, trained, damage):
     with ckpt.Checkpointer(tmp_path, max_to_keep=5) as c:
         assert c.latest_step() == 2 and c.all_steps() == [2]
         restored, extra = c.restore(None, st.abstract_like(state, shardings))
-        assert extra == {"step": 2}
+        assert extra == {"step": 2} and c.arrays(2) == {"step": np.array([2])}
         _assert_identical(state, restored)
         with pytest.raises(ValueError, match="step 3 is not a committed checkpoint"):
             c.restore(3, st.abstract_like(state, shardings))

@@ -19,9 +19,10 @@ import pytest
 
 from pixel_reasoner_jax.eval import metrics as em
 from pixel_reasoner_jax.metrics import read_metrics
-from pixel_reasoner_jax.train import grpo, replay, sft
+from pixel_reasoner_jax.models.config import ModelConfig
+from pixel_reasoner_jax.train import grpo, replay, replay_samples, sft
 from pixel_reasoner_jax.train import state as st
-from pixel_reasoner_jax.train.checkpoint import EXTRA
+from pixel_reasoner_jax.train.checkpoint import ARRAYS, ARRAYS_FILE, EXTRA, read_arrays
 from pixel_reasoner_jax.train.run import CHECKPOINT_DIR, EXPORT_DIR, optim_config
 
 INFORMATIVE = {0: set(), 1: {0}, 2: set(), 3: {0, 1, 2}}  # rollout (its first loop step) -> prompts
@@ -62,6 +63,10 @@ def _extra(workdir, step: int) -> dict:
     return json.loads((workdir / CHECKPOINT_DIR / str(step) / EXTRA / "metadata").read_text())
 
 
+def _arrays(workdir, step: int) -> dict[str, np.ndarray]:
+    return read_arrays(workdir / CHECKPOINT_DIR / str(step) / ARRAYS / ARRAYS_FILE)
+
+
 def _tensors(export) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
@@ -91,7 +96,7 @@ def ssr_run(tmp_path_factory, toy_grpo_config):
     return cfg, run_a, recorded, run_b, resumed
 
 
-def test_ssr_trains_fresh_first_then_replay_with_the_stored_log_probs(ssr_run):
+def test_ssr_trains_fresh_first_then_replay_with_the_stored_log_probs(ssr_run, tiny_ckpt, proc):
     _, run_a, recorded, _, _ = ssr_run
     rows = read_metrics(run_a / "metrics.jsonl")
     assert [r["replay/fresh_samples"] for r in rows] == [0, 4, 0, 8]
@@ -104,7 +109,13 @@ def test_ssr_trains_fresh_first_then_replay_with_the_stored_log_probs(ssr_run):
 
     # Replayed samples carry the old log-probs stored when they were drawn (under the policy before step 1),
     # not a recomputation under the current policy.
-    stored = [replay.decode_sample(s) for s in _extra(run_a, 3)["replay"]["samples"]]
+    # The buffer of the last checkpoint, rebuilt from its arrays and the media store (which kept its media).
+    buf = replay.SelectiveReplayBuffer(16, seed=0)
+    buf.load_state_dict(_extra(run_a, 3)["replay"], _arrays(run_a, 3))
+    store = replay_samples.MediaStore(run_a / replay_samples.MEDIA_DIR)
+    assert buf.media_refs() == store.digests() and len(buf) == 16
+    mcfg = ModelConfig.from_pretrained(tiny_ckpt)
+    stored = [replay_samples.decode_sample(s, store, proc, mcfg) for s in buf._samples]
     m = recorded[1]  # rollout 2: all 8 replayed
     for ids, old, current in zip(
         m["input_ids"][0],
@@ -180,6 +191,12 @@ def test_resume_after_a_checkpoint_is_exact(ssr_run):
         read_metrics(run_a / "metrics.jsonl")
     )
     assert _extra(run_b, 3) == _extra(run_a, 3)  # the same replay buffer, RNGs, iterator and step counts
+    got, want = _arrays(run_b, 3), _arrays(run_a, 3)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    media = replay_samples.MEDIA_DIR
+    assert sorted(p.name for p in (run_b / media).iterdir()) == sorted(
+        p.name for p in (run_a / media).iterdir()
+    )
     got, want = _tensors(run_b / EXPORT_DIR), _tensors(run_a / EXPORT_DIR)
     assert got.keys() == want.keys()
     for name in want:

@@ -1,10 +1,13 @@
-"""Orbax checkpoints of the TrainState plus a JSON `extra` item (data-iterator state, replay buffer, metrics
-cursor, config snapshot), restorable onto any mesh; damaged or uncommitted steps are never restored.
+"""Orbax checkpoints of the TrainState plus a JSON `extra` item (data-iterator state, RNG, metrics cursor) and
+an optional `arrays` item (named NumPy arrays: the replay buffer), restorable onto any mesh; damaged or
+uncommitted steps are never restored.
 
-A step directory holds `state/` (StandardSave of the pytree) and `extra/` (JsonSave), written by orbax's
-CheckpointManager (v0 API): atomically on local disks (tmp dir + rename) and with a commit marker elsewhere.
+A step directory holds `state/` (StandardSave of the pytree), `extra/` (JsonSave) and, when given, `arrays/`
+(one uncompressed `arrays.npz`), written by orbax's CheckpointManager (v0 API): atomically on local disks
+(tmp dir + rename) and with a commit marker elsewhere, so a committed step always has all of its items.
 """
 
+import dataclasses
 import json
 import logging
 import time
@@ -12,22 +15,83 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
-STATE, EXTRA = "state", "extra"
+STATE, EXTRA, ARRAYS = "state", "extra", "arrays"
+ARRAYS_FILE = "arrays.npz"
 # Files a finished step always has: orbax writes the commit marker last (before the rename on local disks),
 # so a directory without them is a half-written or damaged step.
 _STEP_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 _ITEM_MARKERS = {STATE: ("_METADATA",), EXTRA: ("metadata",)}
+# Optional items: required when the step's metadata lists their handler (the step saved them).
+_OPTIONAL_MARKERS = {ARRAYS: (ARRAYS_FILE,)}
 
 
 def is_complete_step(step_dir: Path) -> bool:
     """True when `step_dir` holds every marker and item of a finished checkpoint."""
     if not step_dir.is_dir() or not all((step_dir / m).is_file() for m in _STEP_MARKERS):
         return False
-    return all((step_dir / item / m).is_file() for item, ms in _ITEM_MARKERS.items() for m in ms)
+    try:
+        saved = json.loads((step_dir / _STEP_MARKERS[0]).read_text()).get("item_handlers") or {}
+    except (OSError, ValueError):
+        return False
+    items = {**_ITEM_MARKERS, **{k: v for k, v in _OPTIONAL_MARKERS.items() if k in saved}}
+    return all((step_dir / item / m).is_file() for item, ms in items.items() for m in ms)
+
+
+class NpzHandler(ocp.AsyncCheckpointHandler):
+    """Named NumPy arrays as one uncompressed `arrays.npz` (no pickled objects), written by the primary host
+    in orbax's background commit (the caller hands over arrays it no longer mutates)."""
+
+    def _write(self, directory, arrays: dict[str, np.ndarray]) -> None:
+        if jax.process_index() == 0:
+            with (directory / ARRAYS_FILE).open("wb") as f:
+                np.savez(f, **arrays)
+
+    async def async_save(self, directory, args: "NpzSave"):
+        async def write():
+            self._write(directory, args.arrays)
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="npz_save")]
+
+    def save(self, directory, args: "NpzSave") -> None:
+        self._write(directory, args.arrays)
+
+    def restore(self, directory, args: "NpzRestore | None" = None) -> dict[str, np.ndarray]:
+        return read_arrays(Path(directory) / ARRAYS_FILE)
+
+
+@ocp.args.register_with_handler(NpzHandler, for_save=True)
+@dataclasses.dataclass
+class NpzSave(ocp.args.CheckpointArgs):
+    arrays: dict[str, np.ndarray]
+
+
+@ocp.args.register_with_handler(NpzHandler, for_restore=True)
+@dataclasses.dataclass
+class NpzRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def read_arrays(path: Path, keys=None) -> dict[str, np.ndarray]:
+    """The arrays of an `arrays.npz` read into memory: all, or those of `keys` the file has; no pickles."""
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files if keys is None or k in keys}
+
+
+def _check_arrays(arrays: dict) -> None:
+    if not isinstance(arrays, dict):
+        raise TypeError(f"arrays must be a dict of NumPy arrays, got {type(arrays).__name__}")
+    for key, value in arrays.items():
+        if not isinstance(key, str) or not key or "/" in key:
+            raise ValueError(f"arrays keys must be non-empty strings without '/', got {key!r}")
+        if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+            raise TypeError(
+                f"arrays[{key!r}] must be a NumPy array without objects, got {type(value).__name__}"
+            )
 
 
 class Checkpointer:
@@ -73,7 +137,11 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={STATE: ocp.StandardCheckpointHandler(), EXTRA: ocp.JsonCheckpointHandler()},
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                EXTRA: ocp.JsonCheckpointHandler(),
+                ARRAYS: NpzHandler(),
+            },
         )
 
     def _quarantine_damaged(self) -> None:
@@ -104,11 +172,21 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step % self.save_every == 0
 
-    def save(self, step: int, state: Any, extra: dict | None = None, *, force: bool = False) -> bool:
-        """Saves `state` (any pytree of arrays) and the JSON `extra` at `step` if due (or `force`).
+    def save(
+        self,
+        step: int,
+        state: Any,
+        extra: dict | None = None,
+        *,
+        arrays: dict[str, np.ndarray] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves `state` (any pytree of arrays), the JSON `extra` and the NumPy `arrays` (when given) at `step`
+        if due (or `force`).
 
         Returns whether a save started. Raises ValueError if `step` is already committed, TypeError if
-        `extra` does not serialise to JSON (checked here, not later in orbax's background thread).
+        `extra` does not serialise to JSON or `arrays` holds something else than NumPy arrays (checked here,
+        not later in orbax's background thread).
         """
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -122,9 +200,14 @@ class Checkpointer:
                 json.dumps({key: value})
             except (TypeError, ValueError) as e:
                 raise TypeError(f"extra[{key!r}] is not JSON-serialisable: {e}") from e
+        if arrays is not None:
+            _check_arrays(arrays)
         if step in self._manager.all_steps():
             raise ValueError(f"step {step} is already saved in {self.directory}")
-        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), EXTRA: ocp.args.JsonSave(extra)})
+        items = {STATE: ocp.args.StandardSave(state), EXTRA: ocp.args.JsonSave(extra)}
+        if arrays:  # an empty dict saves no item
+            items[ARRAYS] = NpzSave(dict(arrays))
+        args = ocp.args.Composite(**items)
         return bool(self._manager.save(step, args=args, force=True))
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
@@ -160,6 +243,16 @@ class Checkpointer:
         )
         restored = self._manager.restore(step, args=args)
         return restored[STATE], dict(restored[EXTRA])
+
+    def arrays(self, step: int, keys=None) -> dict[str, np.ndarray]:
+        """The `arrays` item of committed step `step` ({} when it saved none); with `keys`, only those it has.
+
+        Does not wait for a save in flight: the step being written is not committed yet.
+        """
+        if step not in self.all_steps():
+            raise ValueError(f"step {step} is not a committed checkpoint in {self.directory}")
+        path = self.directory / str(step) / ARRAYS / ARRAYS_FILE
+        return read_arrays(path, keys) if path.is_file() else {}
 
     def wait(self) -> None:
         """Blocks until every started save is committed."""

@@ -33,7 +33,16 @@ from pixel_reasoner_jax.rollout.episode import (
     run_episodes,
 )
 from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
-from pixel_reasoner_jax.train import advantages, async_rollout, multihost, replay, rewards, sft, steps
+from pixel_reasoner_jax.train import (
+    advantages,
+    async_rollout,
+    multihost,
+    replay,
+    replay_samples,
+    rewards,
+    sft,
+    steps,
+)
 from pixel_reasoner_jax.train.policies import Rollouts, SeededPolicy
 from pixel_reasoner_jax.train.run import RunContext, host, scalars
 
@@ -147,8 +156,9 @@ class GRPOTrainer:
         self.replay = None
         if cfg.grpo.filter == "ssr":
             self.replay = replay.SelectiveReplayBuffer(cfg.grpo.replay_size, cfg.seed)
+            self.media = replay_samples.MediaStore(ctx.workdir / replay_samples.MEDIA_DIR)
             if extra.get("replay"):
-                self.replay.load_state_dict(extra["replay"])
+                self.replay.load_state_dict(extra["replay"], ctx.checkpointer.arrays(ctx.restored_step))
         self.skipped = int(extra.get("skipped_steps", 0))
         self.opt_step = int(host(ctx.state.step))
         rw = cfg.reward
@@ -170,7 +180,9 @@ class GRPOTrainer:
         self.rollouts = Rollouts(ctx)
         self._step = int(ctx.start_step)
 
-    def extra(self, loop_step: int) -> dict:
+    def extra(self, loop_step: int) -> tuple[dict, dict]:
+        """(JSON extra, NumPy arrays) of a checkpoint at `loop_step`."""
+        arrays = {}
         out = {
             "phase": PHASE,
             "loop_step": loop_step,
@@ -180,8 +192,8 @@ class GRPOTrainer:
             "skipped_steps": self.skipped,
         }
         if self.replay is not None:
-            out["replay"] = self.replay.state_dict()
-        return out
+            out["replay"], arrays = self.replay.state_dict()
+        return out, arrays
 
     # ---------------------------------------------------------------------------------- rollout
 
@@ -313,11 +325,20 @@ class GRPOTrainer:
             fresh = np.flatnonzero(informative)
             exs = [ex(i) for i in fresh]
             # Old log-probs now, under the policy that sampled them: replayed later, they keep these.
-            stored = [replay.encode_sample(e, lp) for e, lp in zip(exs, self._logprobs_of(exs))]
+            lps = self._logprobs_of(exs)
+            stored = [
+                replay_samples.encode_sample(e, lp, trajs[i].media, self.media)
+                for i, e, lp in zip(fresh, exs, lps)
+            ]
             samples, adv_s, n_fresh = self.replay.mix(stored, adv[fresh], n)
             # The original's DataLoader(shuffle=True) mixes fresh and replayed samples across steps.
             order = self.rng.permutation(len(samples))
-            decoded = [replay.decode_sample(samples[i]) for i in order]
+            # This rollout's samples are at hand; older ones are rebuilt from their media (bit-identical).
+            known = {id(s): (e, lp) for s, e, lp in zip(stored, exs, lps)}
+            decoded = [
+                known.get(id(samples[i])) or replay_samples.decode_sample(samples[i], self.media, proc, mcfg)
+                for i in order
+            ]
             metrics = {
                 "replay/fresh_samples": float(n_fresh),
                 "replay/replayed_samples": float(len(samples) - n_fresh),
@@ -441,7 +462,11 @@ class GRPOTrainer:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/shaped']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
         if saves:
-            ctx.save(self.opt_step, self.extra(step))
+            ctx.save(self.opt_step, *self.extra(step))
+            if self.replay is not None and ctx.is_main:  # media no kept checkpoint or live sample refers to
+                replay_samples.collect_media(
+                    self.media, self.replay.media_refs(), ctx.checkpointer, replay.ARRAYS_PREFIX
+                )
         return step
 
     def train(self, until: int) -> None:

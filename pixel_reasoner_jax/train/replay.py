@@ -1,19 +1,22 @@
 """Zero-advantage remedies: refill-by-repetition ("filter True") and Selective Sample Replay (SSR), with the
-JSON codec of a replayed sample (checkpointed with the run) and its log-probs per micro-batch row.
+buffer's checkpoint state and the old log-probs of replayed samples per micro-batch row.
 
-Host-side; the buffer holds opaque JSON-able dicts (reference/pixel_reasoner.md §9.3).
+Host-side (reference/pixel_reasoner.md §9.3); the buffer's samples are `replay_samples.ReplaySample`s (no
+pixels), checkpointed as flat NumPy arrays beside the JSON extra.
 """
 
-import base64
 import collections
 import copy
-import dataclasses
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
-from pixel_reasoner_jax.processing.batch import Example
+from pixel_reasoner_jax.train import replay_samples
+
+# Key prefix of the buffer's arrays in a checkpoint's `arrays` item.
+ARRAYS_PREFIX = "replay."
+# Version of `state_dict`'s layout; the first (samples inside the JSON extra, with pixels) had none.
+_STATE_FORMAT = 2
 
 # Floor added to |advantage| so every stored sample keeps a non-zero chance (the original's 1e-4).
 _PROB_FLOOR = 1e-4
@@ -154,104 +157,52 @@ class SelectiveReplayBuffer:
         samples = [fresh[i] for i in pick] + [self._samples[i] for i in idx]
         return samples, np.concatenate([adv[pick], [self._adv[i] for i in idx]]), len(pick)
 
-    def state_dict(self) -> dict:
-        """JSON-serialisable state (samples, advantages, RNG) so a resumed run draws the same samples."""
-        state = {
+    def media_refs(self) -> set[str]:
+        """The media digests of the stored samples."""
+        return replay_samples.media_refs(self._samples)
+
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON part, arrays part) of the state (samples, advantages, RNG): a resumed run draws the same.
+
+        The arrays (keys `ARRAYS_PREFIX + name`) go into the checkpoint's npz item, the rest into its JSON.
+        """
+        meta = {
+            "format": _STATE_FORMAT,
             "capacity": self.capacity,
-            "samples": copy.deepcopy(list(self._samples)),
-            "advantages": list(self._adv),
             "rng": copy.deepcopy(self._rng.bit_generator.state),
         }
-        try:
-            json.dumps(state)
-        except TypeError as e:
-            raise TypeError(f"replay samples must be JSON-serialisable dicts: {e}") from e
-        return state
+        arrays = replay_samples.pack_samples(list(self._samples))
+        arrays["advantages"] = np.asarray(self._adv, dtype=np.float64)
+        return meta, {ARRAYS_PREFIX + k: v for k, v in arrays.items()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restores a `state_dict()` (also after a JSON round trip)."""
-        missing = {"capacity", "samples", "advantages", "rng"} - set(state)
+    def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Restores a `state_dict()` (also after a JSON round trip of `meta` and an npz one of `arrays`)."""
+        if meta.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                f"replay state has format {meta.get('format')!r}, expected {_STATE_FORMAT}: a checkpoint "
+                "written before replay samples left their pixels out cannot be resumed with SSR"
+            )
+        missing = {"capacity", "rng"} - set(meta)
         if missing:
             raise KeyError(f"replay state is missing keys {sorted(missing)}")
-        if int(state["capacity"]) != self.capacity:
-            raise ValueError(f"replay state capacity {state['capacity']} != buffer capacity {self.capacity}")
-        if len(state["samples"]) != len(state["advantages"]) or len(state["samples"]) > self.capacity:
+        if int(meta["capacity"]) != self.capacity:
+            raise ValueError(f"replay state capacity {meta['capacity']} != buffer capacity {self.capacity}")
+        own = {k[len(ARRAYS_PREFIX) :]: v for k, v in arrays.items() if k.startswith(ARRAYS_PREFIX)}
+        if "advantages" not in own:
+            raise KeyError(f"replay state has no {ARRAYS_PREFIX}advantages array; got {sorted(arrays)}")
+        samples = replay_samples.unpack_samples(own)
+        adv = own["advantages"]
+        if len(samples) != len(adv) or len(samples) > self.capacity:
             raise ValueError(
-                f"replay state has {len(state['samples'])} samples and {len(state['advantages'])} advantages;"
+                f"replay state has {len(samples)} samples and {len(adv)} advantages;"
                 f" expected equal counts <= capacity {self.capacity}"
             )
-        rng_state = state["rng"]
+        rng_state = meta["rng"]
         if rng_state.get("bit_generator") != "PCG64":
             raise ValueError(f"replay rng state must be PCG64, got {rng_state.get('bit_generator')!r}")
-        self._samples = collections.deque(copy.deepcopy(state["samples"]), maxlen=self.capacity)
-        self._adv = collections.deque((float(a) for a in state["advantages"]), maxlen=self.capacity)
+        self._samples = collections.deque(samples, maxlen=self.capacity)
+        self._adv = collections.deque((float(a) for a in adv), maxlen=self.capacity)
         self._rng.bit_generator.state = copy.deepcopy(rng_state)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Replay samples: an Example and its stored old log-probs as one JSON dict
-# ---------------------------------------------------------------------------------------------------------
-
-# Stored whole; `logprobs` is stored at the trained tokens only (see encode_sample).
-_DENSE_FIELDS = [
-    f.name for f in dataclasses.fields(Example) if f.name not in ("qid", "logprobs", "temperatures")
-]
-
-
-def _pack(a: np.ndarray) -> list:
-    a = np.ascontiguousarray(a)
-    return [base64.b64encode(a.tobytes()).decode("ascii"), a.dtype.str, list(a.shape)]
-
-
-def _unpack(v: list) -> np.ndarray:
-    data, dtype, shape = v
-    return np.frombuffer(base64.b64decode(data), dtype=np.dtype(dtype)).reshape(shape).copy()
-
-
-def encode_sample(ex: Example, old_logprobs: np.ndarray) -> dict:
-    """One replay sample as a JSON dict: the rollout's Example bit-exactly and its old log-probs.
-
-    The sampler's log-probs are stored at the trained tokens only: a rollout samples exactly the tokens it
-    trains, so every other entry is 0. That saves as many bytes per sample as the old log-probs add
-    whenever at most half of a sequence is trained (the prompt, images and tool results are not).
-
-    Args:
-      ex: the expanded rollout.
-      old_logprobs: (n,) float32 log-probs of its trained targets under the policy that sampled it, in
-        order (`trained_values`); n may be below the count when a training cut shortened it.
-
-    Raises:
-      ValueError: sampler log-probs outside the loss mask, or more old log-probs than trained targets.
-    """
-    trained = ex.loss_mask != 0
-    if np.any(ex.logprobs[~trained]):
-        raise ValueError(f"sample {ex.qid!r}: a rollout has sampler log-probs only on trained tokens")
-    old = np.asarray(old_logprobs)
-    if old.dtype != np.float32 or old.ndim != 1 or old.size > int(trained[1:].sum()):
-        raise ValueError(
-            f"sample {ex.qid!r}: old_logprobs must be float32 (n,) with n <= {int(trained[1:].sum())} trained "
-            f"targets, got {old.dtype} {old.shape}"
-        )
-    out = {"qid": ex.qid, "logprobs": _pack(ex.logprobs[trained]), "old_logprobs": _pack(old)}
-    out.update({name: _pack(getattr(ex, name)) for name in _DENSE_FIELDS})
-    if ex.temperatures is not None:  # like the sampler's log-probs: 1.0 off the sampled tokens
-        out["temperatures"] = _pack(ex.temperatures[trained])
-    return out
-
-
-def decode_sample(d: dict) -> tuple[Example, np.ndarray]:
-    """(Example, old log-probs) of an `encode_sample` dict, bit-exact."""
-    arrays = {name: _unpack(d[name]) for name in _DENSE_FIELDS}
-    trained = arrays["loss_mask"] != 0
-    values = _unpack(d["logprobs"])
-    logprobs = np.zeros(trained.shape, values.dtype)
-    logprobs[trained] = values
-    temperatures = None
-    if "temperatures" in d:
-        temperatures = np.ones(trained.shape, np.float32)
-        temperatures[trained] = _unpack(d["temperatures"])
-    example = Example(qid=d["qid"], logprobs=logprobs, temperatures=temperatures, **arrays)
-    return example, _unpack(d["old_logprobs"])
 
 
 def trained_values(x: np.ndarray, loss_mask: np.ndarray) -> list[np.ndarray]:

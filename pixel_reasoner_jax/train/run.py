@@ -106,6 +106,8 @@ class RunContext:
         are equal unless GRPO skipped steps for want of an informative sample: a GRPO checkpoint keeps its
         loop step in extra["loop_step"].
       extra: the restored checkpoint's JSON extra ({} for a fresh run).
+      restored_step: the restored checkpoint's step (None for a fresh run); its NumPy arrays item (the
+        replay buffer) is `checkpointer.arrays(restored_step)`.
     """
 
     cfg: RunConfig
@@ -126,6 +128,7 @@ class RunContext:
     extra: dict
     start_step: int
     is_main: bool
+    restored_step: int | None = None
 
     @classmethod
     def open(cls, cfg: RunConfig, total_steps: int, *, keep: int) -> "RunContext":
@@ -187,6 +190,7 @@ class RunContext:
             extra=extra,
             start_step=start,
             is_main=is_main,
+            restored_step=latest,
         )
 
     def load_params(self, folder: str | os.PathLike) -> Any:
@@ -211,13 +215,14 @@ class RunContext:
     def progress(self, total: int, desc: str):
         return progress(total, desc, initial=self.start_step, enabled=self.is_main and self.cfg.log.progress)
 
-    def save(self, step: int, extra: dict) -> None:
-        """Checkpoints the state as optimizer step `step` with `extra` (iterator, RNG, replay state)."""
+    def save(self, step: int, extra: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Checkpoints the state as optimizer step `step` with `extra` (iterator, RNG, replay state) and the
+        NumPy `arrays` (the replay buffer's samples)."""
         if step in self.checkpointer.all_steps():
             # A resumed run re-reaching its restored step has nothing new to save; GRPO steps skipped since
             # that save are not saved over it (an interrupted save would lose the step) but rerun exactly.
             return
-        self.checkpointer.save(step, self.state, extra, force=True)
+        self.checkpointer.save(step, self.state, extra, arrays=arrays, force=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.cfg.log.every == 0:
