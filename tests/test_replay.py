@@ -328,9 +328,9 @@ def test_a_full_7b_buffer_checkpoints_well_under_a_gigabyte(tmp_path):
 
     per_sample = (npz_bytes(16) - npz_bytes(8)) // 8
     # The module docstring's arithmetic: 4 B per id, 4 + 4 B per trained token (sampler and old log-probs),
-    # one [start, end) span 8 B, one image digest 64 B, item fps + frame count 16 B, advantage 8 B, CRC 4 B,
-    # 5 per-sample counts x 8 B, a 6-character qid 24 B.
-    assert per_sample == tokens * 4 + 2 * (tokens - 1) * 4 + 8 + 64 + 16 + 8 + 4 + 5 * 8 + 24
+    # one [start, end) span 8 B, one temperature run 8 B, one image digest 64 B, item fps + frame count 16 B,
+    # advantage 8 B, CRC 4 B, 6 per-sample counts x 8 B, a 6-character qid 24 B.
+    assert per_sample == tokens * 4 + 2 * (tokens - 1) * 4 + 8 + 8 + 64 + 16 + 8 + 4 + 6 * 8 + 24
     full = npz_bytes(8) + (capacity - 8) * per_sample
     assert full < 0.6e9  # 0.595 GB, against ~150 GB for the float32 pixels of one image per sample
 

@@ -16,10 +16,11 @@ the video decoder and the tools' resampling staying identical.
 Checkpoint size of a full buffer (`pack_samples`, written by the checkpointer as one uncompressed npz):
 4 bytes per collapsed token (int32 id; each image's pad run is stored as ONE pad), 8 per trained token (the
 sampler's and the old float32 log-probs, on trained tokens only), 8 per run of trained tokens (the loss mask
-as int32 [start, end) pairs), 64 + 16 per image (hex sha256; fps and frame count), and per sample 8
-(advantage) + 4 (pixel CRC) + 5 x 8 (counts) + 4 per qid character. The 7B recipe's worst case (capacity =
-rollout batch 512 x 8 = 4096 samples, each 12,088 tokens long with all but the first trained, one image, a
-6-character qid): 12,088 x 4 + 12,087 x 8 + 8 + 80 + 52 + 24 = 145,212 bytes per sample, x 4096 = 0.595 GB
+as int32 [start, end) pairs), 8 per run of equal sampling temperature (float32 value, int32 length), 64 + 16
+per image (hex sha256; fps and frame count), and per sample 8 (advantage) + 4 (pixel CRC) + 6 x 8 (counts)
++ 4 per qid character. The 7B recipe's worst case (capacity = rollout batch 512 x 8 = 4096 samples, each
+12,088 tokens long with all but the first trained at one temperature, one image, a 6-character qid):
+12,088 x 4 + 12,087 x 8 + 8 + 8 + 80 + 60 + 24 = 145,228 bytes per sample, x 4096 = 0.595 GB
 (tests/test_replay.py measures it). A typical sample (1,000 prompt + 2,000 response tokens) takes 28 KB,
 0.11 GB for the buffer. The float32 pixels the JSON codec stored were ~38 MB for one 2000x784 image, ~150 GB
 per save for the same buffer.
@@ -280,6 +281,15 @@ def _split(arrays: dict[str, np.ndarray], key: str, counts_key: str) -> list[np.
     return np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
 
 
+def _temperature_runs(s: ReplaySample) -> tuple[np.ndarray, np.ndarray]:
+    """(values, lengths) of the runs of equal temperature over a sample's trained tokens."""
+    t = np.ones_like(s.logprobs) if s.temperatures is None else np.asarray(s.temperatures, np.float32)
+    if not len(t):
+        return t, np.zeros(0, np.int32)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(t)) + 1])
+    return t[starts], np.diff(np.concatenate([starts, [len(t)]])).astype(np.int32)
+
+
 def pack_samples(samples: Sequence[ReplaySample]) -> dict[str, np.ndarray]:
     """Named flat arrays of `samples` (ragged fields as one concatenation plus per-sample counts)."""
     for s in samples:
@@ -293,10 +303,11 @@ def pack_samples(samples: Sequence[ReplaySample]) -> dict[str, np.ndarray]:
     out["trained_spans"], out["span_counts"] = _flat([s.trained_spans for s in samples], np.int32, (2,))
     out["logprobs"], out["logprob_counts"] = _flat([s.logprobs for s in samples], np.float32)
     out["old_logprobs"], out["old_counts"] = _flat([s.old_logprobs for s in samples], np.float32)
-    # Per trained token like the log-probs (their counts); 1.0 for a sample stored without temperatures.
-    out["temperatures"] = _flat(
-        [np.ones_like(s.logprobs) if s.temperatures is None else s.temperatures for s in samples], np.float32
-    )[0]
+    # Sampling temperatures are constant over a turn: run-length coded over the trained tokens (a value and
+    # a length per run), 1.0 for a sample stored without them.
+    runs = [_temperature_runs(s) for s in samples]
+    out["temperature_values"], out["temperature_runs"] = _flat([v for v, _ in runs], np.float32)
+    out["temperature_lengths"] = _flat([n for _, n in runs], np.int32)[0]
     items = [m for s in samples for m in s.media]
     out["item_counts"] = np.array([len(s.media) for s in samples], np.int64)
     out["item_fps"] = np.array([np.nan if fps is None else fps for _, fps in items], np.float64)
@@ -332,11 +343,11 @@ def unpack_samples(arrays: dict[str, np.ndarray]) -> list[ReplaySample]:
         ),
         arrays["pixel_crc"],
     )
-    temps = (
-        _split(arrays, "temperatures", "logprob_counts")
-        if "temperatures" in arrays
-        else [None] * n  # stored before temperatures were kept: 1.0
-    )
+    temps = [None] * n  # stored before temperatures were kept: 1.0
+    if "temperature_values" in arrays:
+        values = _split(arrays, "temperature_values", "temperature_runs")
+        lengths = _split(arrays, "temperature_lengths", "temperature_runs")
+        temps = [np.repeat(v, n_) for v, n_ in zip(values, lengths)]
     return [
         ReplaySample(
             q,
