@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.models.config import ModelConfig
@@ -183,8 +184,9 @@ class JaxSampler(Policy):
         else:
             placement = jax.tree.map(lambda x: x.sharding, pure)
         # Committed placement: update_weights puts new arrays on the same shardings, and jit keys its
-        # executables on committedness too (an uncommitted -> committed switch would recompile).
-        pure = jax.device_put(pure, placement)
+        # executables on committedness too (an uncommitted -> committed switch would recompile). An abstract
+        # model (nnx.eval_shape) keeps ShapeDtypeStructs: such a sampler can only `trace`.
+        pure = jax.tree.map(_place_abstract, pure, placement)
         self._weights = (pure, str(weight_version))
         self._traces = {"prefill": 0, "decode": 0}
         self._vision_shapes: set[tuple[int, ...]] = set()
@@ -271,6 +273,34 @@ class JaxSampler(Policy):
         for batch in chunks:
             out += self._run(batch, params, version)
         return out
+
+    def trace(self, b: SamplerBatch) -> dict[str, jax.stages.Traced]:
+        """The prefill and decode programs of a `generate` chunk, traced at `b`'s shapes (its arrays may be
+        ShapeDtypeStructs) with the current weights: ahead-of-time planning (`pixel_reasoner_jax.plan`).
+
+        Lower and compile them under the sampler's mesh (`sharding.use_mesh(mesh, "rollout")`).
+        """
+        params, _ = self._weights
+        t = b.input_ids.shape[1]
+        with self._scope():
+            prefill = self._prefill.trace(
+                params, self._rest, b.input_ids, b.positions, b.attention_mask, b.pixel_values,
+                b.vision_inputs, cache_len=t + b.num_new,
+            )  # fmt: skip
+            cache, logits = prefill.out_info
+            if self._mesh is not None:  # the cache arrives as the prefill constrained it
+                cache = KVCache(**{
+                    f: jax.ShapeDtypeStruct(
+                        getattr(cache, f).shape, getattr(cache, f).dtype,
+                        sharding=NamedSharding(self._mesh, sharding.logical_to_spec(names)),
+                    )
+                    for f, names in _CACHE_AXES.items()
+                })  # fmt: skip
+            decode = self._decode.trace(
+                params, self._rest, cache, logits, b.next_pos, b.temperature, b.top_p, b.top_k, b.max_new,
+                b.stop_ids, b.seeds, b.live, num_new=b.num_new,
+            )  # fmt: skip
+        return {"prefill": prefill, "decode": decode}
 
     # ------------------------------------------------------------------------------ device
 
@@ -425,11 +455,17 @@ def _place_like(old: jax.Array, x) -> jax.Array:
     return x if x.dtype == old.dtype else x.astype(old.dtype)
 
 
+_KV_AXES = (None, "act_batch", None, "act_kv_heads", None)
+_CACHE_AXES = {"k": _KV_AXES, "v": _KV_AXES, "mask": ("act_batch", None)}
+
+
 def _constrain(cache: KVCache) -> KVCache:
     """KV cache sharded on batch and kv heads (a no-op without a mesh)."""
-    kv = (None, "act_batch", None, "act_kv_heads", None)
-    return KVCache(
-        k=sharding.constrain(cache.k, kv),
-        v=sharding.constrain(cache.v, kv),
-        mask=sharding.constrain(cache.mask, ("act_batch", None)),
-    )
+    return KVCache(**{f: sharding.constrain(getattr(cache, f), names) for f, names in _CACHE_AXES.items()})
+
+
+def _place_abstract(x, sh):
+    """`device_put`, except that a ShapeDtypeStruct (an abstract model) only takes the sharding."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+    return jax.device_put(x, sh)
