@@ -27,6 +27,15 @@ EXTRA = {"grpo:7b:h100-8:chunk12288": ["--config.model.logprob_chunk=12288"]}
 GIB = 2**30
 
 
+# SFT's recipe batch (16 samples, 2 micro-batches of 8) cannot split over 16 or 32 devices: those plans
+# use the smallest batch that does, one sample per device per micro-batch (stated in PLANS.md).
+OVERRIDES = {
+    f"sft:{v}:{t}": [f"--config.sft.batch_size={b}", f"--config.sft.micro_batches={m}"]
+    for v in ("3b", "7b")
+    for t, b, m in (("v6e-16", 32, 2), ("v6e-32", 32, 1))
+}
+
+
 def python_for(topology: str) -> str:
     if topology.startswith(("h100", "h200")):
         return os.environ.get("PLAN_GPU_PYTHON", "/work/venv-gpu/bin/python")
@@ -111,7 +120,7 @@ def main() -> None:
         todo = [k for k in keys if not args.only or k in args.only.split(",")]
         for key in todo:
             if args.force or not key_path(key).exists():
-                run_one(key, EXTRA.get(key, []), args.timeout)
+                run_one(key, EXTRA.get(key, OVERRIDES.get(key, [])), args.timeout)
     write_table(keys)
 
 

@@ -87,7 +87,7 @@ def main(argv) -> int:
     prepare(topo)
     try:
         plan = make_plan(cfg, topo, log=lambda s: print(s, file=sys.stderr))
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # a missing backend, or a batch the mesh cannot split
         print(f"plan: {e}", file=sys.stderr)
         return EXIT_INPUT
     print(table(plan))
