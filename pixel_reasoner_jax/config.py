@@ -148,6 +148,7 @@ class RolloutConfig:
     retries: int
     batch_size: int
     decode_bucket: int
+    sampler_param_dtype: str
 
     @property
     def urls(self) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ import zlib
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,6 +31,19 @@ def request_seed(base: int, step: int, rid: str) -> int:
     """A sampling seed from (run seed, loop step, request id) alone: a resumed run draws the same tokens."""
     words = np.random.SeedSequence([base, step, zlib.crc32(rid.encode())]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) | (int(words[1]) >> 1)
+
+
+def sampler_copy(params, dtype: str):
+    """New buffers of `params` in the sampler's weight dtype (`rollout.sampler_param_dtype`), never the
+    train state's own: the train step donates those. Floating leaves only; a cast is itself the copy."""
+    want = jnp.dtype(dtype)
+
+    def one(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == want:
+            return x.copy()
+        return x.astype(want)
+
+    return jax.tree.map(one, params)
 
 
 class SeededPolicy(Policy):
@@ -92,8 +106,7 @@ class Rollouts:
         self.ctx = ctx
 
         def model_fn():
-            # Copies: the train step donates the state's buffers, which must never be the sampler's.
-            params = jax.tree.map(lambda x: x.copy(), ctx.state.params)
+            params = sampler_copy(ctx.state.params, ctx.cfg.rollout.sampler_param_dtype)
             return nnx.merge(ctx.graphdef, params, ctx.state.buffers)
 
         # A launched server starts from the checkpoint folder, labelled "base": the first sync pushes ours.
@@ -119,7 +132,9 @@ class Rollouts:
             return
         params = self.ctx.state.params
         if self.client is None:
-            self.policy.update_weights(jax.tree.map(lambda x: x.copy(), params), version)
+            self.policy.update_weights(
+                sampler_copy(params, self.ctx.cfg.rollout.sampler_param_dtype), version
+            )
             return
         ctx = self.ctx
         self.client.push_weights(
