@@ -1,5 +1,5 @@
 """The ahead-of-time planner: topology names, FLOP counting over scanned layers, and a cpu:8 plan of the
-tiny SFT recipe whose argument sizes match a hand count of the train state."""
+tiny SFT recipe (text-only batches) whose argument sizes match a hand count of the train state."""
 
 import dataclasses
 import json
@@ -16,6 +16,7 @@ from pixel_reasoner_jax.models.config import PRESETS
 from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
 from pixel_reasoner_jax.plan import __main__ as cli
 from pixel_reasoner_jax.plan import flops as fl
+from pixel_reasoner_jax.plan import programs
 from pixel_reasoner_jax.plan import topology as tp
 
 
@@ -114,37 +115,68 @@ def test_flops_while_and_cond():
     assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w), while_trips=3) == 2 * one + 3 * one
 
 
+def test_vision_structs_fill_the_patch_bucket():
+    # Square images as large as the pixel cap allows (64 patches: 8 x 8), the last one taking the rows
+    # left over (1000 = 15 x 64 + 40): the vision tower runs exactly the bucket's rows.
+    cfg = PRESETS["tiny"]
+    for bucket in (1024, 1000):
+        pv, vi = programs.vision_structs(cfg, bucket, 64 * programs.PIXELS_PER_PATCH, window_floor=True)
+        assert pv.shape == (bucket, cfg.vision.patch_dim) and pv.dtype == jnp.float32
+        assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(vi))
+
+
 @pytest.fixture(scope="module")
 def tiny_plan():
     c = sft_config.get_config("tiny")
-    # Small buckets keep the compile in seconds; the mesh is FSDP over the 8 devices (tests/conftest.py).
+    # Small text-only batches keep the compile short (the vision tower's programs drop out; its weights stay
+    # in the train state, which is what the hand count checks); the mesh is FSDP over the 8 devices
+    # (tests/conftest.py); dense attention is the smallest program.
     c.data.max_seq_len = 64
     c.data.seq_buckets = (64,)
-    c.data.patch_buckets = (64,)
     c.sft.batch_size = 8
     c.sft.micro_batches = 1
     c.mesh.data = 1
     c.mesh.fsdp = -1
+    c.model.attention = "dense"
     # Optimisation level 0 compiles 2-3x faster on CPU; buffer arguments and outputs are the same.
     fast = {"xla_backend_optimization_level": 0}
     return cli.make_plan(
-        from_config_dict(c), tp.parse_topology("cpu:8"), log=lambda s: None, compiler_options=fast
-    )
+        from_config_dict(c), tp.parse_topology("cpu:8"), log=lambda s: None, compiler_options=fast,
+        text_only=True,
+    )  # fmt: skip
 
 
 def test_cpu_plan_of_tiny_sft(tiny_plan):
     p = json.loads(json.dumps(tiny_plan))  # JSON-ready
     assert p["topology"] == "cpu:8" and p["devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert p["memory_per_device_bytes"] > 0
+    assert p["memory_per_device_bytes"] > 0 and p["shapes"]["patches"] == 0
     for name in ("grads", "update"):
         prog = p["programs"][name]
-        for key in ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes"):
+        for key in ("argument_bytes", "output_bytes", "peak_bytes", "total_bytes"):
             assert prog[key] > 0, (name, key, prog[key])
-        assert prog["fits"] is True
+        assert prog["fits"] is True and prog["total_bytes"] == prog["peak_bytes"] + prog["resident_bytes"]
+    assert p["programs"]["grads"]["temp_bytes"] > 0
     assert p["programs"]["update"]["flops"] == 0  # the optimizer update has no matmul
+    # 6·N·T with N the decoder's matmul weights and T the step's 8 x 64 tokens, per device; the compiled
+    # count adds attention and the forward the backward repeats for the log-probs, never less.
+    assert p["programs"]["grads"]["model_flops"] == 6 * p["params"]["text_matmul"] * 8 * 64 / 8
     assert p["programs"]["grads"]["flops"] > p["programs"]["grads"]["model_flops"] > 0
-    assert p["fits"] is True and p["attention"] == "blocked"
+    assert p["programs"]["grads"]["vision_flops"] == 0
+    assert p["fits"] is True and p["attention"] == "dense"
+    assert p["programs"]["step"]["peak_bytes"] == max(
+        p["programs"][k]["peak_bytes"] for k in ("grads", "update")
+    )
     assert "step" in cli.table(tiny_plan)
+
+
+def test_cpu_plan_fits_against_the_budget(tiny_plan):
+    # A program fits when its total (its peak + what the other phase keeps resident) is within the memory
+    # less the headroom; the plan fits when every program does.
+    budget = tiny_plan["budget_per_device_bytes"]
+    assert budget == int(tiny_plan["memory_per_device_bytes"] * (1 - tiny_plan["headroom"]))
+    for name, prog in tiny_plan["programs"].items():
+        assert prog["fits"] is (prog["total_bytes"] <= budget), name
+    assert tiny_plan["fits"] is all(p["fits"] for p in tiny_plan["programs"].values())
 
 
 def test_cpu_plan_arguments_match_hand_count(tiny_plan):
@@ -163,5 +195,8 @@ def test_cpu_plan_arguments_match_hand_count(tiny_plan):
     hand = (4 * total + 8 * (total - vision) + 4 * (total - vision)) / 8
     args = tiny_plan["programs"]["update"]["argument_bytes"]
     assert hand <= args <= hand + 64 * 1024, (args, hand)
-    # The gradient program uses the parameters and the batch shard only (the unused Adam moments are dropped).
-    assert 4 * total / 8 < tiny_plan["programs"]["grads"]["argument_bytes"] < 4 * total / 8 + 2**20
+    # The gradient program of a text-only batch takes the decoder's parameters and the batch shard only
+    # (jit drops the unused Adam moments and the vision tower's weights): 8 rows x 64 tokens of int32 /
+    # float32 / bool columns are a few KiB per device.
+    text = 4 * (total - vision) / 8
+    assert text < tiny_plan["programs"]["grads"]["argument_bytes"] < text + 2**20

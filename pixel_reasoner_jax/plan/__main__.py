@@ -35,12 +35,14 @@ def prepare(topo: tp.Topology) -> None:
         jax.config.update("jax_num_cpu_devices", topo.num_devices)
 
 
-def make_plan(cfg, topo: tp.Topology, log=print, compiler_options=None) -> dict:
-    """The JSON plan of run config `cfg` on `topo` (see programs.plan_recipe for the per-program fields)."""
+def make_plan(cfg, topo: tp.Topology, log=print, compiler_options=None, text_only=False) -> dict:
+    """The JSON plan of run config `cfg` on `topo` (programs.plan_recipe: the per-program fields, options)."""
     from pixel_reasoner_jax.plan import programs  # reason: imports the model stack after `prepare`
 
     target = programs.Target(topo, tp.devices(topo))
-    recipe = programs.plan_recipe(cfg, target, log=log, compiler_options=compiler_options)
+    recipe = programs.plan_recipe(
+        cfg, target, log=log, compiler_options=compiler_options, text_only=text_only
+    )
     return {
         "topology": topo.name,
         "platform": topo.platform,

@@ -182,7 +182,11 @@ def _attention(cfg: RunConfig, target: Target) -> str:
 
 
 def plan_recipe(
-    cfg: RunConfig, target: Target, log=print, compiler_options: dict[str, Any] | None = None
+    cfg: RunConfig,
+    target: Target,
+    log=print,
+    compiler_options: dict[str, Any] | None = None,
+    text_only: bool = False,
 ) -> dict[str, Any]:
     """Compiles the recipe's programs for `target` one at a time and returns the plan (JSON-ready).
 
@@ -192,10 +196,14 @@ def plan_recipe(
     replicated), `xla_flops` (XLA's count, loop bodies once), `model_flops` (6·N·T, 2·N·T forward only)
     and `fits` (peak + resident within the memory less the headroom). `compiler_options` go to the train
     programs' jits (tests lower the CPU optimisation level; argument and output sizes do not change).
+    `text_only` plans batches without images or videos (a text-only data set; the vision tower's weights
+    stay in the state, its programs drop out).
     """
     n = len(target.devices)
     mcfg = model_config(cfg)
     shapes = recipe_shapes(cfg)
+    if text_only:
+        shapes = dataclasses.replace(shapes, patches=0)
     kw = dict(_model_kwargs(cfg), attention=_attention(cfg, target))
     mesh = sharding.make_mesh(*mesh_shape(cfg.mesh, n), devices=target.devices)
     frozen = st.freeze_prefixes(st.VISION_TOWER) if cfg.model.freeze_vision else None
@@ -218,6 +226,11 @@ def plan_recipe(
     micro = micro_structs(mcfg, shapes, max_px)
     text_micro = micro_structs(mcfg, shapes, max_px, media=False)
 
+    def text(trace):
+        """`trace()`: the program on a text-only batch, whose FLOPs less the vision tower's; None
+        when the batch has no media (the program is its own text-only version)."""
+        return trace() if shapes.patches else None
+
     n_text = fl.count_params(abstract.params, skip=("visual", "embed_tokens"))
     n_vision = fl.count_params(abstract.params) - fl.count_params(abstract.params, skip=("visual",))
     tokens = shapes.n_micro * shapes.batch * shapes.seq
@@ -227,19 +240,20 @@ def plan_recipe(
 
     jobs = []  # (name, traced, text-only traced or None, while trips, model flops, mesh, rules)
     step = fns.trace(cfg.mode, abstract, micro)
-    step_text = fns.trace(cfg.mode, abstract, text_micro)["grads"]
+    step_text = text(lambda: fns.trace(cfg.mode, abstract, text_micro)["grads"])
     jobs.append(("grads", step["grads"], step_text, 1, step_model, mesh, "train"))
     jobs.append(("update", step["update"], None, 1, 0, mesh, "train"))
     sampler_weights = 0
     if cfg.mode == "grpo":
         lp = fns.trace("logprobs", abstract.params, micro)["logprobs"]
-        lp_text = fns.trace("logprobs", abstract.params, text_micro)["logprobs"]
+        lp_text = text(lambda: fns.trace("logprobs", abstract.params, text_micro)["logprobs"])
         jobs.append(("logprobs", lp, lp_text, 1, step_model // 3, mesh, "train"))
         if cfg.rollout.backend == "jax":
             data, tensor = rollout_mesh_shape(cfg.mesh, n)
             rmesh = sharding.make_mesh(data, 1, tensor, devices=target.devices)
+            skw = dict(kw, param_dtype=jnp.dtype(cfg.rollout.sampler_param_dtype))  # train/policies.py
             with sharding.use_mesh(rmesh, "rollout"):
-                model = nnx.eval_shape(lambda: Qwen25VL(mcfg, rngs=nnx.Rngs(0), **kw))
+                model = nnx.eval_shape(lambda: Qwen25VL(mcfg, rngs=nnx.Rngs(0), **skw))
             image_cfg = ImageProcessorConfig(cfg.rollout.model_min_pixels, cfg.rollout.model_max_pixels)
             sampler = JaxSampler(
                 model, mcfg, image_cfg, max_batch=shapes.rollout_rows, seq_buckets=cfg.data.seq_buckets,
@@ -250,7 +264,9 @@ def plan_recipe(
                 st.abstract_like(params, sharding.state_shardings(params, rmesh, "rollout"))
             )
             progs = sampler.trace(sampler_batch(mcfg, shapes, max_px))
-            prefill_text = sampler.trace(sampler_batch(mcfg, shapes, max_px, media=False))["prefill"]
+            prefill_text = text(
+                lambda: sampler.trace(sampler_batch(mcfg, shapes, max_px, media=False))["prefill"]
+            )
             rows = shapes.rollout_rows
             prefill_model = 2 * n_text * rows * shapes.prompt + 2 * n_vision * shapes.patches
             jobs.append(("prefill", progs["prefill"], prefill_text, 1, prefill_model, rmesh, "rollout"))
@@ -314,6 +330,7 @@ def plan_recipe(
         "attention": kw["attention"],
         "remat": cfg.model.remat,
         "logprob_chunk": cfg.model.logprob_chunk,
+        "sampler_param_dtype": cfg.rollout.sampler_param_dtype if cfg.mode == "grpo" else None,
         "shapes": dataclasses.asdict(shapes),
         "params": {"text_matmul": n_text, "vision": n_vision, "total": fl.count_params(abstract.params)},
         "state_bytes_per_device": state_bytes,
