@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixel_reasoner_jax.models.config import PRESETS
-from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
+from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.train.policies import sampler_copy
 
 
@@ -26,11 +25,10 @@ def test_sampler_copy_casts_floats_into_new_buffers():
             assert copy[k].unsafe_buffer_pointer() != params[k].unsafe_buffer_pointer()
 
 
-def test_bf16_copy_matches_float32_weights_under_bf16_compute():
+def test_bf16_copy_matches_float32_weights_under_bf16_compute(tiny_ckpt):
     # Every layer casts its weights to the compute dtype before use, so a bf16 copy changes nothing the
     # sampler computes when model.dtype is bfloat16 (the 3B/7B recipes).
-    with nnx.use_eager_sharding(False):
-        model = Qwen25VL(PRESETS["tiny"], dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = hf_io.load_model(tiny_ckpt, dtype=jnp.bfloat16)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ids = jnp.array([[3, 17, 4242, 151000, 9, 0]], jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (3, 1, 6))
