@@ -22,8 +22,12 @@ OUT_DIR = ROOT / "benchmarks" / "plans"
 PLANS_MD = ROOT / "benchmarks" / "PLANS.md"
 TOPOLOGIES = ("h100-8", "v5p-16", "v6e-32", "v5p-8", "v6e-16", "h200-8", "cpu:8")
 RECIPES = ("grpo:7b", "sft:7b", "grpo:3b", "sft:3b")
-# Extra rows: the chunked log-prob pass against (nearly) unchunked logits at one sequence bucket.
-EXTRA = {"grpo:7b:h100-8:chunk12288": ["--config.model.logprob_chunk=12288"]}
+# Extra rows: the chunked log-prob pass against (nearly) unchunked logits at one sequence bucket, and the
+# sampler's weight copy in float32 (the default before `rollout.sampler_param_dtype`) against bf16.
+EXTRA = {
+    "grpo:7b:h100-8:chunk12288": ["--config.model.logprob_chunk=12288"],
+    "grpo:7b:h100-8:sampler_f32": ["--config.rollout.sampler_param_dtype=float32"],
+}
 GIB = 2**30
 
 
@@ -88,7 +92,8 @@ def _row(key: str) -> str:
     mesh = "x".join(f"{k}{v}" for k, v in p["mesh"].items() if v > 1) or "1"
     worst = max(v.get("total_bytes", v.get("temp_bytes", 0)) for v in progs.values())
     return (
-        f"| {key} | {s['n_micro']}x{s['batch']}x{s['seq']} | {p['remat']}, {p['attention']} | {mesh} | "
+        f"| {key} | {s['n_micro']}x{s['batch']}x{s['seq']} | {p['remat']}, {p['attention']}"
+        f"{', sampler ' + p['sampler_param_dtype'] if p.get('sampler_param_dtype') else ''} | {mesh} | "
         f"{worst / GIB:.1f} / {p['budget_per_device_bytes'] / GIB:.1f} ({p['memory_per_device_bytes'] / GIB:.0f}) | "
         f"{'; '.join(parts)} | {ratio} | "
         f"{'**fits**' if p['fits'] else 'does not fit'} |"
@@ -97,7 +102,7 @@ def _row(key: str) -> str:
 
 def write_table(keys: list[str]) -> None:
     head = [
-        "| plan | micro x batch x seq | remat, attention | train mesh | worst total / budget (HBM) GiB | "
+        "| plan | micro x batch x seq | remat, attention, sampler weights | train mesh | worst total / budget (HBM) GiB | "
         "per program total GiB | grads FLOPs / 6NT | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
