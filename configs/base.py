@@ -167,6 +167,10 @@ def base_config() -> ml_collections.ConfigDict:
     r.health_max_backoff_s = 30.0
     r.batch_size = 128  # episodes decoded together (memory-bound choice, not in the reference)
     r.decode_bucket = 128  # decode lengths round up to a multiple (fewer compiled shapes)
+    # dtype of the in-process sampler's weight copy (resident beside the train state): bf16 as the original's
+    # vLLM serves it, half the float32 masters' memory. Every layer casts its weights to model.dtype before
+    # use, so with bf16 compute the sampled tokens are the same as from a float32 copy.
+    r.sampler_param_dtype = "bfloat16"
 
     c.grpo = g = ml_collections.ConfigDict()
     g.steps = -1  # -1 = num_episodes * (prompts * G // train_batch_size) (§8.2 max_steps)
@@ -370,6 +374,7 @@ def _apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.rollout.request_timeout_s = 120.0
     c.rollout.batch_size = 16
     c.rollout.decode_bucket = 8
+    c.rollout.sampler_param_dtype = "float32"  # CPU runs keep one dtype: sampler and trainer agree exactly
 
     e = c.eval
     # Every name: the synthetic eval set by default, and real benchmark rows when data.eval_path is given.

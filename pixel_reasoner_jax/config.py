@@ -152,6 +152,7 @@ class RolloutConfig:
     health_max_backoff_s: float
     batch_size: int
     decode_bucket: int
+    sampler_param_dtype: str
 
     @property
     def urls(self) -> tuple[str, ...]:

@@ -78,6 +78,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.backend": BACKENDS,
     "rollout.template": TEMPLATES,
     "rollout.crop_padding": CROP_PADDINGS,
+    "rollout.sampler_param_dtype": DTYPES,
     "rollout.video_crop_index": VIDEO_CROP_INDEXES,
     "grpo.filter": FILTERS,
     "grpo.logprob_temperature": LOGPROB_TEMPERATURES,

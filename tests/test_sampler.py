@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.models.config import ModelConfig
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
+from pixel_reasoner_jax.rollout.kv_slots import slot_shardings
 from pixel_reasoner_jax.rollout.policy import GenerationRequest, SamplingParams, Video
 from pixel_reasoner_jax.rollout.sampler import JaxSampler, sample_tokens, truncation_mask
-from pixel_reasoner_jax.rollout.sampler_inputs import expand_request, pack_prompts
-from pixel_reasoner_jax.sharding import make_mesh
+from pixel_reasoner_jax.rollout.sampler_inputs import PromptBatch, expand_request, pack_prompts
+from pixel_reasoner_jax.sharding import make_mesh, use_mesh
 
 IM_START, IM_END, VS, VE = 151644, 151645, 151652, 151653
 IMG, VID = 151655, 151656
@@ -337,6 +339,33 @@ def test_sharded_mesh_with_chunks_matches_single_device(setup):
         assert a.output_ids == b.output_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
     assert sampler.compile_counts == {"prefill": 1, "decode": 1, "vision": 1}  # both chunks: B=2
+
+
+def test_trace_places_the_slot_state_as_generate_does(setup):
+    # The planner's programs: traced from ShapeDtypeStructs of a real prompt batch, the slot state enters
+    # decode placed as constrain_slots places it (batch over data, kv heads over tensor), so compiled
+    # memory is per device; prefill takes the per-sample vision rows.
+    cfg, image_cfg = setup["cfg"], setup["image_cfg"]
+    mesh = make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
+    sampler = JaxSampler(setup["model"], cfg, image_cfg, mesh=mesh, **{**KW, "max_batch": 2})
+    ex = [expand_request(r, i, cfg, image_cfg) for i, r in enumerate(mixed_requests()[:2])]
+    batch = pack_prompts(ex, cfg, batch_size=2, seq_buckets=(T_BUCKET,), patch_buckets=(256,))
+    to_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    structs = PromptBatch(
+        *(to_struct(getattr(batch, f)) for f in ("input_ids", "attention_mask", "positions", "pixel_values")),
+        jax.tree.map(to_struct, batch.vision_inputs),
+    )
+    progs = sampler.trace(structs, 2, NEW)
+    state = jax.eval_shape(lambda: sampler._init_fn(2, T_BUCKET + NEW, NEW))
+    want = slot_shardings(state, mesh, "rollout")
+    assert want.cache.k.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert want.tokens.spec == P(("data", "fsdp"), None)
+    with use_mesh(mesh, "rollout"):
+        compiled = progs["decode"].lower().compile()
+    got = compiled.input_shardings[0][2]
+    for leaf, g, w in zip(jax.tree.leaves(state), jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.is_equivalent_to(w, leaf.ndim), (g, w)
+    assert progs["prefill"].args_info[0][6].shape == batch.pixel_values.shape
 
 
 def test_bad_requests_name_the_request(setup):

@@ -9,12 +9,21 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
 from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.models.qwen25vl import KVCache, init_cache
 from pixel_reasoner_jax.rollout.sampling import row_keys, sample_tokens
 
-__all__ = ["SlotState", "constrain_slots", "decode_steps", "fill_slots", "init_slots"]
+__all__ = [
+    "SlotState",
+    "constrain_slots",
+    "decode_steps",
+    "fill_slots",
+    "init_slots",
+    "slot_axes",
+    "slot_shardings",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -53,24 +62,30 @@ def init_slots(cfg, slots: int, cache_len: int, num_new: int, cache_dtype) -> Sl
     )
 
 
-def constrain_slots(state: SlotState) -> SlotState:
-    """Every leaf sharded on its batch axis (no-op without a mesh): the programs' inputs and outputs keep
-    one placement, so no call recompiles for a different one."""
+def slot_axes(state: SlotState) -> SlotState:
+    """Logical axis names of every leaf of `state`: the batch axis over act_batch, the cache's kv heads over
+    act_kv_heads, the rest unsplit."""
     kv = (None, "act_batch", None, "act_kv_heads", None)
-    cache = state.cache
     by_row = {
-        f.name: sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+        f.name: ("act_batch",) + (None,) * (getattr(state, f.name).ndim - 1)
         for f in dataclasses.fields(state)
         if f.name != "cache"
-        for x in (getattr(state, f.name),)
     }
-    return SlotState(
-        cache=KVCache(
-            k=sharding.constrain(cache.k, kv),
-            v=sharding.constrain(cache.v, kv),
-            mask=sharding.constrain(cache.mask, ("act_batch", None)),
-        ),
-        **by_row,
+    return SlotState(cache=KVCache(k=kv, v=kv, mask=("act_batch", None)), **by_row)
+
+
+def constrain_slots(state: SlotState) -> SlotState:
+    """Every leaf sharded by `slot_axes` (no-op without a mesh): the programs' inputs and outputs keep one
+    placement, so no call recompiles for a different one."""
+    return jax.tree.map(sharding.constrain, state, slot_axes(state))
+
+
+def slot_shardings(state: SlotState, mesh, rules: sharding.Rules | str) -> SlotState:
+    """The NamedSharding of every leaf of `state` (arrays or ShapeDtypeStructs) that `constrain_slots`
+    gives it on `mesh` under `rules`."""
+    table = sharding.RULES.get(rules, rules)
+    return jax.tree.map(
+        lambda _, names: NamedSharding(mesh, sharding.logical_to_spec(names, table)), state, slot_axes(state)
     )
 
 

@@ -8,6 +8,7 @@ compiles a handful of programs: `prefill` (encode prompts into given slots) and 
 
 import collections
 import contextlib
+import functools
 import threading
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ from pixel_reasoner_jax.rollout.kv_slots import (
     decode_steps,
     fill_slots,
     init_slots,
+    slot_shardings,
 )
 from pixel_reasoner_jax.rollout.policy import (
     FINISH_LENGTH,
@@ -36,7 +38,9 @@ from pixel_reasoner_jax.rollout.policy import (
     Policy,
 )
 from pixel_reasoner_jax.rollout.sampler_inputs import (
+    MIN_STOP_SLOTS,
     ExpandedRequest,
+    PromptBatch,
     SlotParams,
     check_fits,
     expand_request,
@@ -121,8 +125,9 @@ class JaxSampler(Policy):
         else:
             placement = jax.tree.map(lambda x: x.sharding, pure)
         # Committed placement: update_weights puts new arrays on the same shardings, and jit keys its
-        # executables on committedness too (an uncommitted -> committed switch would recompile).
-        pure = jax.device_put(pure, placement)
+        # executables on committedness too (an uncommitted -> committed switch would recompile). An abstract
+        # model (nnx.eval_shape) keeps ShapeDtypeStructs: such a sampler can only `trace`.
+        pure = jax.tree.map(_place_abstract, pure, placement)
         self._weights = (pure, str(weight_version))
         self._traces = {"prefill": 0, "decode": 0}
         self._stats = {"prompts_prefilled": 0, "slots_filled": 0, "decode_calls": 0}
@@ -231,6 +236,33 @@ class JaxSampler(Policy):
                 self._stats["decode_calls"] += 1
                 run.collect(state, version)
         return run.results
+
+    def trace(self, prompts: PromptBatch, slots: int, num_new: int) -> dict[str, jax.stages.Traced]:
+        """The prefill and decode programs of a `generate` call, traced with the current weights at `slots`
+        decode slots of `num_new` new tokens after `prompts` (one prefill call; its arrays may be
+        ShapeDtypeStructs): ahead-of-time planning (`pixel_reasoner_jax.plan`).
+
+        The slot state is abstract and, under a mesh, placed as `constrain_slots` places it, so compiled
+        memory is per device. Lower and compile under the sampler's mesh (`sharding.use_mesh(mesh, "rollout")`).
+        """
+        params, _ = self._weights
+        cache_len = prompts.input_ids.shape[1] + num_new
+        state = jax.eval_shape(functools.partial(self._init_fn, slots, cache_len, num_new))
+        if self._mesh is not None:
+            state = jax.tree.map(
+                lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                state,
+                slot_shardings(state, self._mesh, self._rules),
+            )
+        src_b = jax.ShapeDtypeStruct((slots,), jnp.int32)
+        slot_p = SlotParams.empty(slots, MIN_STOP_SLOTS)
+        with self._scope():
+            prefill = self._prefill.trace(
+                params, self._rest, state, prompts.input_ids, prompts.positions, prompts.attention_mask,
+                prompts.pixel_values, prompts.vision_inputs, src_b, slot_p,
+            )  # fmt: skip
+            decode = self._decode.trace(params, self._rest, state, slot_p, np.int32(slots))
+        return {"prefill": prefill, "decode": decode}
 
     # ------------------------------------------------------------------------------ device
 
@@ -394,3 +426,10 @@ def _place_like(old: jax.Array, x) -> jax.Array:
         x = np.asarray(x, dtype=old.dtype)
     x = jax.device_put(x, old.sharding)
     return x if x.dtype == old.dtype else x.astype(old.dtype)
+
+
+def _place_abstract(x, sh):
+    """`device_put`, except that a ShapeDtypeStruct (an abstract model) only takes the sharding."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+    return jax.device_put(x, sh)

@@ -25,6 +25,7 @@ __all__ = [
     "SlotParams",
     "check_fits",
     "expand_request",
+    "prompt_min_windows",
     "pack_prompts",
     "prompt_groups",
     "request_label",
@@ -199,6 +200,14 @@ def check_fits(
     return t
 
 
+def prompt_min_windows(vision_cfg, patch_bucket: int) -> int:
+    """The attention-window floor of a prompt batch at per-sample `patch_bucket`: the window count is a
+    compile dimension too; a floor of twice the full windows the bucket holds covers typical batches, so it
+    varies only for samples of many small items."""
+    slots = (vision_cfg.window_size // vision_cfg.patch_size) ** 2
+    return pick_bucket(max(1, 2 * patch_bucket // slots), None)
+
+
 def pack_prompts(
     expanded: Sequence[ExpandedRequest],
     cfg: ModelConfig,
@@ -223,17 +232,14 @@ def pack_prompts(
         ids[r, t - e.length :] = e.input_ids
         mask[r, t - e.length :] = 1
         positions[:, r, t - e.length :] = e.positions
-    # The attention-window count is a compile dimension too; a floor of twice the full windows a per-sample
-    # bucket holds covers typical batches, so it varies only for samples of many small items.
     pb = pick_bucket(max(e.pixel_values.shape[0] for e in expanded), patch_buckets)
-    slots = (cfg.vision.window_size // cfg.vision.patch_size) ** 2
     pad = batch_size - n
     pixel_values, vision_inputs = pack_vision(
         [e.pixel_values for e in expanded] + [np.zeros((0, cfg.vision.patch_dim), np.float32)] * pad,
         [e.grid_thw for e in expanded] + [np.zeros((0, 3), np.int64)] * pad,
         cfg.vision,
         patch_buckets=patch_buckets,
-        min_windows=pick_bucket(max(1, 2 * (pb or 0) // slots), None),
+        min_windows=prompt_min_windows(cfg.vision, pb or 0),
     )
     return PromptBatch(ids, mask, positions, pixel_values, vision_inputs)
 

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -32,6 +33,20 @@ def request_seed(base: int, step: int, rid: str) -> int:
     """A sampling seed from (run seed, loop step, request id) alone: a resumed run draws the same tokens."""
     words = np.random.SeedSequence([base, step, zlib.crc32(rid.encode())]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) | (int(words[1]) >> 1)
+
+
+def sampler_copy(params, dtype: str, copy: bool = True):
+    """New buffers of `params` in the sampler's weight dtype (`rollout.sampler_param_dtype`), never the
+    train state's own: the train step donates those. Floating leaves only; a cast is itself the copy.
+    copy=False only casts: for arrays that are already the caller's own (a host gather, a snapshot)."""
+    want = jnp.dtype(dtype)
+
+    def one(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == want:
+            return x.copy() if copy else x
+        return x.astype(want)
+
+    return jax.tree.map(one, params)
 
 
 class SeededPolicy(Policy):
@@ -149,12 +164,13 @@ class Rollouts:
         )  # fmt: skip
 
     def _sampler_params(self):
-        """The train state's parameters for this process's sampler: copies (the train step donates the
-        state's buffers, which must never be the sampler's), gathered to the host when they span processes
-        (the sampler's devices are this process's only)."""
-        if jax.process_count() > 1:
-            return jax.tree.map(distributed.to_host, self.ctx.state.params)
-        return jax.tree.map(lambda x: x.copy(), self.ctx.state.params)
+        """The train state's parameters for this process's sampler, in `rollout.sampler_param_dtype`: copies
+        (the train step donates the state's buffers, which must never be the sampler's), gathered to the
+        host when they span processes (the sampler's devices are this process's only)."""
+        dtype = self.ctx.cfg.rollout.sampler_param_dtype
+        if jax.process_count() > 1:  # the gather is already a new host copy: only cast it
+            return sampler_copy(jax.tree.map(distributed.to_host, self.ctx.state.params), dtype, copy=False)
+        return sampler_copy(self.ctx.state.params, dtype)
 
     @property
     def processor(self):
@@ -191,7 +207,9 @@ class Rollouts:
         if self.policy.weight_version == version:
             return
         if self.client is None:
-            self.policy.update_weights(params, version)
+            # Already the caller's own arrays (see above): only cast to the sampler's weight dtype.
+            dtype = self.ctx.cfg.rollout.sampler_param_dtype
+            self.policy.update_weights(sampler_copy(params, dtype, copy=False), version)
             return
         ctx = self.ctx
         push_weights(

@@ -171,13 +171,12 @@ def _batch_axis(name: str) -> int:
     return {"positions": 2}.get(name, 1)
 
 
-def shard_batch(micro: dict[str, Any], mesh: Mesh, rules: sharding.Rules | str = "train") -> dict[str, Any]:
-    """Places a stacked micro pytree on `mesh`: the batch axis over the rules' `act_batch` mesh axes
-    ("data", "fsdp" for training), the per-sample vision rows and index arrays included, so each device
-    encodes the images of its own sequences.
-
-    Host NumPy arrays are assumed to be the full global batch on every process (multi-host: each process
-    places its addressable shards); jax.Arrays are resharded.
+def batch_shardings(
+    micro: dict[str, Any], mesh: Mesh, rules: sharding.Rules | str = "train"
+) -> dict[str, Any]:
+    """NamedSharding tree of a stacked micro pytree (NumPy, jax.Arrays or ShapeDtypeStructs): the batch axis
+    over the rules' `act_batch` mesh axes ("data", "fsdp" for training), the per-sample vision rows and index
+    arrays included, so each device encodes the images of its own sequences.
 
     Raises:
       ValueError: a missing token key, or a batch size that does not divide over the data-parallel devices.
@@ -204,11 +203,25 @@ def shard_batch(micro: dict[str, Any], mesh: Mesh, rules: sharding.Rules | str =
             s[axis] = batch_axes
             return NamedSharding(mesh, P(*s))
 
-        out[key] = jax.tree.map(lambda x: _place(x, spec(x)), value)
+        out[key] = jax.tree.map(spec, value)
     return out
 
 
+def shard_batch(micro: dict[str, Any], mesh: Mesh, rules: sharding.Rules | str = "train") -> dict[str, Any]:
+    """Places a stacked micro pytree on `mesh` with `batch_shardings`.
+
+    Host NumPy arrays are assumed to be the full global batch on every process (multi-host: each process
+    places its addressable shards); jax.Arrays are resharded.
+
+    Raises:
+      ValueError: see `batch_shardings`.
+    """
+    return jax.tree.map(_place, micro, batch_shardings(micro, mesh, rules))
+
+
 def _place(x, sh: NamedSharding) -> jax.Array:
+    if isinstance(x, jax.ShapeDtypeStruct):  # abstract batches (ahead-of-time planning) only get the sharding
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
     if isinstance(x, jax.Array):
         return jax.device_put(x, sh)
     x = np.asarray(x)
@@ -299,12 +312,18 @@ class TrainFns:
         positions are computed and the others read 0.
       grads: (state, micro, kind) -> `state.Accumulated` of the step's loss, kind "sft" | "grpo": exactly
         what the step feeds the optimizer (for tests, gradient checks and debugging); nothing is donated.
+      trace: (kind, state, micro) -> {name: jax.stages.Traced} of the programs behind a call, traced at the
+        shapes of `state` and `micro` (ShapeDtypeStructs suffice: ahead-of-time planning without devices,
+        `pixel_reasoner_jax.plan`). kind "sft" | "grpo" gives {"grads", "update"} (the step's two
+        programs), "logprobs" gives {"logprobs"} (`state` may then be the params alone). The batch gets
+        `shard_batch`'s shardings; `.lower().compile()` them under `sharding.use_mesh(mesh, rules)`.
     """
 
     sft_step: Callable[[st.TrainState, dict], tuple[st.TrainState, dict]]
     grpo_step: Callable[[st.TrainState, dict], tuple[st.TrainState, dict]] | None
     logprobs: Callable[[Any, dict], jax.Array]
     grads: Callable[[st.TrainState, dict, str], st.Accumulated]
+    trace: Callable[[str, Any, dict], dict[str, jax.stages.Traced]]
 
 
 def _vision_args(mb: dict):
@@ -510,9 +529,26 @@ def make_train_fns(
         with sharding.use_mesh(mesh, rules):
             return lp_jit(params, buffers, shard_batch(micro, mesh, rules))
 
+    def trace(kind, state, micro):
+        if kind == "logprobs":
+            params = state.params if isinstance(state, st.TrainState) else state
+            with sharding.use_mesh(mesh, rules):
+                return {"logprobs": lp_jit.trace(params, buffers, shard_batch(micro, mesh, rules))}
+        check_kind(kind)
+        with sharding.use_mesh(mesh, rules):
+            g = grads_jit.trace(state, shard_batch(micro, mesh, rules), kind)
+            # The accumulator arrives as the gradient program left it: gradients sharded like the params
+            # (`accumulate` constrains them), the scalar totals replicated.
+            acc = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), g.out_info
+            )
+            acc = acc._replace(grads=st.abstract_like(acc.grads, state_shardings.params))
+            return {"grads": g, "update": update_jit.trace(state, acc, kind)}
+
     return TrainFns(
         sft_step=step("sft"),
         grpo_step=None if grpo is None else step("grpo"),
         logprobs=logprobs,
         grads=grads,
+        trace=trace,
     )

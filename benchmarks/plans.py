@@ -1,0 +1,133 @@
+"""Regenerates benchmarks/PLANS.md: the AOT plan of 3B/7B SFT and GRPO on the TPU slices and GPU nodes
+users rent, each compiled in its own process (one at a time) with the environment its target needs.
+
+  python -m benchmarks.plans                      # every missing plan, then PLANS.md
+  python -m benchmarks.plans --only=grpo:7b:h100-8 --force
+  python -m benchmarks.plans --table              # PLANS.md from the JSON files already written
+
+TPU plans run under $PLAN_TPU_PYTHON (default /work/venv-tpu/bin/python: jax[tpu]), GPU plans under
+$PLAN_GPU_PYTHON (default /work/venv-gpu/bin/python: jax[cuda12]), cpu plans under this interpreter.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+OUT_DIR = ROOT / "benchmarks" / "plans"
+PLANS_MD = ROOT / "benchmarks" / "PLANS.md"
+TOPOLOGIES = ("h100-8", "v5p-16", "v6e-32", "v5p-8", "v6e-16", "h200-8", "cpu:8")
+RECIPES = ("grpo:7b", "sft:7b", "grpo:3b", "sft:3b")
+# Extra rows: the chunked log-prob pass against (nearly) unchunked logits at one sequence bucket, and the
+# sampler's weight copy in float32 (the default before `rollout.sampler_param_dtype`) against bf16.
+EXTRA = {
+    "grpo:7b:h100-8:chunk12288": ["--config.model.logprob_chunk=12288"],
+    "grpo:7b:h100-8:sampler_f32": ["--config.rollout.sampler_param_dtype=float32"],
+}
+GIB = 2**30
+
+
+# SFT's recipe batch (16 samples, 2 micro-batches of 8) cannot split over 16 or 32 devices: those plans
+# use the smallest batch that does, one sample per device per micro-batch (stated in PLANS.md).
+OVERRIDES = {
+    f"sft:{v}:{t}": [f"--config.sft.batch_size={b}", f"--config.sft.micro_batches={m}"]
+    for v in ("3b", "7b")
+    for t, b, m in (("v6e-16", 32, 2), ("v6e-32", 32, 1))
+}
+
+
+def python_for(topology: str) -> str:
+    if topology.startswith(("h100", "h200")):
+        return os.environ.get("PLAN_GPU_PYTHON", "/work/venv-gpu/bin/python")
+    if topology.startswith("cpu"):
+        return sys.executable
+    return os.environ.get("PLAN_TPU_PYTHON", "/work/venv-tpu/bin/python")
+
+
+def key_path(key: str) -> pathlib.Path:
+    return OUT_DIR / (key.replace(":", "_") + ".json")
+
+
+def run_one(key: str, extra: list[str], timeout: float) -> None:
+    mode, variant, topology = key.split(":")[:3]
+    out = key_path(key)
+    cmd = [python_for(topology), "-m", "pixel_reasoner_jax.plan", f"--config=configs/{mode}.py:{variant}"]
+    cmd += [f"--topology={topology}", f"--out={out}", *extra]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        err = "" if proc.returncode in (0, 1) and out.exists() else proc.stderr[-2000:] or "no plan written"
+    except subprocess.TimeoutExpired:
+        err = f"timed out after {timeout:.0f} s"
+    log = {"key": key, "cmd": " ".join(cmd[1:]), "wall_s": round(time.time() - t0), "error": err}
+    if err:
+        out.with_suffix(".err.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    print(f"{key}: {'error' if err else 'ok'} in {log['wall_s']} s", flush=True)
+
+
+def _row(key: str) -> str:
+    path = key_path(key)
+    if not path.exists():
+        err = path.with_suffix(".err.json")
+        why = (
+            json.loads(err.read_text())["error"].strip().splitlines()[-1][:160] if err.exists() else "not run"
+        )
+        return f"| {key} | — | — | — | — | — | — | {why} |"
+    p = json.loads(path.read_text())
+    s, progs = p["shapes"], p["programs"]
+    parts = []
+    for name in ("grads", "update", "logprobs", "prefill", "decode"):
+        if name in progs:
+            q = progs[name]
+            size = q.get("total_bytes", q.get("temp_bytes", 0))
+            parts.append(
+                f"{name} {'temp ' if 'error' in q else ''}{size / GIB:.1f}{' (refused)' if 'error' in q else ''}"
+            )
+    g = progs["grads"]
+    ratio = f"{g['flops'] / g['model_flops']:.2f}" if "flops" in g else "—"
+    mesh = "x".join(f"{k}{v}" for k, v in p["mesh"].items() if v > 1) or "1"
+    worst = max(v.get("total_bytes", v.get("temp_bytes", 0)) for v in progs.values())
+    return (
+        f"| {key} | {s['n_micro']}x{s['batch']}x{s['seq']} | {p['remat']}, {p['attention']}"
+        f"{', sampler ' + p['sampler_param_dtype'] if p.get('sampler_param_dtype') else ''} | {mesh} | "
+        f"{worst / GIB:.1f} / {p['budget_per_device_bytes'] / GIB:.1f} ({p['memory_per_device_bytes'] / GIB:.0f}) | "
+        f"{'; '.join(parts)} | {ratio} | "
+        f"{'**fits**' if p['fits'] else 'does not fit'} |"
+    )
+
+
+def write_table(keys: list[str]) -> None:
+    head = [
+        "| plan | micro x batch x seq | remat, attention, sampler weights | train mesh | worst total / budget (HBM) GiB | "
+        "per program total GiB | grads FLOPs / 6NT | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    body = "\n".join(head + [_row(k) for k in keys])
+    intro_path = ROOT / "benchmarks" / "PLANS_intro.md"
+    intro = intro_path.read_text(encoding="utf-8") if intro_path.exists() else ""
+    PLANS_MD.write_text(intro.replace("{{TABLE}}", body) if "{{TABLE}}" in intro else body + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="comma-separated mode:variant:topology keys")
+    ap.add_argument("--force", action="store_true", help="recompile plans that already have a JSON")
+    ap.add_argument("--table", action="store_true", help="only rewrite PLANS.md")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per plan")
+    args = ap.parse_args()
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    keys = [f"{r}:{t}" for r in RECIPES for t in TOPOLOGIES] + list(EXTRA)
+    if not args.table:
+        todo = [k for k in keys if not args.only or k in args.only.split(",")]
+        for key in todo:
+            if args.force or not key_path(key).exists():
+                run_one(key, EXTRA.get(key, OVERRIDES.get(key, [])), args.timeout)
+    write_table(keys)
+
+
+if __name__ == "__main__":
+    main()

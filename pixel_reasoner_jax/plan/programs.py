@@ -1,0 +1,343 @@
+"""Every program a recipe runs, compiled ahead of time at its real shapes for a target: per-device memory
+(XLA's buffer assignment), FLOPs and whether it fits, from ShapeDtypeStructs only (no arrays, no devices).
+
+Programs: the step's gradient and optimizer programs (`sft` or `grpo`), GRPO's old log-prob pass, and the
+in-process sampler's prefill and decode at the rollout batch. Shapes are the largest the config admits.
+"""
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixel_reasoner_jax import sharding
+from pixel_reasoner_jax.config import RunConfig, mesh_shape, rollout_mesh_shape
+from pixel_reasoner_jax.models.config import PRESETS, ModelConfig
+from pixel_reasoner_jax.models.layers import resolve_attention
+from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
+from pixel_reasoner_jax.models.tiny import SIZES
+from pixel_reasoner_jax.models.vision import pad_windows, prepare_vision
+from pixel_reasoner_jax.plan import flops as fl
+from pixel_reasoner_jax.plan.topology import Topology, memory_per_device
+from pixel_reasoner_jax.processing.batch import pick_bucket
+from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
+from pixel_reasoner_jax.rollout.sampler import JaxSampler
+from pixel_reasoner_jax.rollout.sampler_inputs import PromptBatch, prompt_min_windows
+from pixel_reasoner_jax.train import state as st
+from pixel_reasoner_jax.train import steps
+from pixel_reasoner_jax.train.run import _model_kwargs, optim_config
+
+PIXELS_PER_PATCH = 14 * 14
+MEDIA_KEYS = ("pixel_values", "vision_inputs")
+
+
+def model_config(cfg: RunConfig) -> ModelConfig:
+    """The architecture of a variant: the real 3B/7B sizes, or the tiny preset `model.tiny_size` names."""
+    if cfg.variant == "tiny":
+        return SIZES[cfg.model.tiny_size]
+    return PRESETS[cfg.variant]
+
+
+def _struct(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
+
+
+def vision_structs(
+    mcfg: ModelConfig, batch: int, patch_bucket: int, max_image_pixels: int, window_floor: bool
+):
+    """(pixel_values (B, Pb, C), vision_inputs stacked on B) structs of `batch` samples, each filling the
+    per-sample patch bucket (`processing.batch.pack_vision`'s layout): square images as large as
+    `max_image_pixels` allows, the last one taking the remaining rows (the window count follows)."""
+    v = mcfg.vision
+    side = int(math.isqrt(max(4, min(patch_bucket, max_image_pixels // PIXELS_PER_PATCH)))) // 2 * 2
+    k, rest = divmod(patch_bucket, side * side)
+    grids = [(1, side, side)] * k + ([(1, 2, rest // 2)] if rest else [])
+    vi = prepare_vision(np.array(grids), v, patch_bucket=patch_bucket)
+    if window_floor:  # the sampler's floor on the window count (sampler_inputs.pack_prompts)
+        vi = pad_windows(vi, max(vi.window_gather.shape[0], prompt_min_windows(v, patch_bucket)))
+    # Every sample alike: stack_vision of identical samples is the one sample with a leading B.
+    return _struct((batch, patch_bucket, v.patch_dim), np.float32), jax.tree.map(
+        lambda x: _struct((batch, *x.shape), x.dtype), vi
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The largest shapes a recipe admits (what the plan compiles at).
+
+    Attributes:
+      n_micro, batch, seq: micro-batches per step, samples per micro-batch, sequence bucket.
+      patches: patch rows per sample (the largest `data.patch_buckets`); 0 for text only.
+      loss_positions: trained positions per row (`loss_index` width); the worst case, every position.
+      rollout_rows, prompt, new_tokens: the sampler's batch, prompt bucket and decode length (grpo).
+    """
+
+    n_micro: int
+    batch: int
+    seq: int
+    patches: int
+    loss_positions: int
+    rollout_rows: int = 0
+    prompt: int = 0
+    new_tokens: int = 0
+
+
+def recipe_shapes(cfg: RunConfig) -> Shapes:
+    d, r = cfg.data, cfg.rollout
+    patches = max(d.patch_buckets) if d.patch_buckets else 0
+    if cfg.mode == "sft":
+        n, total = cfg.sft.micro_batches, cfg.sft.batch_size
+        seq = pick_bucket(d.max_seq_len, d.seq_buckets) or max(d.seq_buckets)
+        return Shapes(n, total // n, seq, patches, seq)
+    n, total = cfg.grpo.micro_batches, cfg.grpo.train_batch_size
+    seq = pick_bucket(r.max_total_tokens, d.seq_buckets) or max(d.seq_buckets)
+    new = -(-r.max_new_tokens // r.decode_bucket) * r.decode_bucket
+    return Shapes(n, total // n, seq, patches, seq, r.batch_size, seq, new)
+
+
+def micro_structs(mcfg: ModelConfig, s: Shapes, max_image_pixels: int, media: bool = True) -> dict[str, Any]:
+    """A stacked micro pytree (`steps.stack`'s keys and dtypes) of ShapeDtypeStructs."""
+    n, b, t, k = s.n_micro, s.batch, s.seq, s.loss_positions
+    out = {key: _struct((n, b, t), np.int32) for key in ("input_ids", "targets", "attention_mask")}
+    out.update(
+        {
+            key: _struct((n, b, t), np.float32)
+            for key in ("loss_mask", "sampler_logprobs", "temperatures", "old_logprobs")
+        }
+    )
+    out.update(
+        positions=_struct((n, 3, b, t), np.int32),
+        advantages=_struct((n, b), np.float32),
+        ref_logprobs=_struct((n, b, t), np.float32),
+        loss_index=_struct((n, b, k), np.int32),
+        loss_valid=_struct((n, b, k), np.bool_),
+    )
+    if media and s.patches:
+        pv, vi = vision_structs(mcfg, b, s.patches, max_image_pixels, window_floor=False)
+        out["pixel_values"] = _struct((n, *pv.shape), pv.dtype)
+        out["vision_inputs"] = jax.tree.map(lambda x: _struct((n, *x.shape), x.dtype), vi)
+    return out
+
+
+def prompt_structs(mcfg: ModelConfig, s: Shapes, max_image_pixels: int, media: bool = True) -> PromptBatch:
+    """One prefill call of the rollout's rows (`sampler_inputs.pack_prompts`'s layout) as ShapeDtypeStructs."""
+    k, t = s.rollout_rows, s.prompt
+    pv = vi = None
+    if media and s.patches:
+        pv, vi = vision_structs(mcfg, k, s.patches, max_image_pixels, window_floor=True)
+    i32 = _struct((k, t), np.int32)
+    return PromptBatch(i32, i32, _struct((3, k, t), np.int32), pv, vi)
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs / arrays (the largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * x.dtype.itemsize  # typed PRNG keys have no NumPy dtype
+    return total
+
+
+def memory(compiled: jax.stages.Compiled, platform: str) -> dict[str, int]:
+    """XLA's per-device buffer sizes; peak = the compiler's own figure on TPU/GPU, arguments + outputs -
+    aliased + temporaries on CPU (whose reported peak covers the arguments only)."""
+    m = compiled.memory_analysis()
+    out = {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+    }
+    summed = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    reported = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    out["peak_bytes"] = reported if platform != "cpu" and reported > 0 else summed
+    return out
+
+
+@dataclasses.dataclass
+class Target:
+    """What the programs compile against: the parsed topology, its devices and memory per device."""
+
+    topo: Topology
+    devices: list
+
+    @property
+    def memory(self) -> int:
+        return memory_per_device(self.topo, len(self.devices))
+
+    @property
+    def budget(self) -> int:
+        return int(self.memory * (1.0 - self.topo.headroom))
+
+
+def _attention(cfg: RunConfig, target: Target) -> str:
+    kw = _model_kwargs(cfg)
+    return resolve_attention(cfg.model.attention, kw["dtype"], target.topo.platform)
+
+
+def plan_recipe(
+    cfg: RunConfig,
+    target: Target,
+    log=print,
+    compiler_options: dict[str, Any] | None = None,
+    text_only: bool = False,
+) -> dict[str, Any]:
+    """Compiles the recipe's programs for `target` one at a time and returns the plan (JSON-ready).
+
+    Per program: argument/output/alias/temp/peak bytes per device, `resident_bytes` (buffers of the other
+    phase that stay allocated: the sampler's weights during training, the train state during rollouts),
+    `flops` per device (jaxpr count over the devices: the vision tower runs per sample, split over the batch
+    like the decoder; `vision_flops` is its global share), `xla_flops` (XLA's count, loop bodies once), `model_flops` (6·N·T, 2·N·T forward only)
+    and `fits` (peak + resident within the memory less the headroom). `compiler_options` go to the train
+    programs' jits (tests lower the CPU optimisation level; argument and output sizes do not change).
+    `text_only` plans batches without images or videos (a text-only data set; the vision tower's weights
+    stay in the state, its programs drop out).
+    """
+    n = len(target.devices)
+    mcfg = model_config(cfg)
+    shapes = recipe_shapes(cfg)
+    if text_only:
+        shapes = dataclasses.replace(shapes, patches=0)
+    kw = dict(_model_kwargs(cfg), attention=_attention(cfg, target))
+    mesh = sharding.make_mesh(*mesh_shape(cfg.mesh, n), devices=target.devices)
+    frozen = st.freeze_prefixes(st.VISION_TOWER) if cfg.model.freeze_vision else None
+    ocfg = optim_config(cfg, 1000)
+    optimizer = st.make_optimizer(ocfg, frozen)
+    graphdef, abstract, shardings = st.abstract_train_state(
+        lambda: Qwen25VL(mcfg, rngs=nnx.Rngs(0), **kw), optimizer, mesh, "train", seed=cfg.seed
+    )
+    grpo = None
+    if cfg.mode == "grpo":
+        grpo = steps.GRPOLossSettings.from_config(
+            cfg.grpo, cfg.data.max_seq_len, temperature=cfg.rollout.temperature
+        )
+    fns = steps.make_train_fns(
+        graphdef, optimizer, shardings, mesh, logprob_chunk=cfg.model.logprob_chunk, grpo=grpo,
+        schedule=st.make_schedule(ocfg), frozen=frozen, buffers=abstract.buffers,
+        compiler_options=compiler_options,
+    )  # fmt: skip
+    max_px = cfg.rollout.model_max_pixels if cfg.mode == "grpo" else cfg.data.sft_image_max_pixels
+    micro = micro_structs(mcfg, shapes, max_px)
+    text_micro = micro_structs(mcfg, shapes, max_px, media=False)
+
+    def text(trace):
+        """`trace()`: the program on a text-only batch, whose FLOPs less the vision tower's; None
+        when the batch has no media (the program is its own text-only version)."""
+        return trace() if shapes.patches else None
+
+    n_text = fl.count_params(abstract.params, skip=("visual", "embed_tokens"))
+    n_vision = fl.count_params(abstract.params) - fl.count_params(abstract.params, skip=("visual",))
+    tokens = shapes.n_micro * shapes.batch * shapes.seq
+    vision_rows = shapes.n_micro * shapes.batch * shapes.patches
+    vision_factor = 2 if cfg.model.freeze_vision else 6
+    step_model = 6 * n_text * tokens + vision_factor * n_vision * vision_rows
+
+    jobs = []  # (name, traced, text-only traced or None, while trips, model flops, mesh, rules)
+    step = fns.trace(cfg.mode, abstract, micro)
+    step_text = text(lambda: fns.trace(cfg.mode, abstract, text_micro)["grads"])
+    jobs.append(("grads", step["grads"], step_text, 1, step_model, mesh, "train"))
+    jobs.append(("update", step["update"], None, 1, 0, mesh, "train"))
+    sampler_weights = 0
+    if cfg.mode == "grpo":
+        lp = fns.trace("logprobs", abstract.params, micro)["logprobs"]
+        lp_text = text(lambda: fns.trace("logprobs", abstract.params, text_micro)["logprobs"])
+        jobs.append(("logprobs", lp, lp_text, 1, step_model // 3, mesh, "train"))
+        if cfg.rollout.backend == "jax":
+            data, tensor = rollout_mesh_shape(cfg.mesh, n)
+            rmesh = sharding.make_mesh(data, 1, tensor, devices=target.devices)
+            skw = dict(kw, param_dtype=jnp.dtype(cfg.rollout.sampler_param_dtype))  # train/policies.py
+            with sharding.use_mesh(rmesh, "rollout"):
+                model = nnx.eval_shape(lambda: Qwen25VL(mcfg, rngs=nnx.Rngs(0), **skw))
+            image_cfg = ImageProcessorConfig(cfg.rollout.model_min_pixels, cfg.rollout.model_max_pixels)
+            sampler = JaxSampler(
+                model, mcfg, image_cfg, max_batch=shapes.rollout_rows, seq_buckets=cfg.data.seq_buckets,
+                patch_buckets=cfg.data.patch_buckets, decode_bucket=cfg.rollout.decode_bucket, mesh=rmesh,
+            )  # fmt: skip
+            params = nnx.split(model, nnx.Param, ...)[1]
+            sampler_weights = per_device_bytes(
+                st.abstract_like(params, sharding.state_shardings(params, rmesh, "rollout"))
+            )
+            rows = shapes.rollout_rows
+
+            def trace_sampler(media=True):
+                prompts = prompt_structs(mcfg, shapes, max_px, media=media)
+                return sampler.trace(prompts, rows, shapes.new_tokens)
+
+            progs = trace_sampler()
+            prefill_text = text(lambda: trace_sampler(media=False)["prefill"])
+            prefill_model = 2 * n_text * rows * shapes.prompt + 2 * n_vision * rows * shapes.patches
+            jobs.append(("prefill", progs["prefill"], prefill_text, 1, prefill_model, rmesh, "rollout"))
+            decode_model = 2 * n_text * rows * shapes.new_tokens
+            jobs.append(
+                ("decode", progs["decode"], None, shapes.new_tokens - 1, decode_model, rmesh, "rollout")
+            )
+    state_bytes = per_device_bytes(abstract)
+
+    programs = {}
+    for name, traced, text_traced, trips, model_flops, pmesh, rules in jobs:
+        t0 = time.perf_counter()
+        try:
+            with sharding.use_mesh(pmesh, rules):
+                compiled = traced.lower().compile()
+        except Exception as e:  # the TPU compiler refuses a program larger than HBM: that is the answer
+            needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
+            if "RESOURCE_EXHAUSTED" not in str(e) and not needed:
+                raise
+            programs[name] = {"fits": False, "error": str(e).splitlines()[0][:300]}
+            if needed:
+                programs[name]["temp_bytes"] = int(float(needed.group(1)) * 2**30)
+            log(f"  {name}: does not compile within HBM: {programs[name]['error']}")
+            continue
+        entry = memory(compiled, target.topo.platform)
+        total = fl.jaxpr_flops(traced.jaxpr, trips)
+        vision = total - fl.jaxpr_flops(text_traced.jaxpr, trips) if text_traced is not None else 0.0
+        resident = sampler_weights if rules == "train" else state_bytes
+        entry.update(
+            resident_bytes=resident,
+            total_bytes=entry["peak_bytes"] + resident,
+            flops=total / n,
+            flops_global=total,
+            vision_flops=vision,
+            xla_flops=fl.xla_flops(compiled),
+            model_flops=model_flops / n,
+            compile_s=round(time.perf_counter() - t0, 1),
+        )
+        entry["fits"] = entry["total_bytes"] <= target.budget
+        programs[name] = entry
+        log(f"  {name}: peak {entry['peak_bytes'] / 2**30:.2f} GiB, compiled in {entry['compile_s']} s")
+        del compiled
+    g, u = programs["grads"], programs["update"]
+    if "peak_bytes" in g and "peak_bytes" in u:
+        # Between the two programs the state and the gradient accumulator are live: both are `update`'s
+        # arguments, so each program's own peak already holds what the other leaves behind.
+        peak = max(g["peak_bytes"], u["peak_bytes"])
+        programs["step"] = {
+            "peak_bytes": peak,
+            "resident_bytes": sampler_weights,
+            "total_bytes": peak + sampler_weights,
+            "flops": g["flops"] + u["flops"],
+            "model_flops": g["model_flops"],
+            "fits": peak + sampler_weights <= target.budget,
+        }
+    return {
+        "mode": cfg.mode,
+        "variant": cfg.variant,
+        "devices": n,
+        "mesh": dict(zip(sharding.MESH_AXES, mesh_shape(cfg.mesh, n))),
+        "attention": kw["attention"],
+        "remat": cfg.model.remat,
+        "logprob_chunk": cfg.model.logprob_chunk,
+        "sampler_param_dtype": cfg.rollout.sampler_param_dtype if cfg.mode == "grpo" else None,
+        "shapes": dataclasses.asdict(shapes),
+        "params": {"text_matmul": n_text, "vision": n_vision, "total": fl.count_params(abstract.params)},
+        "state_bytes_per_device": state_bytes,
+        "sampler_weight_bytes_per_device": sampler_weights,
+        "programs": programs,
+        "fits": all(p["fits"] for p in programs.values()),
+    }

@@ -1,0 +1,216 @@
+"""The ahead-of-time planner: topology names, FLOP counting over scanned layers, and a cpu:8 plan of the
+tiny SFT recipe (text-only batches) whose argument sizes match a hand count of the train state."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import sft as sft_config
+from pixel_reasoner_jax import sharding
+from pixel_reasoner_jax.config import from_config_dict
+from pixel_reasoner_jax.models.config import PRESETS
+from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
+from pixel_reasoner_jax.plan import __main__ as cli
+from pixel_reasoner_jax.plan import flops as fl
+from pixel_reasoner_jax.plan import programs
+from pixel_reasoner_jax.plan import topology as tp
+from pixel_reasoner_jax.processing.batch import pack_vision
+from pixel_reasoner_jax.rollout.sampler_inputs import prompt_min_windows
+
+
+@pytest.mark.parametrize(
+    "name, platform, devices, target, memory",
+    [
+        ("v4-8", "tpu", 4, "v4:2x2x1", 32 * 2**30),
+        ("v5e-4", "tpu", 4, "v5e:2x2", 16 * 2**30),
+        ("v5litepod-16", "tpu", 16, "v5e:4x4", 16 * 2**30),
+        ("v5p-8", "tpu", 4, "v5p:2x2x1", 95 * 2**30),
+        ("v5p-16", "tpu", 8, "v5p:2x2x2", 95 * 2**30),
+        ("V6E-32", "tpu", 32, "v6e:4x8", 32 * 2**30),
+        ("h100-8", "gpu", 8, "1x1x8", 84942979072),
+        ("h100-16", "gpu", 16, "1x2x8", 84942979072),
+        ("h200-4", "gpu", 4, "1x1x4", 151397597184),
+    ],
+)
+def test_parse_topology_forms(name, platform, devices, target, memory):
+    t = tp.parse_topology(name)
+    assert (t.platform, t.num_devices, t.topology, t.memory_per_chip) == (platform, devices, target, memory)
+    assert t.headroom == tp.HEADROOM[platform]
+
+
+def test_parse_topology_cpu_and_errors():
+    t = tp.parse_topology("cpu:8")
+    assert (t.platform, t.num_devices, t.topology) == ("cpu", 8, "")
+    for bad, says in [
+        ("v5p-6", "v5p-6"),  # 3 chips: no such slice
+        ("v5p-9", "TensorCores"),
+        ("v6e-12", "v6e-12"),
+        ("h100-12", "whole 8-GPU nodes"),
+        ("a100-8", "'a100'"),
+        ("tpu", "'tpu'"),
+        ("cpu:0", "cpu:0"),
+        ("", "non-empty"),
+    ]:
+        with pytest.raises(tp.TopologyError, match=says):
+            tp.parse_topology(bad)
+
+
+def _abstract(model_fn):
+    with sharding.use_mesh(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
+        return nnx.eval_shape(model_fn)
+
+
+def _layer_flops(cfg, b, t):
+    """Analytic forward matmul FLOPs of one decoder layer with dense attention (full T x T scores)."""
+    x = cfg.text
+    d, n, k, h, i = (
+        x.hidden_size,
+        x.num_attention_heads,
+        x.num_key_value_heads,
+        x.head_dim,
+        x.intermediate_size,
+    )
+    proj = d * n * h + 2 * d * k * h + n * h * d + 3 * d * i
+    return 2 * b * t * proj + 2 * 2 * b * n * t * t * h
+
+
+def test_flops_extrapolate_over_scanned_layers():
+    # XLA counts a scan body once; the jaxpr count multiplies it by the trip count, so adding a layer adds
+    # exactly one layer's analytic FLOPs, and every layer counts (not just the first).
+    b, t = 2, 32
+
+    def count(layers):
+        cfg = dataclasses.replace(
+            PRESETS["tiny"], text=dataclasses.replace(PRESETS["tiny"].text, num_hidden_layers=layers)
+        )
+        model = _abstract(lambda: Qwen25VL(cfg, attention="dense", rngs=nnx.Rngs(0)))
+        gdef, state = nnx.split(model)
+        ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+        pos = jax.ShapeDtypeStruct((3, b, t), jnp.int32)
+
+        def fwd(state, ids, pos):
+            return nnx.merge(gdef, state).hidden_states(ids, pos, jnp.ones(ids.shape, jnp.int32))[0]
+
+        return fl.jaxpr_flops(jax.make_jaxpr(fwd)(state, ids, pos)), cfg
+
+    c1, cfg = count(1)
+    c2, _ = count(2)
+    c4, _ = count(4)
+    assert c2 - c1 == _layer_flops(cfg, b, t)
+    assert c4 == c1 + 3 * (c2 - c1)
+    # A one-layer decoder without vision inputs is that layer alone (embeddings are gathers, no FLOPs).
+    assert c1 == _layer_flops(cfg, b, t)
+
+
+def test_flops_while_and_cond():
+    def f(x, w):
+        x = jax.lax.cond(x.sum() > 0, lambda: x @ w @ w, lambda: x @ w)
+        return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] @ w), (0, x))[1]
+
+    x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    w = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    one = 2 * 4 * 8 * 8
+    assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w), while_trips=3) == 2 * one + 3 * one
+
+
+def test_vision_structs_fill_the_patch_bucket():
+    # Square images as large as the pixel cap allows (64 patches: 8 x 8), the last one taking the rows
+    # left over (1000 = 15 x 64 + 40): the vision tower runs exactly the bucket's rows, per sample, in the
+    # layout pack_vision gives real samples (the sampler's with its window floor).
+    cfg = PRESETS["tiny"]
+    for bucket in (1024, 1000):
+        for floor in (False, True):
+            pv, vi = programs.vision_structs(
+                cfg, 3, bucket, 64 * programs.PIXELS_PER_PATCH, window_floor=floor
+            )
+            assert pv.shape == (3, bucket, cfg.vision.patch_dim) and pv.dtype == jnp.float32
+            grids = np.array([(1, 8, 8)] * 15 + ([(1, 2, 20)] if bucket == 1000 else [(1, 8, 8)]))
+            real_pv, real_vi = pack_vision(
+                [np.zeros((bucket, cfg.vision.patch_dim), np.float32)] * 3, [grids] * 3, cfg.vision,
+                patch_buckets=(bucket,), min_windows=prompt_min_windows(cfg.vision, bucket) if floor else 1,
+            )  # fmt: skip
+            assert pv.shape == real_pv.shape
+            got = jax.tree.map(lambda x: (x.shape, x.dtype), vi)
+            assert got == jax.tree.map(lambda x: (x.shape, x.dtype), real_vi)
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    c = sft_config.get_config("tiny")
+    # Small text-only batches keep the compile short (the vision tower's programs drop out; its weights stay
+    # in the train state, which is what the hand count checks); the mesh is FSDP over the 8 devices
+    # (tests/conftest.py); dense attention is the smallest program.
+    c.data.max_seq_len = 64
+    c.data.seq_buckets = (64,)
+    c.sft.batch_size = 8
+    c.sft.micro_batches = 1
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.model.attention = "dense"
+    # Optimisation level 0 compiles 2-3x faster on CPU; buffer arguments and outputs are the same.
+    fast = {"xla_backend_optimization_level": 0}
+    return cli.make_plan(
+        from_config_dict(c), tp.parse_topology("cpu:8"), log=lambda s: None, compiler_options=fast,
+        text_only=True,
+    )  # fmt: skip
+
+
+def test_cpu_plan_of_tiny_sft(tiny_plan):
+    p = json.loads(json.dumps(tiny_plan))  # JSON-ready
+    assert p["topology"] == "cpu:8" and p["devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert p["memory_per_device_bytes"] > 0 and p["shapes"]["patches"] == 0
+    for name in ("grads", "update"):
+        prog = p["programs"][name]
+        for key in ("argument_bytes", "output_bytes", "peak_bytes", "total_bytes"):
+            assert prog[key] > 0, (name, key, prog[key])
+        assert prog["fits"] is True and prog["total_bytes"] == prog["peak_bytes"] + prog["resident_bytes"]
+    assert p["programs"]["grads"]["temp_bytes"] > 0
+    assert p["programs"]["update"]["flops"] == 0  # the optimizer update has no matmul
+    # 6·N·T with N the decoder's matmul weights and T the step's 8 x 64 tokens, per device; the compiled
+    # count adds attention and the forward the backward repeats for the log-probs, never less.
+    assert p["programs"]["grads"]["model_flops"] == 6 * p["params"]["text_matmul"] * 8 * 64 / 8
+    assert p["programs"]["grads"]["flops"] > p["programs"]["grads"]["model_flops"] > 0
+    assert p["programs"]["grads"]["vision_flops"] == 0
+    assert p["fits"] is True and p["attention"] == "dense"
+    assert p["programs"]["step"]["peak_bytes"] == max(
+        p["programs"][k]["peak_bytes"] for k in ("grads", "update")
+    )
+    assert "step" in cli.table(tiny_plan)
+
+
+def test_cpu_plan_fits_against_the_budget(tiny_plan):
+    # A program fits when its total (its peak + what the other phase keeps resident) is within the memory
+    # less the headroom; the plan fits when every program does.
+    budget = tiny_plan["budget_per_device_bytes"]
+    assert budget == int(tiny_plan["memory_per_device_bytes"] * (1 - tiny_plan["headroom"]))
+    for name, prog in tiny_plan["programs"].items():
+        assert prog["fits"] is (prog["total_bytes"] <= budget), name
+    assert tiny_plan["fits"] is all(p["fits"] for p in tiny_plan["programs"].values())
+
+
+def test_cpu_plan_arguments_match_hand_count(tiny_plan):
+    # Hand count of the update program's arguments: float32 params (4 B), Adam mu and nu (8 B) for the
+    # trainable ones (SFT freezes the vision tower: no moments there), the float32 gradient accumulator
+    # (4 B) of the trainable ones, split over the 8 FSDP devices. Small leaves (norm scales, biases) and
+    # dimensions that do not divide by 8 stay replicated, so allow a few KiB over the even split; the
+    # scalars (step, Adam count, PRNG key, loss totals) are bytes.
+    cfg = PRESETS["tiny"]
+    model = _abstract(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.split(model, nnx.Param, ...)[1]
+    total = fl.count_params(params)
+    vision = total - fl.count_params(params, skip=("visual",))
+    assert tiny_plan["params"]["total"] == total
+    # jit drops unused arguments: the frozen parameters' gradients never reach the update program.
+    hand = (4 * total + 8 * (total - vision) + 4 * (total - vision)) / 8
+    args = tiny_plan["programs"]["update"]["argument_bytes"]
+    assert hand <= args <= hand + 64 * 1024, (args, hand)
+    # The gradient program of a text-only batch takes the decoder's parameters and the batch shard only
+    # (jit drops the unused Adam moments and the vision tower's weights): 8 rows x 64 tokens of int32 /
+    # float32 / bool columns are a few KiB per device.
+    text = 4 * (total - vision) / 8
+    assert text < tiny_plan["programs"]["grads"]["argument_bytes"] < text + 2**20
