@@ -79,7 +79,7 @@ def steps_worker(out: str, ckpt: str):
         steps=1, num_episodes=1, group_size=2, prompts_per_rollout=2, train_batch_size=4, micro_batches=2,
         eps_low=0.2, eps_high=0.28, kl_coef=0.0, entropy_coef=0.0, tis_cap=2.0, loss_agg="token-mean",
         advantage="mean", filter="none", uniform_tol=0.01, replay_capacity=8, epochs_per_rollout=1,
-        max_staleness=0,
+        max_staleness=0, logprob_temperature="raw",
     )  # fmt: skip
     fns = steps.make_train_fns(
         graphdef, optimizer, shardings, mesh, logprob_chunk=32,
