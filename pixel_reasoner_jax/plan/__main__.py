@@ -15,13 +15,18 @@ from ml_collections import config_flags
 from pixel_reasoner_jax.config import ConfigError, from_config_dict
 from pixel_reasoner_jax.plan import topology as tp
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "run config file[:variant], e.g. configs/grpo.py:7b"
-)
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "v4-8, v5e-N / v5litepod-N, v5p-N (TensorCores), v6e-N, h100-N, h200-N (GPUs), cpu:N"
-)
-_OUT = flags.DEFINE_string("out", None, "write the plan as JSON here")
+
+def _define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program: importing it (tests
+    use `make_plan` and `table`) must not collide with the `--config` flag of `pixel_reasoner_jax.main`."""
+    config_flags.DEFINE_config_file("config", None, "run config file[:variant], e.g. configs/grpo.py:7b")
+    flags.DEFINE_string(
+        "topology",
+        None,
+        "v4-8, v5e-N / v5litepod-N, v5p-N (TensorCores), v6e-N, h100-N, h200-N (GPUs), cpu:N",
+    )
+    flags.DEFINE_string("out", None, "write the plan as JSON here")
+
 
 EXIT_NO_FIT = 1
 EXIT_INPUT = 2
@@ -81,8 +86,8 @@ def table(plan: dict) -> str:
 def main(argv) -> int:
     del argv
     try:
-        topo = tp.parse_topology(_TOPOLOGY.value or "")
-        cfg = from_config_dict(_CONFIG.value)
+        topo = tp.parse_topology(flags.FLAGS.topology or "")
+        cfg = from_config_dict(flags.FLAGS.config)
     except (tp.TopologyError, ConfigError) as e:
         print(f"plan: {e}", file=sys.stderr)
         return EXIT_INPUT
@@ -93,11 +98,12 @@ def main(argv) -> int:
         print(f"plan: {e}", file=sys.stderr)
         return EXIT_INPUT
     print(table(plan))
-    if _OUT.value:
-        pathlib.Path(_OUT.value).write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
+    if flags.FLAGS.out:
+        pathlib.Path(flags.FLAGS.out).write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
     return 0 if plan["fits"] else EXIT_NO_FIT
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["config", "topology"])
     app.run(lambda argv: sys.exit(main(argv)))
