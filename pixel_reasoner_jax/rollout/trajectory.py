@@ -11,6 +11,7 @@ from PIL import Image
 
 from pixel_reasoner_jax.models.config import ModelConfig
 from pixel_reasoner_jax.processing.batch import Example, build_example
+from pixel_reasoner_jax.processing.chat import expand_pads
 from pixel_reasoner_jax.processing.vision import (  # noqa: F401 (resize_video_frames: its old home)
     ImageProcessorConfig,
     Video,
@@ -186,12 +187,14 @@ def expand_trajectory(traj: Trajectory, proc_cfg: ImageProcessorConfig, model_cf
             f"trajectory {traj.episode_id!r}: media give grids {ex.grid_thw.tolist()} but the episode "
             f"recorded {traj.grids.tolist()}"
         )
-    # Each sampled token's temperature (greedy turns read 1.0: their log-probs are of the raw logits).
-    # Sampled turns hold no pads: a turn moves right by the extra pads of the items before it.
-    extra = np.concatenate([[0], np.cumsum(ex.vision_spans[:, 1] - ex.vision_spans[:, 0] - 1)]).astype(int)
-    collapsed_pads = ex.vision_spans[:, 0] - extra[:-1]
-    temps = np.ones(ex.length, np.float32)
+    # Each sampled token's temperature (greedy turns read 1.0: their log-probs are of the raw logits),
+    # expanded with the pads like the mask and log-probs.
+    temps = np.ones(len(traj.input_ids), np.float32)
     for turn in traj.turns:
-        start = turn.start + extra[int(np.searchsorted(collapsed_pads, turn.start))]
-        temps[start : start + turn.end - turn.start] = turn.temperature if turn.temperature > 0 else 1.0
-    return dataclasses.replace(ex, temperatures=temps)
+        temps[turn.start : turn.end] = turn.temperature if turn.temperature > 0 else 1.0
+    _, temps = expand_pads(
+        traj.input_ids, temps, ex.grid_thw[~ex.is_video], ex.grid_thw[ex.is_video],
+        image_pad=model_cfg.image_token_id, video_pad=model_cfg.video_token_id,
+        merge_size=model_cfg.vision.spatial_merge_size,
+    )  # fmt: skip
+    return dataclasses.replace(ex, temperatures=temps.astype(np.float32))
