@@ -21,7 +21,8 @@ CROP_PADDINGS = ("capped", "fixed")
 FILTERS = ("refill", "ssr", "none")
 LOGPROB_TEMPERATURES = ("raw", "sampled")
 BENCHMARKS = ("vstar", "tallyqa", "infovqa", "mvbench", "synthetic")
-SYNTHETIC_FAMILIES = ("mixed", "color", "trap", "quarters")  # data/synthetic.FAMILIES (a test keeps the two equal)
+# data/synthetic.FAMILIES (a test keeps the two equal)
+SYNTHETIC_FAMILIES = ("mixed", "color", "trap", "quarters")
 TINY_SIZES = ("tiny", "narrow")  # models/tiny.SIZES
 
 

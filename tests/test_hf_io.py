@@ -68,7 +68,11 @@ def test_round_trip_is_byte_exact_and_transformers_loads_it(ckpt, tmp_path):
     for name in want:
         assert got[name] == want[name], f"tensor {name} differs after load -> export"
     assert sorted(os.listdir(out)) == [
-        "chat_template.json", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"
+        "chat_template.json",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
     ]
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     with open(os.path.join(out, "model.safetensors"), "rb") as f:
@@ -172,7 +176,10 @@ def test_errors_name_the_tensor(ckpt, tmp_path):
         hf_io.load_model(_write(tmp_path / "missing", missing, src))
     bad = dict(arrays)
     bad["visual.merger.mlp.2.weight"] = bad["visual.merger.mlp.2.weight"][:, :-1]
-    with pytest.raises(hf_io.CheckpointError, match=r"visual\.merger\.mlp\.2\.weight: expected shape \(64, 128\), got \(64, 127\)"):
+    with pytest.raises(
+        hf_io.CheckpointError,
+        match=r"visual\.merger\.mlp\.2\.weight: expected shape \(64, 128\), got \(64, 127\)",
+    ):
         hf_io.load_model(_write(tmp_path / "shape", bad, src))
     extra = dict(arrays, **{"model.layers.2.mlp.up_proj.weight": arrays["model.layers.1.mlp.up_proj.weight"]})
     with pytest.raises(hf_io.CheckpointError, match=r"unexpected .*model\.layers\.2\.mlp\.up_proj\.weight"):

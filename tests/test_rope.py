@@ -104,7 +104,12 @@ def test_incremental_equals_full():
     turns = [
         (make_conversation([("image", (1, 10, 14))], rng), [(1, 10, 14)], None, None),
         (rng.integers(100, 1000, 7), None, None, None),  # sampled text
-        (make_conversation([("image", (1, 4, 6)), ("image", (1, 8, 4))], rng), [(1, 4, 6), (1, 8, 4)], None, None),
+        (
+            make_conversation([("image", (1, 4, 6)), ("image", (1, 8, 4))], rng),
+            [(1, 4, 6), (1, 8, 4)],
+            None,
+            None,
+        ),
         (make_conversation([("video", (3, 4, 6))], rng), None, [(3, 4, 6)], [0.5]),
         (rng.integers(100, 1000, 5), None, None, None),
     ]
