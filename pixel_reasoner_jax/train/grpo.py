@@ -1,5 +1,5 @@
-"""The GRPO loop: prompts x G episodes through a Policy, shaped rewards, group advantages, zero-advantage
-filtering (refill or selective replay), old and reference log-probs, clipped-objective steps, metrics, resume.
+"""The GRPO loop: rolled-out, scored batches (train/grpo_rollout.py) filtered by refill or selective replay,
+old and reference log-probs, clipped-objective steps, metrics, checkpoints and resume; and the grpo mode.
 
 `run` is the grpo mode (an optional SFT warm start first); `GRPOTrainer` is the loop, usable on its own;
 with grpo.max_staleness > 0 its rollouts run ahead on a worker thread (train/async_rollout.py).
@@ -11,51 +11,23 @@ informative group, nothing to replay) is skipped: its loop steps pass, the optim
 import dataclasses
 import pathlib
 import time
-from collections.abc import Callable
 
 import jax
 import numpy as np
 from absl import logging
 
 from pixel_reasoner_jax.config import ConfigError, RunConfig
-from pixel_reasoner_jax.data import loader
-from pixel_reasoner_jax.data.records import RLRecord, load_rl_records
-from pixel_reasoner_jax.eval import rows  # the eval dump schema, so eval.viewer renders rollouts too
+from pixel_reasoner_jax.data.records import RLRecord
 from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.processing.batch import Example
-from pixel_reasoner_jax.rollout import faithfulness
-from pixel_reasoner_jax.rollout.episode import (
-    STATUSES,
-    Episode,
-    EpisodeConfig,
-    PromptMedia,
-    Trajectory,
-    run_episodes,
-)
 from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
-from pixel_reasoner_jax.train import (
-    advantages,
-    async_rollout,
-    multihost,
-    replay,
-    replay_samples,
-    rewards,
-    sft,
-    steps,
-)
-from pixel_reasoner_jax.train.policies import Rollouts, SeededPolicy
+from pixel_reasoner_jax.train import async_rollout, multihost, replay, replay_samples, sft, steps
+from pixel_reasoner_jax.train.grpo_rollout import ROLLOUTS_DIR as ROLLOUTS_DIR  # re-exported for readers
+from pixel_reasoner_jax.train.grpo_rollout import AccuracyFn, RolloutBatches, load_rl, mean
 from pixel_reasoner_jax.train.run import RunContext, host, scalars
 
 PHASE = "grpo"
-ROLLOUTS_DIR = "rollouts"  # rollout dumps for eval.viewer (log.rollouts_every)
 REFERENCE_DIR = "grpo_reference"
-AccuracyFn = Callable[[Trajectory], float]
-
-
-def load_rl(cfg: RunConfig) -> list[RLRecord]:
-    records, report = load_rl_records(cfg.data.rl_path, cfg.data.data_root)
-    report.log()
-    return records
 
 
 def total_grpo_steps(cfg: RunConfig, num_records: int) -> int:
@@ -64,22 +36,6 @@ def total_grpo_steps(cfg: RunConfig, num_records: int) -> int:
     if g.steps > 0:
         return g.steps
     return g.num_episodes * max(1, num_records // g.prompts_per_rollout) * g.steps_per_rollout
-
-
-def default_accuracy(cfg: RunConfig) -> AccuracyFn:
-    """The accuracy reward under `reward.scoring` (train/rewards.accuracy_reward, reference §9.1): "original"
-    gives {-1, 0, 1} on the text the original scored (Trajectory.scored_text), "strict" {0, 1}."""
-
-    def accuracy(traj: Trajectory) -> float:
-        return rewards.accuracy_reward(
-            traj.scored_text(cfg.reward.scoring),
-            traj.record.answer,
-            scoring=cfg.reward.scoring,
-            require_boxed=cfg.reward.require_boxed,
-            ended_after_failed_call=cfg.reward.zero_after_failed_call and traj.ended_after_failed_call,
-        )
-
-    return accuracy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,34 +78,25 @@ class Selection:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _mean(x) -> float:
-    x = np.asarray(x, np.float64)
-    return float(x.mean()) if x.size else 0.0
-
-
-class GRPOTrainer:
+class GRPOTrainer(RolloutBatches):
     """Rollout -> reward -> filter -> steps, one rollout batch at a time, from the context's loop step.
+
+    The rollout side (prompts, episodes, rewards, dumps) is the base class, train/grpo_rollout.py; this
+    class selects what trains, computes old and reference log-probs, steps and checkpoints.
 
     Args:
       ctx: the run (its state is updated in place).
       records: the RL prompts.
       sft_steps: steps taken by the warm start (GRPO checkpoints count from there).
-      accuracy_fn: trajectory -> accuracy reward; default: `default_accuracy` (reward.scoring).
+      accuracy_fn: trajectory -> accuracy reward; default: `grpo_rollout.default_accuracy` (reward.scoring).
     """
 
     def __init__(
         self, ctx: RunContext, records: list[RLRecord], sft_steps: int, accuracy_fn: AccuracyFn | None
     ):
         cfg = ctx.cfg
-        self.ctx, self.cfg, self.sft_steps = ctx, cfg, sft_steps
-        self.accuracy_fn = accuracy_fn or default_accuracy(cfg)
+        self.sft_steps = sft_steps
         extra = ctx.extra if ctx.extra.get("phase") == PHASE else {}
-        # Each process reads its own shard of the prompt stream (train/multihost.py); every process's
-        # iterator state is the same count, so process 0's checkpointed state resumes them all.
-        ds = loader.rl_dataset(records, cfg.data.seed, num_epochs=None, num_frames=cfg.data.num_video_frames)
-        self.it = loader.make_iterator(ds)
-        if extra.get("rl_iter"):
-            self.it.set_state(extra["rl_iter"])
         self.rng = np.random.Generator(np.random.PCG64(cfg.seed))
         if extra.get("np_rng"):
             self.rng.bit_generator.state = extra["np_rng"]
@@ -161,24 +108,13 @@ class GRPOTrainer:
                 self.replay.load_state_dict(extra["replay"], ctx.checkpointer.arrays(ctx.restored_step))
         self.skipped = int(extra.get("skipped_steps", 0))
         self.opt_step = int(host(ctx.state.step))
-        rw = cfg.reward
-        self.reward_constants = rewards.form_constants(rw.form, alpha=rw.alpha, H=rw.H, beta=rw.beta, N=rw.N)
-        logging.info("grpo: reward form %r with %s", rw.form, self.reward_constants)
-        d = cfg.data
-        self.episode_cfg = dataclasses.replace(
-            EpisodeConfig.from_rollout(cfg.rollout),
-            original_min_pixels=d.image_min_pixels,
-            original_max_pixels=d.image_max_pixels,
-            video_min_pixels=min(d.image_min_pixels, d.video_frame_max_pixels),
-            video_max_pixels=d.video_frame_max_pixels,
-            num_video_frames=d.num_video_frames,
-        )
         settings = steps.GRPOLossSettings.from_config(cfg.grpo, cfg.data.max_seq_len)
         self.fns = sft.make_fns(ctx, grpo=settings)
         # Loaded once, kept on device: one more log-prob pass per batch when the KL term is on.
         self.ref_params = reference_params(ctx, sft_steps) if cfg.grpo.kl_coef > 0 else None
-        self.rollouts = Rollouts(ctx)
-        self._step = int(ctx.start_step)
+        # The rollout side last: it opens the policy (maybe launching a server), so a failure above leaves
+        # nothing to close.
+        super().__init__(ctx, records, accuracy_fn, extra.get("rl_iter"))
 
     def extra(self, loop_step: int) -> tuple[dict, dict]:
         """(JSON extra, NumPy arrays) of a checkpoint at `loop_step`."""
@@ -194,115 +130,6 @@ class GRPOTrainer:
         if self.replay is not None:
             out["replay"], arrays = self.replay.state_dict()
         return out, arrays
-
-    # ---------------------------------------------------------------------------------- rollout
-
-    def draw_prompts(self) -> list[dict]:
-        """This process's share of the next rollout batch's prompts from the data iterator."""
-        return [next(self.it) for _ in range(multihost.local_prompts(self.cfg.grpo.prompts_per_rollout))]
-
-    def rollout(self, step: int) -> tuple[list[Trajectory], dict[str, float]]:
-        """The synchronous rollout: the policy brought to the train state, then `run_rollout` on this thread
-        (the trainer idles meanwhile)."""
-        items = self.draw_prompts()
-        t0 = time.perf_counter()
-        self.rollouts.sync()
-        push = time.perf_counter() - t0
-        trajs, metrics = self.run_rollout(items, step)
-        metrics["time/weight_push_s"] = push
-        metrics["time/trainer_idle_s"] = push + metrics["time/rollout_s"]
-        return trajs, metrics
-
-    def run_rollout(self, items: list[dict], step: int) -> tuple[list[Trajectory], dict[str, float]]:
-        """G episodes per prompt under the policy's current weights, seeded by (seed, loop step, rid).
-
-        Touches no trainer state (train/async_rollout.py calls it from its worker thread).
-        """
-        cfg, ctx, g = self.cfg, self.ctx, self.cfg.grpo.group_size
-        t0 = time.perf_counter()
-        proc = self.rollouts.processor
-        episodes = []
-        for k, item in enumerate(items):
-            video = item["video"]
-            media = PromptMedia(images=tuple(item["images"]), video_frames=tuple(video) if video else None)
-            for j in range(g):
-                episodes.append(
-                    Episode.start(
-                        item["record"],
-                        ctx.tokenizer,
-                        self.episode_cfg,
-                        None,
-                        proc,
-                        media=media,
-                        episode_id=f"s{step}-p{multihost.batch_prompt_index(k)}-g{j}",
-                    )  # fmt: skip
-                )
-        policy = SeededPolicy(self.rollouts.policy, cfg.seed, step)
-        trajs = run_episodes(policy, episodes, max_concurrency=cfg.rollout.batch_size)
-        trajs = multihost.gather_rollout(trajs, g)  # every process's episodes, in one-process order
-        dt = time.perf_counter() - t0
-        sampled = [int(t.loss_mask.sum()) for t in trajs]
-        unit, count = self.rollouts.units
-        metrics = {
-            "time/rollout_s": dt,
-            "throughput/rollout_tokens_per_s": sum(sampled) / dt,
-            f"throughput/rollout_tokens_per_s_per_{unit}": sum(sampled) / dt / count,
-            "rollout/response_tokens": _mean(sampled),
-            "rollout/sequence_tokens": _mean([t.expanded_length for t in trajs]),
-            "tools/calls_per_response": _mean([t.num_calls for t in trajs]),
-            "tools/valid_calls_per_response": _mean([t.num_valid_calls for t in trajs]),
-            "tools/failed_calls_per_response": _mean([t.num_failed_calls for t in trajs]),
-        }
-        for status in STATUSES:
-            metrics[f"rollout/status_{status}"] = _mean([t.status == status for t in trajs])
-        metrics.update(self.rollouts.metrics())  # per-server counters when rolling out on SGLang servers
-        return trajs, metrics
-
-    def score(
-        self, trajs: list[Trajectory], keep: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """(advantages (B,), informative (B,) bool, metrics) of one rollout batch; samples outside `keep`
-        (dropped, e.g. too stale) are scored like untrainable ones: reward 0 and never informative. Dumps
-        the batch's first groups every `log.rollouts_every` loop steps."""
-        cfg, g = self.cfg, self.cfg.grpo.group_size
-        t0 = time.perf_counter()
-        trainable = np.array([t.trainable for t in trajs], bool)
-        if keep is not None:
-            trainable &= keep
-        acc = np.array([float(self.accuracy_fn(t)) if ok else 0.0 for t, ok in zip(trajs, trainable)])
-        rw = cfg.reward
-        shaped = rewards.batch_rewards(
-            acc,
-            [t.num_calls for t in trajs],
-            [t.num_valid_calls for t in trajs],
-            group_size=g,
-            is_video=np.array([bool(t.record.is_video) for t in trajs]),
-            form=rw.form, **self.reward_constants, curiosity=rw.curiosity, penalty=rw.penalty,
-        )  # fmt: skip
-        adv = advantages.group_advantages(shaped["shaped"], g, cfg.grpo.advantage)
-        uniform = advantages.uniform_groups(shaped["shaped"], g, cfg.grpo.uniform_tol)
-        informative = trainable & ~np.repeat(uniform, g)
-        metrics = {
-            "reward/shaped": _mean(shaped["shaped"]),
-            "reward/accuracy": _mean(acc),
-            # The original's "exceptions": share of -1 scores (nothing parsable), which lower the mean above.
-            "reward/unparsed": _mean(acc < 0),
-            "reward/rapr": shaped["rapr"],
-            "reward/curiosity_bonus": _mean(shaped["bonus"]),
-            "reward/penalty": _mean(shaped["penalty"]),
-            "reward/zero_spread_groups": _mean(uniform),
-            "reward/informative_samples": _mean(informative),
-            "time/reward_s": time.perf_counter() - t0,
-        }
-        metrics.update(faithfulness.rollout_metrics(trajs, acc > 0.5))  # crops that show the target box
-        lg = cfg.log
-        if lg.rollouts_every and self._step % lg.rollouts_every == 0 and self.ctx.is_main:
-            rows.dump_rollouts(
-                trajs, self.ctx.workdir / ROLLOUTS_DIR / f"step_{self._step:06d}", self.ctx.tokenizer,
-                group_size=g, groups=lg.rollout_groups, scoring=rw.scoring, require_boxed=rw.require_boxed,
-                accuracy_reward=acc, shaped_reward=shaped["shaped"], advantage=adv,
-            )  # fmt: skip
-        return adv, informative, metrics
 
     def select(self, trajs, adv, informative, keep: np.ndarray | None = None) -> Selection:
         """The rollout batch's training samples, or none (the steps are skipped).
@@ -393,8 +220,7 @@ class GRPOTrainer:
             selection) and before the old log-probs and the steps.
         """
         cfg, ctx = self.cfg, self.ctx
-        self._step = step  # numbers the rollout dump
-        adv, informative, score_m = self.score(trajs, keep)
+        adv, informative, score_m = self.score(trajs, step, keep)
         t0 = time.perf_counter()  # selection, expansion and old (and reference) log-probs
         sel = self.select(trajs, adv, informative, keep)
         qids = [t.record.qid for t in trajs[:: cfg.grpo.group_size]]
@@ -439,7 +265,7 @@ class GRPOTrainer:
                 metrics.update(scalars(out, "grpo"))
                 mask = micro["loss_mask"] != 0
                 gap = np.abs(micro["sampler_logprobs"] - micro["old_logprobs"])[mask]
-                metrics["rollout/logprob_gap"] = _mean(gap)
+                metrics["rollout/logprob_gap"] = mean(gap)
                 per_s = float(mask.sum()) / (time.perf_counter() - t1)
                 metrics["throughput/train_tokens_per_s"] = per_s
                 metrics["throughput/train_tokens_per_s_per_device"] = per_s / ctx.mesh.size
@@ -488,9 +314,6 @@ class GRPOTrainer:
             "grpo: reached loop step %d, optimizer step %d (%d steps skipped without a sample to train on)",
             step, self.opt_step, self.skipped,
         )  # fmt: skip
-
-    def close(self) -> None:
-        self.rollouts.close()
 
 
 def check_supported(cfg: RunConfig) -> None:
