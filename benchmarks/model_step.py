@@ -53,7 +53,7 @@ def num_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def build_models(cfg, seed: int = 0, torch_attn: str = "sdpa", attention: str = "dense"):
+def build_models(cfg, seed: int = 0, torch_attn: str = "sdpa", attention: str = "auto"):
     """(our Qwen25VL, the same weights in transformers' Qwen2_5_VLForConditionalGeneration), float32.
 
     The torch weights go through our export (`hf_io.export_hf`) and transformers' own loader.
@@ -185,7 +185,10 @@ def main(argv=None) -> str:
     parser.add_argument("--text-tokens", type=int, default=512, help="text tokens around the image")
     parser.add_argument("--chunk", type=int, default=1024, help="token_logprobs chunk (tokens)")
     parser.add_argument(
-        "--attention", default="dense", help="our attention kernel, one of models.layers.ATTENTION_IMPLS"
+        "--attention",
+        default="auto",
+        help="our attention kernel, one of models.layers.ATTENTION_IMPLS (auto: what model.attention's "
+        "default runs on this backend, blocked on CPU)",
     )
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"

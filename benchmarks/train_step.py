@@ -60,6 +60,9 @@ def main(argv=None) -> str:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence, image included")
     parser.add_argument("--image-side", type=int, default=224, help="image side in pixels (multiple of 28)")
     parser.add_argument(
+        "--attention", default="auto", help="our attention kernel, one of models.layers.ATTENTION_IMPLS"
+    )
+    parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
     args = parser.parse_args(argv)
@@ -80,7 +83,7 @@ def main(argv=None) -> str:
     if text_tokens < 2:
         raise ValueError(f"--seq-len {args.seq_len} leaves no text around the {n_pad + 2} image tokens")
     t0 = time.perf_counter()
-    model, hf = build_models(cfg, torch_attn=args.torch_attn)
+    model, hf = build_models(cfg, torch_attn=args.torch_attn, attention=args.attention)
     ours, hf_kw, loss_mask = make_inputs(
         cfg, batch=args.batch, text_tokens=text_tokens, image_side=args.image_side
     )
