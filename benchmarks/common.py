@@ -40,6 +40,26 @@ def time_calls(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -
     return out
 
 
+def time_interleaved(
+    ours: Callable[[], object], peer: Callable[[], object], *, repeats: int = 5
+) -> tuple[list[float], list[float]]:
+    """Wall seconds of `repeats` calls of each, alternating ours, peer, ours, peer (no warmup; both must block).
+
+    On a shared machine the load drifts over minutes: timing all of one framework and then all of the
+    other lets that drift decide the ratio, alternating puts each pair under about the same load.
+    """
+    a, b = [], []
+    for _ in range(repeats):
+        a += time_calls(ours, warmup=0, repeats=1)
+        b += time_calls(peer, warmup=0, repeats=1)
+    return a, b
+
+
+def spread(xs: list[float], scale: float = 1.0) -> str:
+    """`min-max` of the samples times `scale`, for the printed lines (one decimal)."""
+    return f"{scale * min(xs):.1f}-{scale * max(xs):.1f}"
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 

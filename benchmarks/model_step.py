@@ -15,7 +15,7 @@ import time
 # Runnable as a script from anywhere: the benchmarks folder (common) and the repository (the package).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-from common import median, pin_threads, ratio_line, time_calls  # noqa: E402
+from common import median, pin_threads, ratio_line, spread, time_interleaved  # noqa: E402
 
 VOCAB = 151936  # the real Qwen2.5-VL vocabulary: the output projection is a large share of the work
 
@@ -53,7 +53,7 @@ def num_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def build_models(cfg, seed: int = 0, torch_attn: str = "sdpa", attention: str = "dense"):
+def build_models(cfg, seed: int = 0, torch_attn: str = "sdpa", attention: str = "auto"):
     """(our Qwen25VL, the same weights in transformers' Qwen2_5_VLForConditionalGeneration), float32.
 
     The torch weights go through our export (`hf_io.export_hf`) and transformers' own loader.
@@ -176,14 +176,19 @@ def torch_loss(hf, kw, loss_mask):
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per framework (after one warmup)")
+    parser.add_argument(
+        "--steps", type=int, default=2, help="timed steps per framework, alternating (after one warmup)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="threads for both (default: all cores)")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers")
     parser.add_argument("--vision-depth", type=int, default=4, help="vision blocks")
     parser.add_argument("--text-tokens", type=int, default=512, help="text tokens around the image")
     parser.add_argument("--chunk", type=int, default=1024, help="token_logprobs chunk (tokens)")
     parser.add_argument(
-        "--attention", default="dense", help="our attention kernel, one of models.layers.ATTENTION_IMPLS"
+        "--attention",
+        default="auto",
+        help="our attention kernel, one of models.layers.ATTENTION_IMPLS (auto: what model.attention's "
+        "default runs on this backend, blocked on CPU)",
     )
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
@@ -237,11 +242,12 @@ def main(argv=None) -> str:
     print(f"loss: jax {jl:.5f} | torch {tl:.5f}", flush=True)
     if abs(jl - tl) > 1e-3 * max(1.0, abs(tl)):
         raise RuntimeError(f"the two frameworks disagree on the loss: jax {jl} vs torch {tl}")
-    # The loss check above ran the compiled step once: it is the warmup.
-    ms_jax = 1e3 * median(time_calls(jax_step, warmup=0, repeats=args.steps))
-    print(f"jax   forward+backward: {ms_jax:.1f} ms/step", flush=True)
-    ms_torch = 1e3 * median(time_calls(torch_step, warmup=1, repeats=args.steps))
-    print(f"torch forward+backward: {ms_torch:.1f} ms/step", flush=True)
+    # The loss check above ran the compiled step once (our warmup); torch warms up with one step here.
+    torch_step()
+    t_jax, t_torch = time_interleaved(jax_step, torch_step, repeats=args.steps)
+    ms_jax, ms_torch = 1e3 * median(t_jax), 1e3 * median(t_torch)
+    print(f"jax   forward+backward: {ms_jax:.1f} ms/step (range {spread(t_jax, 1e3)})", flush=True)
+    print(f"torch forward+backward: {ms_torch:.1f} ms/step (range {spread(t_torch, 1e3)})", flush=True)
     line = ratio_line("model fwd+bwd ms/step", ms_jax, ms_torch, "ms", higher_is_better=False)
     print(line)
     return line

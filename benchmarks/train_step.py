@@ -13,7 +13,7 @@ import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-from common import median, pin_threads, ratio_line, time_calls  # noqa: E402
+from common import median, pin_threads, ratio_line, spread, time_interleaved  # noqa: E402
 
 
 def examples_from(ours, cfg):
@@ -50,13 +50,18 @@ def examples_from(ours, cfg):
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per framework (after one warmup)")
+    parser.add_argument(
+        "--steps", type=int, default=2, help="timed steps per framework, alternating (after one warmup)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="threads for both (default: all cores)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers")
     parser.add_argument("--vision-depth", type=int, default=4, help="vision blocks")
     parser.add_argument("--batch", type=int, default=2, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence, image included")
     parser.add_argument("--image-side", type=int, default=224, help="image side in pixels (multiple of 28)")
+    parser.add_argument(
+        "--attention", default="auto", help="our attention kernel, one of models.layers.ATTENTION_IMPLS"
+    )
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
@@ -78,7 +83,7 @@ def main(argv=None) -> str:
     if text_tokens < 2:
         raise ValueError(f"--seq-len {args.seq_len} leaves no text around the {n_pad + 2} image tokens")
     t0 = time.perf_counter()
-    model, hf = build_models(cfg, torch_attn=args.torch_attn)
+    model, hf = build_models(cfg, torch_attn=args.torch_attn, attention=args.attention)
     ours, hf_kw, loss_mask = make_inputs(
         cfg, batch=args.batch, text_tokens=text_tokens, image_side=args.image_side
     )
@@ -133,10 +138,16 @@ def main(argv=None) -> str:
         state, m = fns.sft_step(state, micro)
         jax.block_until_ready((state, m))
 
-    jax_s = median(time_calls(jax_step, warmup=0, repeats=args.steps))
-    print(f"jax   SFT step: {1e3 * jax_s:.0f} ms, {tokens / jax_s:.1f} tokens/s", flush=True)
-    torch_s = median(time_calls(torch_step, warmup=0, repeats=args.steps))
-    print(f"torch SFT step: {1e3 * torch_s:.0f} ms, {tokens / torch_s:.1f} tokens/s", flush=True)
+    t_jax, t_torch = time_interleaved(jax_step, torch_step, repeats=args.steps)
+    jax_s, torch_s = median(t_jax), median(t_torch)
+    print(
+        f"jax   SFT step: {1e3 * jax_s:.0f} ms (range {spread(t_jax, 1e3)}), {tokens / jax_s:.1f} tokens/s",
+        flush=True,
+    )
+    print(
+        f"torch SFT step: {1e3 * torch_s:.0f} ms (range {spread(t_torch, 1e3)}), {tokens / torch_s:.1f} tokens/s",
+        flush=True,
+    )
     line = ratio_line(
         "SFT step tokens/s", tokens / jax_s, tokens / torch_s, "tokens/s", higher_is_better=True
     )
