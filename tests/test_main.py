@@ -49,13 +49,12 @@ _TIMED = ("time/", "throughput/")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocess environment: one CPU device, a compilation cache shared by this module's runs."""
+def env():
+    """Subprocess environment: one CPU device, and the test run's compilation cache (conftest.py), which
+    the runs of this module share."""
     e = dict(os.environ)
     e["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
     e["JAX_PLATFORMS"] = "cpu"
-    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     e["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [e.get("PYTHONPATH")] if p])
     return e
 
