@@ -1,9 +1,13 @@
-"""Test harness: 8 fake CPU devices, one thread, float32 matmuls at full precision, a tiny checkpoint.
+"""Test harness: 8 fake CPU devices, one thread, float32 matmuls at full precision, a tiny checkpoint, and
+one persistent compilation cache for the whole run.
 
 Environment variables must be set before jax or torch is imported anywhere, hence at module top.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
@@ -15,6 +19,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One persistent XLA compilation cache per test run, in this process and every process a test starts (they
+# inherit the environment): the toy GRPO jobs of several test files, their resumed copies and the processes of
+# one launch compile the same programs, and the second build of a program then loads it instead (~40 s of CPU
+# per toy trainer). The environment wins over the config's compile_cache_dir, so no test writes to the user's
+# cache; set JAX_COMPILATION_CACHE_DIR to a folder of yours to keep the programs from one run to the next.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="pixel_reasoner_jax_test_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+# Programs that compile faster than this are cheaper to rebuild than to read back (main.CACHE_MIN_COMPILE_S).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

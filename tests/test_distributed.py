@@ -186,6 +186,9 @@ def _env(devices: int) -> dict[str, str]:
     e = dict(os.environ)
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false"
     e["JAX_PLATFORMS"] = "cpu"
+    # Not the test run's compilation cache (conftest.py): main() in the workers uses the config's cache folder,
+    # as before that cache existed (not measured with it: the three workers compile concurrently).
+    e.pop("JAX_COMPILATION_CACHE_DIR", None)
     e["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [e.get("PYTHONPATH")] if p])
     return e
 

@@ -27,8 +27,7 @@ STEPS = 3
 def three_servers(tiny_ckpt, tmp_path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"  # one device per server
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    # The servers share the test run's compilation cache (conftest.py, inherited through the environment).
 
     def start(i):
         log = tmp_path / f"server{i}.log"

@@ -1,7 +1,7 @@
 """GRPO with the in-process JaxSampler learns a toy reward the tiny random model can reach.
 
 Reward 1 when an episode's first sampled token is the first token ever sampled (a token inside the model's
-top-k at the start, so groups have reward spread from step one); 30 steps must raise the mean reward.
+top-k at the start, so groups have reward spread from step one); 20 steps must raise the mean reward.
 """
 
 import numpy as np
@@ -9,12 +9,13 @@ import numpy as np
 from pixel_reasoner_jax.metrics import read_metrics
 from pixel_reasoner_jax.train import grpo, policies
 
-STEPS = 30
+STEPS = 20
 
 
 def test_grpo_raises_a_reachable_toy_reward(tmp_path, toy_grpo_config):
-    # Adam moves each weight ~lr per step: 3e-3 is enough to reorder a top-4 within 30 steps.
-    cfg = toy_grpo_config(tmp_path, **{"grpo.steps": STEPS, "optim.lr": 3e-3})
+    # Adam moves each weight ~lr per step: 5e-3 reorders a top-4 within 20 steps (measured: mean reward
+    # 0.38 over the first 5 steps, 0.85 over the last 5; 1e-2 overshoots and the reward falls to 0).
+    cfg = toy_grpo_config(tmp_path, **{"grpo.steps": STEPS, "optim.lr": 5e-3})
     target: dict[str, int] = {}
 
     def first_token_reward(traj) -> float:

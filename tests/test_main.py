@@ -22,11 +22,11 @@ from pixel_reasoner_jax.train.checkpoint import is_complete_step
 from pixel_reasoner_jax.train.run import CHECKPOINT_DIR, EXPORT_DIR, read_samples
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Small enough for seconds per step on a loaded CPU: 1-sample SFT warm start, then GRPO on 2 prompts x G=2
+# Small enough for seconds per step on a loaded CPU: a 1-step SFT warm start, then GRPO on 2 prompts x G=2
 # with the short "notool" prompt (128-token bucket) and 8 new tokens. filter "none" trains every sample, so
 # the GRPO step runs even when the random tiny model earns no reward.
 SMALL = (
-    "--config.sft.steps=2",
+    "--config.sft.steps=1",
     "--config.sft.batch_size=1",
     "--config.grpo.steps=4",
     "--config.grpo.prompts_per_rollout=2",
@@ -43,19 +43,18 @@ SMALL = (
     "--config.data.max_seq_len=1024",  # the mixed-family SFT trajectories of `assets` are longer than 640
     "--config.data.seq_buckets=(128,1024)",  # one SFT bucket (1024), one GRPO bucket (128)
 )
-TOTAL_STEPS = 6  # 2 SFT + 4 GRPO loop steps
+TOTAL_STEPS = 5  # 1 SFT + 4 GRPO loop steps
 # Keys whose values depend on wall time; every other metric must replay exactly after a resume.
 _TIMED = ("time/", "throughput/")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocess environment: one CPU device, a compilation cache shared by this module's runs."""
+def env():
+    """Subprocess environment: one CPU device, and the test run's compilation cache (conftest.py), which
+    the runs of this module share."""
     e = dict(os.environ)
     e["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
     e["JAX_PLATFORMS"] = "cpu"
-    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     e["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [e.get("PYTHONPATH")] if p])
     return e
 
@@ -91,7 +90,7 @@ def _run(env, workdir, *extra, timeout=900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def full_run(env, assets, tmp_path_factory):
-    """An uninterrupted tiny GRPO run to loop step 6; its wall time is printed for the record."""
+    """An uninterrupted tiny GRPO run to loop step 5; its wall time is printed for the record."""
     workdir = _workdir(assets, tmp_path_factory.mktemp("full") / "run")
     t0 = time.perf_counter()
     _run(env, workdir)
@@ -111,7 +110,7 @@ def _tensors(export: pathlib.Path) -> dict[str, np.ndarray]:
 def test_tiny_run_writes_metrics_plots_checkpoints_and_export(full_run):
     rows = read_metrics(full_run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, TOTAL_STEPS + 1))
-    sft_rows, grpo_rows = rows[:2], rows[2:]
+    sft_rows, grpo_rows = rows[:1], rows[1:]
     assert all(np.isfinite(r["sft/loss"]) and r["sft/loss"] > 0 for r in sft_rows)
     for key in ("grpo/loss", "grpo/entropy", "grpo/clip_low", "grpo/grad_norm", "reward/shaped",
                 "reward/accuracy", "reward/rapr", "tools/calls_per_response", "rollout/logprob_gap",
@@ -123,10 +122,11 @@ def test_tiny_run_writes_metrics_plots_checkpoints_and_export(full_run):
     plots = {p.name for p in (full_run / "plots").glob("*.png")}
     assert {"loss.png", "reward.png", "timing.png"} <= plots
     steps = sorted(int(p.name) for p in (full_run / CHECKPOINT_DIR).iterdir() if p.name.isdigit())
-    assert steps == [4, 6]  # keep_checkpoints 2 of the saves at 2, 4 and 6
+    # keep_checkpoints 2 of the saves at 1 (the end of SFT), 3 and 5 (every 2 GRPO steps and the last)
+    assert steps == [3, 5]
     samples = read_samples(full_run)
-    assert [s["phase"] for s in samples] == ["sft"] * 2 + ["grpo"] * 4
-    assert all(len(s["qids"]) == 2 for s in samples[2:])
+    assert [s["phase"] for s in samples] == ["sft"] + ["grpo"] * 4
+    assert all(len(s["qids"]) == 2 for s in samples[1:])
 
     from pixel_reasoner_jax.models import hf_io
 
@@ -140,8 +140,8 @@ def test_tiny_run_writes_metrics_plots_checkpoints_and_export(full_run):
 
 def test_resume_after_sigkill_is_bit_identical(env, assets, full_run, tmp_path):
     workdir = _workdir(assets, tmp_path / "run")
-    log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would block the child before step 4
-    target = workdir / CHECKPOINT_DIR / "4"
+    log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would block the child before step 3
+    target = workdir / CHECKPOINT_DIR / "3"  # the first GRPO save: 2 steps remain
     deadline = time.monotonic() + 900
     with open(log, "w") as f:
         proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -150,7 +150,7 @@ def test_resume_after_sigkill_is_bit_identical(env, assets, full_run, tmp_path):
                 assert proc.poll() is None, (
                     f"run exited early ({proc.returncode}):\n{log.read_text()[-4000:]}"
                 )
-                assert time.monotonic() < deadline, "no committed checkpoint 4 within the deadline"
+                assert time.monotonic() < deadline, "no committed checkpoint 3 within the deadline"
                 time.sleep(0.05)
             proc.send_signal(signal.SIGKILL)
         finally:
