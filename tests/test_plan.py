@@ -118,6 +118,45 @@ def test_flops_while_and_cond():
     assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w), while_trips=3) == 2 * one + 3 * one
 
 
+def test_flops_pallas_kernel_counts_its_body_per_grid_cell():
+    from jax.experimental import pallas as pl  # reason: only this test builds a Pallas kernel
+
+    def kernel(x_ref, w_ref, o_ref):
+        o_ref[...] = x_ref[...] @ w_ref[...]
+
+    def f(x, w):
+        return pl.pallas_call(
+            kernel,
+            grid=(2, 3),
+            in_specs=[pl.BlockSpec((8, 16), lambda i, j: (i, 0)), pl.BlockSpec((16, 8), lambda i, j: (0, j))],
+            out_specs=pl.BlockSpec((8, 8), lambda i, j: (i, j)),
+            out_shape=jax.ShapeDtypeStruct((16, 24), jnp.float32),
+            interpret=True,
+        )(x, w)
+
+    x = jax.ShapeDtypeStruct((16, 16), jnp.float32)
+    w = jax.ShapeDtypeStruct((16, 24), jnp.float32)
+    assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w)) == 2 * 16 * 16 * 24  # the whole (16, 24) product
+
+
+def test_flops_splash_counts_the_tiles_its_mask_runs():
+    # Splash's forward (QK, PV), dKV (4 products) and dQ (3) kernels over 4 x 4 tiles of 256: all 16 run
+    # under a full mask, the 10 on and below the diagonal under a causal one (tables read off the trace).
+    from pixel_reasoner_jax.models.splash import splash_attention  # reason: Pallas TPU import, this test only
+
+    q = jax.ShapeDtypeStruct((2, 1024, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+    product = 2 * 2 * 4 * 1024 * 1024 * 128
+    for causal, share in ((False, 1.0), (True, 10 / 16)):
+
+        def loss(q, k, v, s, causal=causal):
+            return splash_attention(q, k, v, s, s, causal=causal, block=256).astype(jnp.float32).sum()
+
+        traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg)
+        assert fl.jaxpr_flops(traced.jaxpr) == pytest.approx(9 * share * product, rel=1e-3)
+
+
 def test_vision_structs_fill_the_patch_bucket():
     # Square images as large as the pixel cap allows (64 patches: 8 x 8), the last one taking the rows
     # left over (1000 = 15 x 64 + 40): the vision tower runs exactly the bucket's rows, per sample, in the
