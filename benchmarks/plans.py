@@ -69,6 +69,16 @@ def run_one(key: str, extra: list[str], timeout: float) -> None:
     print(f"{key}: {'error' if err else 'ok'} in {log['wall_s']} s", flush=True)
 
 
+# Plans compiled before this date predate the per-sample vision tower and the slot sampler (their JSON has
+# no `planned_on`): the table keeps them, marked stale.
+CURRENT_SINCE = "2026-12-02"
+
+
+def overrides(key: str) -> list[str]:
+    """The command-line overrides a plan runs with (shown in its row, so a user can reproduce it)."""
+    return EXTRA.get(key, OVERRIDES.get(key, []))
+
+
 def _row(key: str) -> str:
     path = key_path(key)
     if not path.exists():
@@ -91,12 +101,16 @@ def _row(key: str) -> str:
     ratio = f"{g['flops'] / g['model_flops']:.2f}" if "flops" in g else "—"
     mesh = "x".join(f"{k}{v}" for k, v in p["mesh"].items() if v > 1) or "1"
     worst = max(v.get("total_bytes", v.get("temp_bytes", 0)) for v in progs.values())
+    flags = " ".join(f"`{o.removeprefix('--config.')}`" for o in overrides(key))
+    stale = p.get("planned_on", "") < CURRENT_SINCE
+    verdict = "**fits**" if p["fits"] else "does not fit"
+    if stale:
+        verdict = f"stale: {'fit' if p['fits'] else 'did not fit'} (compiled before {CURRENT_SINCE})"
     return (
-        f"| {key} | {s['n_micro']}x{s['batch']}x{s['seq']} | {p['remat']}, {p['attention']}"
+        f"| {key}{' ' + flags if flags else ''} | {s['n_micro']}x{s['batch']}x{s['seq']} | {p['remat']}, {p['attention']}"
         f"{', sampler ' + p['sampler_param_dtype'] if p.get('sampler_param_dtype') else ''} | {mesh} | "
         f"{worst / GIB:.1f} / {p['budget_per_device_bytes'] / GIB:.1f} ({p['memory_per_device_bytes'] / GIB:.0f}) | "
-        f"{'; '.join(parts)} | {ratio} | "
-        f"{'**fits**' if p['fits'] else 'does not fit'} |"
+        f"{'; '.join(parts)} | {ratio} | {verdict} |"
     )
 
 
@@ -125,7 +139,7 @@ def main() -> None:
         todo = [k for k in keys if not args.only or k in args.only.split(",")]
         for key in todo:
             if args.force or not key_path(key).exists():
-                run_one(key, EXTRA.get(key, OVERRIDES.get(key, [])), args.timeout)
+                run_one(key, overrides(key), args.timeout)
     write_table(keys)
 
 

@@ -289,7 +289,9 @@ def plan_recipe(
             needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
             if "RESOURCE_EXHAUSTED" not in str(e) and not needed:
                 raise
-            programs[name] = {"fits": False, "error": str(e).splitlines()[0][:300]}
+            # The compiler's message lists the largest allocations (op, shape, size): kept for the why.
+            detail = str(e)[:6000]
+            programs[name] = {"fits": False, "error": str(e).splitlines()[0][:300], "error_detail": detail}
             if needed:
                 programs[name]["temp_bytes"] = int(float(needed.group(1)) * 2**30)
             log(f"  {name}: does not compile within HBM: {programs[name]['error']}")
