@@ -157,6 +157,33 @@ def test_flops_splash_counts_the_tiles_its_mask_runs():
         assert fl.jaxpr_flops(traced.jaxpr) == pytest.approx(9 * share * product, rel=1e-3)
 
 
+def test_prefill_patches_is_the_sampler_worst_call():
+    # 128 prompts of at most 512 patches fit the 65,536-row limit together and pad to the smallest bucket;
+    # one prompt of the largest bucket goes alone (its call padded to one row per shard).
+    buckets = (4096, 8192, 16384, 32768, 65536)
+    assert programs.prefill_patches(buckets, rows=128, shards=8) == 4096
+    assert programs.prefill_patches(buckets, rows=8, shards=8) == 65536
+    assert programs.prefill_patches(buckets, rows=16, shards=8) == 32768
+    assert programs.prefill_patches(buckets, rows=128, shards=1) == 4096
+
+
+def test_flops_scan_over_constant_flags_counts_the_branch_each_layer_takes():
+    # The vision tower's layer scan: a cond on a per-layer constant flag (full vs windowed attention)
+    # counts the branch each layer runs, under grad too (not the larger branch for every layer).
+    def f(x, w):
+        def layer(x, full):
+            return jax.lax.cond(full, lambda: x @ w @ w, lambda: x @ w), None
+
+        return jax.lax.scan(layer, x, jnp.asarray((False, True, False)))[0].sum()
+
+    x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    w = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    one = 2 * 4 * 8 * 8
+    assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w)) == 4 * one
+    # Backward: the full layer's two products each give dX and dW (4), a windowed layer's one gives 2.
+    assert fl.jaxpr_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)) == 4 * one + (4 + 2 + 2) * one
+
+
 def test_vision_structs_fill_the_patch_bucket():
     # Square images as large as the pixel cap allows (64 patches: 8 x 8), the last one taking the rows
     # left over (1000 = 15 x 64 + 40): the vision tower runs exactly the bucket's rows, per sample, in the

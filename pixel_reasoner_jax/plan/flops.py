@@ -53,13 +53,15 @@ def _sub_jaxprs(params: dict[str, Any]):
 
 
 def _known(closed, known: dict) -> dict:
-    """`known` plus the small integer constants a closed jaxpr carries (splash's block tables)."""
+    """`known` plus the small integer / boolean constants a closed jaxpr carries (splash's block tables,
+    the vision tower's per-layer full-attention flags)."""
     consts = getattr(closed, "consts", ())
     if not consts:
         return known
     out = dict(known)
     for var, c in zip(closed.jaxpr.constvars, consts):
-        if np.ndim(c) and np.size(c) <= 1 << 20 and np.issubdtype(np.asarray(c).dtype, np.integer):
+        kind = np.asarray(c).dtype.kind if np.ndim(c) else ""
+        if kind in "iub" and kind and np.size(c) <= 1 << 20:
             out[var] = np.asarray(c)
     return out
 
@@ -80,6 +82,37 @@ def _returned(eqn, inner, inner_known: dict, known: dict) -> None:
         for o, i in zip(eqn.outvars, inner_out):
             if isinstance(i, jex_core.Var) and i in inner_known:
                 known[o] = inner_known[i]
+
+
+def _is_known(v, known: dict) -> bool:
+    return isinstance(v, jex_core.Var) and v in known
+
+
+def _scan_flops(eqn, while_trips: int, known: dict) -> float:
+    """A scan: its body times its length. Scanned-over inputs known from constants (per-layer flags) are
+    sliced per iteration, iterations with equal slices share one count, and per-iteration outputs that
+    are known (a cond's branch index saved for the backward pass) become known stacked outputs."""
+    body, length = eqn.params["jaxpr"], eqn.params["length"]
+    inner = _passed(eqn.invars, body, known)
+    first_xs, n_carry = eqn.params["num_consts"] + eqn.params["num_carry"], eqn.params["num_carry"]
+    body_jaxpr = getattr(body, "jaxpr", body)
+    xs = [
+        (body_jaxpr.invars[i], known[v])
+        for i, v in enumerate(eqn.invars)
+        if i >= first_xs and _is_known(v, known)
+    ]
+    if not xs:
+        return length * _walk(body, while_trips, inner)
+    keys = [b"".join(np.ascontiguousarray(value[t]).tobytes() for _, value in xs) for t in range(length)]
+    walked: dict[bytes, tuple[float, dict]] = {}
+    for t, key in enumerate(keys):
+        if key not in walked:
+            env = {**inner, **{var: value[t] for var, value in xs}}
+            walked[key] = (_walk(body, while_trips, env), env)
+    for j, out in enumerate(body_jaxpr.outvars[n_carry:]):
+        if isinstance(out, jex_core.Var) and all(out in walked[key][1] for key in walked):
+            known[eqn.outvars[n_carry + j]] = np.stack([walked[key][1][out] for key in keys])
+    return sum(walked[key][0] for key in keys)
 
 
 def _pallas_flops(eqn, while_trips: int, known: dict) -> float:
@@ -125,11 +158,18 @@ def _walk(closed, while_trips: int, known: dict) -> float:
         elif name == "pallas_call":
             total += _pallas_flops(eqn, while_trips, known)
         elif name == "scan":
-            body = eqn.params["jaxpr"]
-            total += eqn.params["length"] * _walk(body, while_trips, _passed(eqn.invars, body, known))
+            total += _scan_flops(eqn, while_trips, known)
+        elif name == "convert_element_type" and _is_known(eqn.invars[0], known):
+            known[eqn.outvars[0]] = np.asarray(known[eqn.invars[0]]).astype(eqn.params["new_dtype"])
         elif name == "while":
             body = _walk(eqn.params["body_jaxpr"], while_trips, {})
             total += while_trips * body + (while_trips + 1) * _walk(eqn.params["cond_jaxpr"], while_trips, {})
+        elif name == "cond" and _is_known(eqn.invars[0], known) and np.ndim(known[eqn.invars[0]]) == 0:
+            # A branch index known from constants (a scanned layer's flag): only that branch runs.
+            b = eqn.params["branches"][int(np.clip(known[eqn.invars[0]], 0, len(eqn.params["branches"]) - 1))]
+            inner = _passed(eqn.invars[1:], b, known)
+            total += _walk(b, while_trips, inner)
+            _returned(eqn, b, inner, known)
         elif name == "cond":
             branches = []
             for b in eqn.params["branches"]:
