@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from configs import sft as sft_config
 from pixel_reasoner_jax import sharding
@@ -182,6 +183,15 @@ def test_flops_scan_over_constant_flags_counts_the_branch_each_layer_takes():
     assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w)) == 4 * one
     # Backward: the full layer's two products each give dX and dW (4), a windowed layer's one gives 2.
     assert fl.jaxpr_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)) == 4 * one + (4 + 2 + 2) * one
+
+
+def test_flops_shard_map_body_counts_once_per_device():
+    # Splash runs in shard_map: its body's shapes are one device's, the count stays global.
+    mesh = jax.make_mesh((8,), ("fsdp",), devices=jax.devices()[:8])
+    x = jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=jax.NamedSharding(mesh, P("fsdp")))
+    w = jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=jax.NamedSharding(mesh, P()))
+    f = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P("fsdp"), P()), out_specs=P("fsdp"))
+    assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w)) == 2 * 16 * 8 * 8
 
 
 def test_vision_structs_fill_the_patch_bucket():

@@ -178,9 +178,12 @@ def _walk(closed, while_trips: int, known: dict) -> float:
                 _returned(eqn, b, inner, known)
             total += max(branches)
         else:  # pjit, remat, custom_vjp/jvp calls, shard_map: whatever runs inside
+            # A shard_map body sees one device's shard and runs on every device of its mesh: the rest of
+            # the count is global (the plan divides by the devices), so the body counts once per device.
+            copies = eqn.params["mesh"].size if name == "shard_map" else 1
             for sub in _sub_jaxprs(eqn.params):
                 inner = _passed(eqn.invars, sub, known)
-                total += _walk(sub, while_trips, inner)
+                total += copies * _walk(sub, while_trips, inner)
                 _returned(eqn, sub, inner, known)
     return total
 
