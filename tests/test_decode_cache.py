@@ -134,7 +134,8 @@ def test_left_padded_batch_decode(ref):  # noqa: F811
 
 def test_write_slots_per_row_clamps_like_dynamic_update_slice():
     # Per-row slots (with and without a layer index) equal a row-by-row dynamic_update_slice, whose
-    # start clamps so the whole update fits (slot 9 and -2 of 10 with 3 new tokens).
+    # start counts from the end when negative and clamps so the whole update fits (slots 9 and -2 of 10,
+    # 3 new tokens).
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 10, 2, 5))
     new = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 2, 5))
     index = jnp.array([0, 7, 9, -2])

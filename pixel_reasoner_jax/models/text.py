@@ -66,11 +66,13 @@ def write_slots(x, new, index: jax.Array, layer: jax.Array | None = None) -> jax
     tail = (0,) * (new.ndim - len(x_starts) - 2)
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice(x, new, (*x_starts, 0, index, *tail))
-    # Per-row slots as one scatter over explicit (row, slot) indices, each start clamped as
-    # dynamic_update_slice clamps it. (A vmapped dynamic_update_slice with a layer index lowered to a
-    # scatter with a repeated operand dimension that XLA's GPU compiler rejects.)
+    # Per-row slots as one scatter over explicit (row, slot) indices, each start normalised and clamped as
+    # dynamic_update_slice does it (negative from the end, then into range). (A vmapped
+    # dynamic_update_slice with a layer index lowered to a scatter with a repeated operand dimension that
+    # XLA's GPU compiler rejects.)
     b, t = new.shape[len(x_starts)], new.shape[len(x_starts) + 1]
-    start = jnp.clip(index, 0, x.shape[len(x_starts) + 1] - t)
+    s = x.shape[len(x_starts) + 1]
+    start = jnp.clip(jnp.where(index < 0, index + s, index), 0, s - t)
     rows = jnp.arange(b)[:, None]
     slots = start[:, None] + jnp.arange(t)[None, :]
     if layer is None:
