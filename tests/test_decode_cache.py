@@ -8,6 +8,7 @@ from flax import nnx
 from test_model_parity import CFG, batch_inputs, forward, ref  # noqa: F401 (ref is a fixture)
 
 from pixel_reasoner_jax.models.qwen25vl import init_cache
+from pixel_reasoner_jax.models.text import write_slots
 from pixel_reasoner_jax.processing import rope
 from pixel_reasoner_jax.processing.batch import pack_vision
 
@@ -129,3 +130,16 @@ def test_left_padded_batch_decode(ref):  # noqa: F811
         )
         k = prompt.size
         np.testing.assert_allclose(got[r], full[0, k - 1 : k + STEPS - 1], atol=1e-4, rtol=0)
+
+
+def test_write_slots_per_row_clamps_like_dynamic_update_slice():
+    # Per-row slots (with and without a layer index) equal a row-by-row dynamic_update_slice, whose
+    # start counts from the end when negative and clamps so the whole update fits (slots 9 and -2 of 10,
+    # 3 new tokens).
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 10, 2, 5))
+    new = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 2, 5))
+    index = jnp.array([0, 7, 9, -2])
+    rows = [jax.lax.dynamic_update_slice(x[1, b], new[b], (index[b], 0, 0)) for b in range(4)]
+    want = x.at[1].set(jnp.stack(rows))
+    np.testing.assert_array_equal(jax.jit(write_slots)(x, new, index, jnp.int32(1)), want)
+    np.testing.assert_array_equal(write_slots(x[1], new, index), want[1])

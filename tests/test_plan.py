@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from configs import sft as sft_config
 from pixel_reasoner_jax import sharding
@@ -116,6 +117,81 @@ def test_flops_while_and_cond():
     w = jax.ShapeDtypeStruct((8, 8), jnp.float32)
     one = 2 * 4 * 8 * 8
     assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w), while_trips=3) == 2 * one + 3 * one
+
+
+def test_flops_pallas_kernel_counts_its_body_per_grid_cell():
+    from jax.experimental import pallas as pl  # reason: only this test builds a Pallas kernel
+
+    def kernel(x_ref, w_ref, o_ref):
+        o_ref[...] = x_ref[...] @ w_ref[...]
+
+    def f(x, w):
+        return pl.pallas_call(
+            kernel,
+            grid=(2, 3),
+            in_specs=[pl.BlockSpec((8, 16), lambda i, j: (i, 0)), pl.BlockSpec((16, 8), lambda i, j: (0, j))],
+            out_specs=pl.BlockSpec((8, 8), lambda i, j: (i, j)),
+            out_shape=jax.ShapeDtypeStruct((16, 24), jnp.float32),
+            interpret=True,
+        )(x, w)
+
+    x = jax.ShapeDtypeStruct((16, 16), jnp.float32)
+    w = jax.ShapeDtypeStruct((16, 24), jnp.float32)
+    assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w)) == 2 * 16 * 16 * 24  # the whole (16, 24) product
+
+
+def test_flops_splash_counts_the_tiles_its_mask_runs():
+    # Splash's forward (QK, PV), dKV (4 products) and dQ (3) kernels over 4 x 4 tiles of 256: all 16 run
+    # under a full mask, the 10 on and below the diagonal under a causal one (tables read off the trace).
+    from pixel_reasoner_jax.models.splash import splash_attention  # reason: Pallas TPU import, this test only
+
+    q = jax.ShapeDtypeStruct((2, 1024, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+    product = 2 * 2 * 4 * 1024 * 1024 * 128
+    for causal, share in ((False, 1.0), (True, 10 / 16)):
+
+        def loss(q, k, v, s, causal=causal):
+            return splash_attention(q, k, v, s, s, causal=causal, block=256).astype(jnp.float32).sum()
+
+        traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg)
+        assert fl.jaxpr_flops(traced.jaxpr) == pytest.approx(9 * share * product, rel=1e-3)
+
+
+def test_prefill_patches_is_the_sampler_worst_call():
+    # 128 prompts of at most 512 patches fit the 65,536-row limit together and pad to the smallest bucket;
+    # one prompt of the largest bucket goes alone (its call padded to one row per shard).
+    buckets = (4096, 8192, 16384, 32768, 65536)
+    assert programs.prefill_patches(buckets, rows=128, shards=8) == 4096
+    assert programs.prefill_patches(buckets, rows=8, shards=8) == 65536
+    assert programs.prefill_patches(buckets, rows=16, shards=8) == 32768
+    assert programs.prefill_patches(buckets, rows=128, shards=1) == 4096
+
+
+def test_flops_scan_over_constant_flags_counts_the_branch_each_layer_takes():
+    # The vision tower's layer scan: a cond on a per-layer constant flag (full vs windowed attention)
+    # counts the branch each layer runs, under grad too (not the larger branch for every layer).
+    def f(x, w):
+        def layer(x, full):
+            return jax.lax.cond(full, lambda: x @ w @ w, lambda: x @ w), None
+
+        return jax.lax.scan(layer, x, jnp.asarray((False, True, False)))[0].sum()
+
+    x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    w = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    one = 2 * 4 * 8 * 8
+    assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w)) == 4 * one
+    # Backward: the full layer's two products each give dX and dW (4), a windowed layer's one gives 2.
+    assert fl.jaxpr_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)) == 4 * one + (4 + 2 + 2) * one
+
+
+def test_flops_shard_map_body_counts_once_per_device():
+    # Splash runs in shard_map: its body's shapes are one device's, the count stays global.
+    mesh = jax.make_mesh((8,), ("fsdp",), devices=jax.devices()[:8])
+    x = jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=jax.NamedSharding(mesh, P("fsdp")))
+    w = jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=jax.NamedSharding(mesh, P()))
+    f = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P("fsdp"), P()), out_specs=P("fsdp"))
+    assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w)) == 2 * 16 * 8 * 8
 
 
 def test_vision_structs_fill_the_patch_bucket():

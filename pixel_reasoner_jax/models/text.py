@@ -66,13 +66,18 @@ def write_slots(x, new, index: jax.Array, layer: jax.Array | None = None) -> jax
     tail = (0,) * (new.ndim - len(x_starts) - 2)
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice(x, new, (*x_starts, 0, index, *tail))
-    # One row at a time (vmapped over the batch axis): XLA turns it into one in-place scatter.
-    axis = len(x_starts)
-
-    def row(x_r, new_r, i):
-        return jax.lax.dynamic_update_slice(x_r, new_r, (*x_starts, i, *tail))
-
-    return jax.vmap(row, in_axes=(axis, axis, 0), out_axes=axis)(x, new, index)
+    # Per-row slots as one scatter over explicit (row, slot) indices, each start normalised and clamped as
+    # dynamic_update_slice does it (negative from the end, then into range). (A vmapped
+    # dynamic_update_slice with a layer index lowered to a scatter with a repeated operand dimension that
+    # XLA's GPU compiler rejects.)
+    b, t = new.shape[len(x_starts)], new.shape[len(x_starts) + 1]
+    s = x.shape[len(x_starts) + 1]
+    start = jnp.clip(jnp.where(index < 0, index + s, index), 0, s - t)
+    rows = jnp.arange(b)[:, None]
+    slots = start[:, None] + jnp.arange(t)[None, :]
+    if layer is None:
+        return x.at[rows, slots].set(new, indices_are_sorted=True, unique_indices=True)
+    return x.at[layer, rows, slots].set(new[0], indices_are_sorted=True, unique_indices=True)
 
 
 def mrope_cos_sin(

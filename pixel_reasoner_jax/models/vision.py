@@ -282,7 +282,11 @@ class VisionBlocks(nnx.Module):
 
         def full(q, k, v):
             seg = vi.full_segments
-            return attention(q, k, v, q_segments=seg, kv_segments=seg, causal=False, impl=impl)
+            # cuDNN / XLA attention take segments only as a dense (B, 1, Pb, Pb) bias: over a sample's
+            # whole patch bucket (up to 65,536 rows) 8 GiB per sample and layer. The blocked kernel keeps
+            # O(Pb) memory and skips the tiles between images; the windows (64 rows) stay on `impl`.
+            full_impl = "blocked" if impl in ("cudnn", "xla") else impl
+            return attention(q, k, v, q_segments=seg, kv_segments=seg, causal=False, impl=full_impl)
 
         def windowed(q, k, v):
             nw, lw = vi.window_gather.shape[1:]

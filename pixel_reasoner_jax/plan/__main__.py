@@ -4,6 +4,7 @@ Owns the planner's command line: target setup before JAX starts, the plan's JSON
 Exit status 0 when every program fits with the target's headroom, 1 when one does not, 2 on bad input.
 """
 
+import datetime
 import json
 import pathlib
 import sys
@@ -56,6 +57,8 @@ def make_plan(cfg, topo: tp.Topology, log=print, compiler_options=None, text_onl
         "memory_per_device_bytes": target.memory,
         "headroom": topo.headroom,
         "budget_per_device_bytes": target.budget,
+        "planned_on": datetime.date.today().isoformat(),  # plans.md marks plans older than the code as stale
+        "jax": jax.__version__,
         **recipe,
     }
 

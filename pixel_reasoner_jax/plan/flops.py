@@ -3,7 +3,8 @@ count of a compiled program, and the 6·N·T model-FLOP reference.
 
 XLA's cost analysis counts a while-loop body once (a scan over 28 layers reports one layer) and custom
 calls (cuDNN attention, Pallas kernels) as 0, so the plan's FLOPs come from the jaxpr: every dot_general
-times the trip counts of the scans around it, cuDNN attention counted from its operand shapes.
+times the trip counts of the scans around it, cuDNN attention counted from its operand shapes, a Pallas
+kernel's body times its grid.
 """
 
 import math
@@ -47,20 +48,102 @@ def _attention_flops(eqn, products: int) -> float:
 def _sub_jaxprs(params: dict[str, Any]):
     for value in params.values():
         for v in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(v, jex_core.ClosedJaxpr):
-                yield v.jaxpr
-            elif isinstance(v, jex_core.Jaxpr):
+            if isinstance(v, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
                 yield v
 
 
-def jaxpr_flops(jaxpr, while_trips: int = 1) -> float:
+def _known(closed, known: dict) -> dict:
+    """`known` plus the small integer / boolean constants a closed jaxpr carries (splash's block tables,
+    the vision tower's per-layer full-attention flags)."""
+    consts = getattr(closed, "consts", ())
+    if not consts:
+        return known
+    out = dict(known)
+    for var, c in zip(closed.jaxpr.constvars, consts):
+        kind = np.asarray(c).dtype.kind if np.ndim(c) else ""
+        if kind in "iub" and kind and np.size(c) <= 1 << 20:
+            out[var] = np.asarray(c)
+    return out
+
+
+def _passed(outer_vars, inner, known: dict) -> dict:
+    """The known constants among `outer_vars`, under the names of `inner`'s matching input variables."""
+    inner_vars = getattr(inner, "jaxpr", inner).invars
+    if len(inner_vars) != len(outer_vars):
+        return {}
+    return {i: known[o] for o, i in zip(outer_vars, inner_vars) if isinstance(o, jex_core.Var) and o in known}
+
+
+def _returned(eqn, inner, inner_known: dict, known: dict) -> None:
+    """Adds to `known` the outputs of `eqn` that its sub-jaxpr `inner` returns as known constants (a
+    custom VJP's forward hands splash's block tables to the backward as residuals)."""
+    inner_out = getattr(inner, "jaxpr", inner).outvars
+    if len(inner_out) == len(eqn.outvars):
+        for o, i in zip(eqn.outvars, inner_out):
+            if isinstance(i, jex_core.Var) and i in inner_known:
+                known[o] = inner_known[i]
+
+
+def _is_known(v, known: dict) -> bool:
+    return isinstance(v, jex_core.Var) and v in known
+
+
+def _scan_flops(eqn, while_trips: int, known: dict) -> float:
+    """A scan: its body times its length. Scanned-over inputs known from constants (per-layer flags) are
+    sliced per iteration, iterations with equal slices share one count, and per-iteration outputs that
+    are known (a cond's branch index saved for the backward pass) become known stacked outputs."""
+    body, length = eqn.params["jaxpr"], eqn.params["length"]
+    inner = _passed(eqn.invars, body, known)
+    first_xs, n_carry = eqn.params["num_consts"] + eqn.params["num_carry"], eqn.params["num_carry"]
+    body_jaxpr = getattr(body, "jaxpr", body)
+    xs = [
+        (body_jaxpr.invars[i], known[v])
+        for i, v in enumerate(eqn.invars)
+        if i >= first_xs and _is_known(v, known)
+    ]
+    if not xs:
+        return length * _walk(body, while_trips, inner)
+    keys = [b"".join(np.ascontiguousarray(value[t]).tobytes() for _, value in xs) for t in range(length)]
+    walked: dict[bytes, tuple[float, dict]] = {}
+    for t, key in enumerate(keys):
+        if key not in walked:
+            env = {**inner, **{var: value[t] for var, value in xs}}
+            walked[key] = (_walk(body, while_trips, env), env)
+    for j, out in enumerate(body_jaxpr.outvars[n_carry:]):
+        if isinstance(out, jex_core.Var) and all(out in walked[key][1] for key in walked):
+            known[eqn.outvars[n_carry + j]] = np.stack([walked[key][1][out] for key in keys])
+    return sum(walked[key][0] for key in keys)
+
+
+def _pallas_flops(eqn, while_trips: int, known: dict) -> float:
+    """A Pallas kernel: its body once per grid cell. Splash attention's kernels take their block table
+    (0 = tile skipped) as the second operand: when that table is a constant of the trace (the static
+    causal / full masks of models/splash.py), only the grid cells of its non-zero tiles count."""
+    grid = math.prod(eqn.params["grid_mapping"].grid)
+    body = jaxpr_flops(eqn.params["jaxpr"], while_trips)
+    share = 1.0
+    if str(eqn.params.get("name", "")).startswith("splash_mha") and len(eqn.invars) > 1:
+        table = known.get(eqn.invars[1]) if isinstance(eqn.invars[1], jex_core.Var) else None
+        share = float(np.mean(table != 0)) if table is not None else 1.0
+    return grid * body * share
+
+
+def jaxpr_flops(jaxpr, while_trips: int = 1, known: dict | None = None) -> float:
     """Matmul FLOPs of a (closed) jaxpr: dot_general and convolutions, scans times their length, the
     larger branch of a cond, while loops times `while_trips` (their trip count is a run-time value).
 
-    Counts every tile of the blocked attention kernel, whose `cond` skips fully masked tiles at run time
-    (about half of them under a causal mask): for attention the count is an upper bound.
+    Pallas calls count their kernel body once per grid cell; splash attention's only for the tiles its
+    static block table runs (the causal triangle, `_pallas_flops`). The blocked kernel's `cond` skips
+    fully masked tiles at run time (segment ids, causal): every one of its tiles counts, an upper bound.
+    `known`: constant integer arrays by variable (filled from the closed jaxprs' constants).
     """
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return _walk(jaxpr, while_trips, dict(known or {}))
+
+
+def _walk(closed, while_trips: int, known: dict) -> float:
+    """`jaxpr_flops`; `known` gains the constants this jaxpr's equations pass on (for `_returned`)."""
+    known.update(_known(closed, {}))
+    jaxpr = getattr(closed, "jaxpr", closed)
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -72,17 +155,36 @@ def jaxpr_flops(jaxpr, while_trips: int = 1) -> float:
             total += _attention_flops(eqn, 2)
         elif name in _CUDNN_BWD:
             total += _attention_flops(eqn, 5)
+        elif name == "pallas_call":
+            total += _pallas_flops(eqn, while_trips, known)
         elif name == "scan":
-            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"], while_trips)
+            total += _scan_flops(eqn, while_trips, known)
+        elif name == "convert_element_type" and _is_known(eqn.invars[0], known):
+            known[eqn.outvars[0]] = np.asarray(known[eqn.invars[0]]).astype(eqn.params["new_dtype"])
         elif name == "while":
-            body = jaxpr_flops(eqn.params["body_jaxpr"], while_trips)
-            total += while_trips * body + (while_trips + 1) * jaxpr_flops(
-                eqn.params["cond_jaxpr"], while_trips
-            )
+            body = _walk(eqn.params["body_jaxpr"], while_trips, {})
+            total += while_trips * body + (while_trips + 1) * _walk(eqn.params["cond_jaxpr"], while_trips, {})
+        elif name == "cond" and _is_known(eqn.invars[0], known) and np.ndim(known[eqn.invars[0]]) == 0:
+            # A branch index known from constants (a scanned layer's flag): only that branch runs.
+            b = eqn.params["branches"][int(np.clip(known[eqn.invars[0]], 0, len(eqn.params["branches"]) - 1))]
+            inner = _passed(eqn.invars[1:], b, known)
+            total += _walk(b, while_trips, inner)
+            _returned(eqn, b, inner, known)
         elif name == "cond":
-            total += max(jaxpr_flops(b, while_trips) for b in eqn.params["branches"])
+            branches = []
+            for b in eqn.params["branches"]:
+                inner = _passed(eqn.invars[1:], b, known)
+                branches.append(_walk(b, while_trips, inner))
+                _returned(eqn, b, inner, known)
+            total += max(branches)
         else:  # pjit, remat, custom_vjp/jvp calls, shard_map: whatever runs inside
-            total += sum(jaxpr_flops(sub, while_trips) for sub in _sub_jaxprs(eqn.params))
+            # A shard_map body sees one device's shard and runs on every device of its mesh: the rest of
+            # the count is global (the plan divides by the devices), so the body counts once per device.
+            copies = eqn.params["mesh"].size if name == "shard_map" else 1
+            for sub in _sub_jaxprs(eqn.params):
+                inner = _passed(eqn.invars, sub, known)
+                total += copies * _walk(sub, while_trips, inner)
+                _returned(eqn, sub, inner, known)
     return total
 
 

@@ -76,6 +76,7 @@ class Shapes:
       patches: patch rows per sample (the largest `data.patch_buckets`); 0 for text only.
       loss_positions: trained positions per row (`loss_index` width); the worst case, every position.
       rollout_rows, prompt, new_tokens: the sampler's batch, prompt bucket and decode length (grpo).
+      prompt_patches: patch rows per prompt of the sampler's worst prefill call (`prefill_patches`).
     """
 
     n_micro: int
@@ -86,6 +87,7 @@ class Shapes:
     rollout_rows: int = 0
     prompt: int = 0
     new_tokens: int = 0
+    prompt_patches: int = 0
 
 
 def recipe_shapes(cfg: RunConfig) -> Shapes:
@@ -99,6 +101,15 @@ def recipe_shapes(cfg: RunConfig) -> Shapes:
     seq = pick_bucket(r.max_total_tokens, d.seq_buckets) or max(d.seq_buckets)
     new = -(-r.max_new_tokens // r.decode_bucket) * r.decode_bucket
     return Shapes(n, total // n, seq, patches, seq, r.batch_size, seq, new)
+
+
+def prefill_patches(patch_buckets, rows: int, shards: int) -> int:
+    """Patch rows per prompt of the sampler's most padded prefill call. The sampler admits prompts into a
+    call while their patch rows fit the largest bucket together (`sampler._Run.take`) and pads each to the
+    call's bucket (`pack_prompts`): `rows` prompts at the smallest bucket holding an equal share of the
+    largest bucket per batch shard is the most patch rows (and token rows) a device gets."""
+    top = max(patch_buckets)
+    return pick_bucket(max(1, top * shards // rows), patch_buckets) or top
 
 
 def micro_structs(mcfg: ModelConfig, s: Shapes, max_image_pixels: int, media: bool = True) -> dict[str, Any]:
@@ -129,8 +140,8 @@ def prompt_structs(mcfg: ModelConfig, s: Shapes, max_image_pixels: int, media: b
     """One prefill call of the rollout's rows (`sampler_inputs.pack_prompts`'s layout) as ShapeDtypeStructs."""
     k, t = s.rollout_rows, s.prompt
     pv = vi = None
-    if media and s.patches:
-        pv, vi = vision_structs(mcfg, k, s.patches, max_image_pixels, window_floor=True)
+    if media and s.prompt_patches:
+        pv, vi = vision_structs(mcfg, k, s.prompt_patches, max_image_pixels, window_floor=True)
     i32 = _struct((k, t), np.int32)
     return PromptBatch(i32, i32, _struct((3, k, t), np.int32), pv, vi)
 
@@ -264,6 +275,10 @@ def plan_recipe(
                 st.abstract_like(params, sharding.state_shardings(params, rmesh, "rollout"))
             )
             rows = shapes.rollout_rows
+            if shapes.patches:
+                shapes = dataclasses.replace(
+                    shapes, prompt_patches=prefill_patches(cfg.data.patch_buckets, rows, data)
+                )
 
             def trace_sampler(media=True):
                 prompts = prompt_structs(mcfg, shapes, max_px, media=media)
@@ -271,7 +286,7 @@ def plan_recipe(
 
             progs = trace_sampler()
             prefill_text = text(lambda: trace_sampler(media=False)["prefill"])
-            prefill_model = 2 * n_text * rows * shapes.prompt + 2 * n_vision * rows * shapes.patches
+            prefill_model = 2 * n_text * rows * shapes.prompt + 2 * n_vision * rows * shapes.prompt_patches
             jobs.append(("prefill", progs["prefill"], prefill_text, 1, prefill_model, rmesh, "rollout"))
             decode_model = 2 * n_text * rows * shapes.new_tokens
             jobs.append(
@@ -289,7 +304,9 @@ def plan_recipe(
             needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
             if "RESOURCE_EXHAUSTED" not in str(e) and not needed:
                 raise
-            programs[name] = {"fits": False, "error": str(e).splitlines()[0][:300]}
+            # The compiler's message lists the largest allocations (op, shape, size): kept for the why.
+            detail = str(e)[:6000]
+            programs[name] = {"fits": False, "error": str(e).splitlines()[0][:300], "error_detail": detail}
             if needed:
                 programs[name]["temp_bytes"] = int(float(needed.group(1)) * 2**30)
             log(f"  {name}: does not compile within HBM: {programs[name]['error']}")
