@@ -49,6 +49,16 @@ def test_trap_config_rejects_bad_values():
         trap_tasks.TrapConfig(prior=0.1)
     with pytest.raises(ValueError, match="square"):
         trap_tasks.TrapConfig(square=0.5)
+    with pytest.raises(ValueError, match="background"):
+        trap_tasks.TrapConfig(background=(130, 120))
+
+
+def test_trap_canvas_follows_the_background_range():
+    for background in ((105, 125), (215, 245)):
+        cfg = trap_tasks.TrapConfig(background=background)
+        img = np.asarray(trap_tasks.trap_task(np.random.default_rng(3), cfg).image)
+        corner = img[:8, :8].reshape(-1, 3)  # the quarters' margins hold no square
+        assert corner.min() >= background[0] and corner.max() < background[1]
 
 
 def test_trap_family_writes_direct_and_crop_trajectories(tmp_path):

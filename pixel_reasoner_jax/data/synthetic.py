@@ -108,11 +108,14 @@ FAMILIES: dict[str, SynthConfig] = {
         terse=True,
     ),
     "trap": SynthConfig(trap=trap_tasks.TrapConfig()),
-    # "quarters": the CPU demo of configs/grpo.py:tiny. The trap scene without its answer prior, squares at
-    # the centres of their quarters (one exact call per question) and large enough that a crop shows the
-    # asked one across most of a visual token, while the full view shows it a few pixels wide: cropping
-    # pays, and a warm start that answers directly half the time has something to learn.
-    "quarters": SynthConfig(trap=trap_tasks.TrapConfig(square=0.12, prior=0.25, centred=True)),
+    # "quarters": the trap scene without its answer prior, squares centred in their quarters (one exact call
+    # per question), a fifth of the canvas wide on a mid-grey canvas (TrapConfig.background). The full view
+    # shows a square a few pixels wide, a crop shows it across the central visual tokens. Measured with the
+    # narrow model at 16 visual tokens per image: calls well-formed after 100 SFT steps, the crop's colour
+    # read after ~250 crop-only steps (not before 100): too slow yet for the 10-minute CPU job (README).
+    "quarters": SynthConfig(
+        trap=trap_tasks.TrapConfig(square=0.2, prior=0.25, centred=True, background=(105, 125))
+    ),
 }
 
 

@@ -34,6 +34,12 @@ class TrapConfig:
         puts the warm-started policy's first-token choice near a coin flip.
       prior: probability that the asked square is red (the other colours share the rest): an answer prior,
         as benchmarks have, which a policy can exploit without looking; 1/4 = no prior.
+      background: [lo, hi) of the canvas's grey-ramp end points (0-255). Light by default. Near the
+        processor's normalisation mean (~115) the canvas normalises to ~0, so a randomly initialised vision
+        tower's features carry the squares rather than the background: the colour spread of the narrow
+        tiny model's crop features at init is ~2.5x larger at (105, 125) than at (215, 245), and after 250
+        crop-only SFT steps it read the crop's colour (15 of 24 right) where the light canvas left it at
+        chance (5 of 24; measured 2026-12-02).
       centred: every square sits at the centre of its quarter, so the crop of the asked square is one of
         four boxes named by the question (a tiny policy learns the call exactly; its crops are valid from
         the start). False: a random place in the quarter and a box of its own.
@@ -44,6 +50,7 @@ class TrapConfig:
     crop_fraction: float = 0.5
     prior: float = 0.5
     centred: bool = False
+    background: tuple[int, int] = (215, 245)
 
     def __post_init__(self):
         if self.image_size < 112:
@@ -52,6 +59,11 @@ class TrapConfig:
             raise ValueError(f"TrapConfig.square must lie in [0.02, 0.2] of the canvas, got {self.square}")
         if not 0.0 <= self.crop_fraction <= 1.0:
             raise ValueError(f"TrapConfig.crop_fraction must lie in [0, 1], got {self.crop_fraction}")
+        lo, hi = self.background
+        if not 0 <= lo < hi <= 256:
+            raise ValueError(
+                f"TrapConfig.background must be [lo, hi) with 0 <= lo < hi <= 256, got {self.background}"
+            )
         if not 1 / len(COLORS) <= self.prior <= 1.0:
             raise ValueError(f"TrapConfig.prior must lie in [1/{len(COLORS)}, 1], got {self.prior}")
 
@@ -65,7 +77,7 @@ def trap_task(rng: np.random.Generator, cfg: TrapConfig) -> Task:
     # so a tight crop of one square never shows another.
     margin = s // 20 + 2
     lo, hi = margin, half - side - margin
-    a, b = rng.integers(215, 245, size=(2, 3))
+    a, b = rng.integers(cfg.background[0], cfg.background[1], size=(2, 3))
     ramp = np.round(a + (b - a) * np.linspace(0.0, 1.0, s)[:, None]).astype(np.uint8)
     img = Image.fromarray(np.broadcast_to(ramp[None], (s, s, 3)).copy(), "RGB")
     draw = ImageDraw.Draw(img)
