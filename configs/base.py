@@ -273,11 +273,11 @@ def apply_cpu_quarters(c: ml_collections.ConfigDict, *, family: str) -> None:
     # vision tower and the sequences cheap.
     d.image_max_pixels = d.eval_image_max_pixels = 256 * PIX
     d.sft_image_max_pixels = 4 * PIX
-    # One sequence bucket and one patch bucket (per batch of 16 samples or requests, each with at most 3
-    # images of 16 patches), so each program compiles for few shapes; a crop trajectory is ~540 tokens.
+    # One sequence bucket and one patch bucket, so each program compiles for few shapes; a crop trajectory
+    # is ~540 tokens. Patch buckets count rows per sample: at most 3 images of 16 patches.
     d.max_seq_len = 640
     d.seq_buckets = (640,)
-    d.patch_buckets = (1024,)
+    d.patch_buckets = (64,)
 
     c.optim.lr = 1e-2  # high: the narrow model must learn the call format in a few dozen SFT steps
     c.optim.warmup_ratio = 0.0
