@@ -60,9 +60,9 @@ def _known(closed, known: dict) -> dict:
         return known
     out = dict(known)
     for var, c in zip(closed.jaxpr.constvars, consts):
-        kind = np.asarray(c).dtype.kind if np.ndim(c) else ""
-        if kind in "iub" and kind and np.size(c) <= 1 << 20:
-            out[var] = np.asarray(c)
+        c = np.asarray(c)
+        if c.ndim and c.dtype.kind in "iub" and c.size <= 1 << 20:  # arrays only, not scalars
+            out[var] = c
     return out
 
 
