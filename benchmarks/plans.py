@@ -41,9 +41,11 @@ OVERRIDES = {
 # 7B GRPO: one sample per device per micro-batch (32 micro-batches of 8; the step's 256 samples and its
 # update are unchanged): at the recipe's 8 micro-batches of 32 a device holds 4 samples of 65,536 patch rows
 # through the trained vision tower (v5p-16 grads 92 GiB before the sampler's copy). On the 80 GB H100 the
-# sampler's bf16 weight copy (15.4 GiB replicated) is also split over 2 devices. Other 7B GRPO rows: not
-# yet planned with these choices.
-MB32 = ["--config.grpo.micro_batches=32"]
+# sampler's bf16 weight copy (15.4 GiB replicated) is also split over 2 devices. The sampler decodes 64
+# episodes per call instead of the recipe's 128 (`rollout.batch_size`): at 128 its prefill (128 prompts of
+# 12,288 tokens, every slot's KV cache) did not fit either target. Other 7B GRPO rows: not yet planned with
+# these choices.
+MB32 = ["--config.grpo.micro_batches=32", "--config.rollout.batch_size=64"]
 OVERRIDES["grpo:7b:v5p-16"] = MB32
 OVERRIDES["grpo:7b:h100-8"] = MB32 + ["--config.mesh.rollout_tensor=2"]
 
