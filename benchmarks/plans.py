@@ -45,13 +45,13 @@ OVERRIDES = {
 # episodes per call instead of the recipe's 128 (`rollout.batch_size`): at 128 its prefill (128 prompts of
 # 12,288 tokens, every slot's KV cache) did not fit either target. Other 7B GRPO rows: not yet planned with
 # these choices.
-MB32 = ["--config.grpo.micro_batches=32", "--config.rollout.batch_size=64"]
-OVERRIDES["grpo:7b:v5p-16"] = MB32
-OVERRIDES["grpo:7b:h100-8"] = MB32 + ["--config.mesh.rollout_tensor=2"]
+GRPO_FIT = ["--config.grpo.micro_batches=32", "--config.rollout.batch_size=64"]
+OVERRIDES["grpo:7b:v5p-16"] = GRPO_FIT
+OVERRIDES["grpo:7b:h100-8"] = GRPO_FIT + ["--config.mesh.rollout_tensor=2"]
 # Whether one setting serves both 7B targets (h100-8 needs the sampler's copy over 2 devices), and whether
 # the 7B levers make 3B GRPO fit one H100 node (at the recipe's settings it does not).
 EXTRA["grpo:7b:v5p-16:rollout_tensor2"] = OVERRIDES["grpo:7b:h100-8"]
-EXTRA["grpo:3b:h100-8:mb32_rb64"] = MB32
+EXTRA["grpo:3b:h100-8:mb32_rb64"] = GRPO_FIT
 
 
 def python_for(topology: str) -> str:
