@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 
 from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.models.qwen25vl import KVCache, init_cache
-from pixel_reasoner_jax.rollout.sampling import row_keys, sample_tokens
+from pixel_reasoner_jax.rollout.sampling import PASSES, row_keys, sample_tokens
 
 __all__ = [
     "SlotState",
@@ -89,15 +89,23 @@ def slot_shardings(state: SlotState, mesh, rules: sharding.Rules | str) -> SlotS
     )
 
 
-def _sample(logits_bv, p, step_b):
-    return sample_tokens(logits_bv, p.temperature, p.top_p, p.top_k, row_keys(p.seeds, step_b))
+def _sample(logits_bv, p, step_b, passes):
+    keys_b = row_keys(p.seeds, step_b)
+    return sample_tokens(logits_bv, p.temperature, p.top_p, p.top_k, keys_b, passes)
 
 
 def _hits(tok_b, p):
     return (tok_b[:, None] == p.stop_ids).any(-1)
 
 
-def fill_slots(state: SlotState, prompt: KVCache, logits_kv: jax.Array, src_b: jax.Array, p) -> SlotState:
+def fill_slots(
+    state: SlotState,
+    prompt: KVCache,
+    logits_kv: jax.Array,
+    src_b: jax.Array,
+    p,
+    passes: tuple[str, ...] = PASSES,
+) -> SlotState:
     """Writes prefilled prompts into slots and samples each filled slot's first token.
 
     Args:
@@ -106,6 +114,7 @@ def fill_slots(state: SlotState, prompt: KVCache, logits_kv: jax.Array, src_b: j
       src_b: (B,) the prompt row each slot takes (one prompt may fill several slots: shared prefill), -1 to
         leave the slot as it is.
       p: SlotParams (as device arrays) with the filled slots' requests already assigned.
+      passes: the sampling passes the slots' requests need (`sampling.sampling_passes`; static).
     """
     b = src_b.shape[0]
     t, s = prompt.max_len, state.cache.max_len
@@ -118,7 +127,7 @@ def fill_slots(state: SlotState, prompt: KVCache, logits_kv: jax.Array, src_b: j
     v = cache.v.at[:, dest_b, :t].set(prompt.v[:, src_b].astype(cache.v.dtype), mode="drop")
     rows_bs = jnp.zeros((b, s), jnp.int32).at[:, :t].set(prompt.mask[src_b])
     mask = cache.mask.at[dest_b].set(rows_bs, mode="drop")
-    tok_b, lp_b = _sample(logits_kv[src_b], p, jnp.zeros((b,), jnp.int32))
+    tok_b, lp_b = _sample(logits_kv[src_b], p, jnp.zeros((b,), jnp.int32), passes)
     hit_b = _hits(tok_b, p)
     return SlotState(
         cache=KVCache(k=k, v=v, mask=mask),
@@ -131,7 +140,9 @@ def fill_slots(state: SlotState, prompt: KVCache, logits_kv: jax.Array, src_b: j
     )
 
 
-def decode_steps(step_fn, state: SlotState, p, exit_after: jax.Array) -> SlotState:
+def decode_steps(
+    step_fn, state: SlotState, p, exit_after: jax.Array, passes: tuple[str, ...] = PASSES
+) -> SlotState:
     """Decodes every live slot one token per step until `exit_after` slots are done (or all are).
 
     A slot's token j is fed at cache slot base + j with position next_pos + j on all three M-RoPE axes
@@ -142,6 +153,7 @@ def decode_steps(step_fn, state: SlotState, p, exit_after: jax.Array) -> SlotSta
       step_fn: (tokens (B,), positions (B,), cache slots (B,), cache) -> (logits (B, V), cache).
       p: SlotParams as device arrays.
       exit_after: int32 scalar, the done-slot count at which to return (so the host can refill them).
+      passes: the sampling passes the slots' requests need (`sampling.sampling_passes`; static).
     """
     b, n = state.tokens.shape
     s = state.cache.max_len
@@ -155,7 +167,7 @@ def decode_steps(step_fn, state: SlotState, p, exit_after: jax.Array) -> SlotSta
         i, st = carry
         j_b = st.count - 1  # index of the token fed now
         logits_bv, cache = step_fn(st.last, p.next_pos + j_b, jnp.clip(p.base + j_b, 0, s - 1), st.cache)
-        tok_b, lp_b = _sample(logits_bv, p, st.count)
+        tok_b, lp_b = _sample(logits_bv, p, st.count, passes)
         active_b = ~st.done
         at_b = jnp.where(active_b, st.count, n)  # finished and empty slots write nothing
         hit_b = active_b & _hits(tok_b, p)

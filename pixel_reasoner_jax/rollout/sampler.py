@@ -49,7 +49,7 @@ from pixel_reasoner_jax.rollout.sampler_inputs import (
     request_label,
     stop_slots,
 )
-from pixel_reasoner_jax.rollout.sampling import sample_tokens, truncation_mask
+from pixel_reasoner_jax.rollout.sampling import PASSES, sample_tokens, sampling_passes, truncation_mask
 
 __all__ = ["JaxSampler", "sample_tokens", "truncation_mask"]
 
@@ -134,8 +134,8 @@ class JaxSampler(Policy):
         self._vision_shapes: set[tuple[int, ...]] = set()
         self._lock = threading.Lock()
         self._init = jax.jit(self._init_fn, static_argnums=(0, 1, 2))
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(2,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(2,))
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(2,), static_argnames=("passes",))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(2,), static_argnames=("passes",))
 
     # ------------------------------------------------------------------------------ Policy
 
@@ -231,8 +231,9 @@ class JaxSampler(Policy):
                 waiting = sum(len(members) for members in run.queue)
                 want = min(waiting, max(1, int(self.refill_fraction * slots))) if waiting else slots
                 state = self._decode(
-                    params, self._rest, state, run.params_now(), np.int32(len(run.free) + want)
-                )
+                    params, self._rest, state, run.params_now(), np.int32(len(run.free) + want),
+                    passes=run.passes,
+                )  # fmt: skip
                 self._stats["decode_calls"] += 1
                 run.collect(state, version)
         return run.results
@@ -300,6 +301,7 @@ class JaxSampler(Policy):
             batch.vision_inputs,
             src,
             run.params_now(),
+            passes=run.passes,
         )
 
     def _model(self, params, rest):
@@ -309,7 +311,18 @@ class JaxSampler(Policy):
         return constrain_slots(init_slots(self.cfg, slots, cache_len, num_new, self._cache_dtype))
 
     def _prefill_fn(
-        self, params, rest, state, ids_kt, positions_3kt, mask_kt, pixel_values, vision_inputs, src_b, slot_p
+        self,
+        params,
+        rest,
+        state,
+        ids_kt,
+        positions_3kt,
+        mask_kt,
+        pixel_values,
+        vision_inputs,
+        src_b,
+        slot_p,
+        passes=PASSES,
     ):
         """Vision encode + splice + decoder over k left-padded prompts, written into the slots `src_b` names.
 
@@ -325,9 +338,9 @@ class JaxSampler(Policy):
             ids_kt, positions_3kt, mask_kt, pixel_values, vision_inputs, cache=prompt, cache_index=0
         )
         logits_kv = model.logits(hidden_ktd[:, -1:])[:, 0]
-        return constrain_slots(fill_slots(constrain_slots(state), prompt, logits_kv, src_b, slot_p))
+        return constrain_slots(fill_slots(constrain_slots(state), prompt, logits_kv, src_b, slot_p, passes))
 
-    def _decode_fn(self, params, rest, state, slot_p, exit_after):
+    def _decode_fn(self, params, rest, state, slot_p, exit_after, passes=PASSES):
         """Decodes the live slots until `exit_after` slots are done (kv_slots.decode_steps)."""
         with self._lock:
             self._traces["decode"] += 1
@@ -345,7 +358,7 @@ class JaxSampler(Policy):
             return model.logits(hidden_b1d)[:, 0], cache
 
         # Returning the state lets XLA alias it with the donated input: the loop updates it in place.
-        return decode_steps(step, constrain_slots(state), slot_p, exit_after)
+        return decode_steps(step, constrain_slots(state), slot_p, exit_after, passes)
 
 
 class _Run:
@@ -358,6 +371,13 @@ class _Run:
         self.leader = [-1] * params.base.shape[0]  # the group leader whose prefill a slot took
         self.params = params
         self.results: list[GenerationResult | None] = [None] * len(requests)
+        # The call's sampling passes, static in its programs (greedy evals never pay for a draw, and runs
+        # without top-k / top-p never for the truncation).
+        self.passes = sampling_passes(
+            [r.sampling.temperature for r in requests],
+            [r.sampling.top_p for r in requests],
+            [r.sampling.top_k for r in requests],
+        )
 
     @property
     def free(self) -> list[int]:
