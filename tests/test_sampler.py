@@ -3,6 +3,7 @@ stops, weight updates without recompiles, a sharded mesh, and request validation
 
 import copy
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from pixel_reasoner_jax.rollout.kv_slots import slot_shardings
 from pixel_reasoner_jax.rollout.policy import GenerationRequest, SamplingParams, Video
 from pixel_reasoner_jax.rollout.sampler import JaxSampler, sample_tokens, truncation_mask
 from pixel_reasoner_jax.rollout.sampler_inputs import PromptBatch, expand_request, pack_prompts
+from pixel_reasoner_jax.rollout.sampling import PASSES, sampling_passes
 from pixel_reasoner_jax.sharding import make_mesh, use_mesh
 
 IM_START, IM_END, VS, VE = 151644, 151645, 151652, 151653
@@ -273,26 +275,33 @@ def test_truncation_mask_matches_sorted_definition():
         np.testing.assert_array_equal(got[r], want, err_msg=f"row {r}")
 
 
-def test_sample_frequencies_follow_truncated_distribution():
+@pytest.mark.parametrize("static_passes", [False, True], ids=["bisection", "per-batch-passes"])
+def test_sample_frequencies_follow_truncated_distribution(static_passes):
+    # Also across the inverse CDF's 256-entry blocks: the five tokens sit at ids 0, 255, 256, 257, 599.
     n = 20000
-    logits = jnp.log(jnp.array([0.4, 0.3, 0.2, 0.06, 0.04]))
-    keys = jax.random.split(jax.random.key(0), n)
-    sample = jax.jit(sample_tokens)
+    where = np.array([0, 255, 256, 257, 599])
+    logits = jnp.full(600, -jnp.inf).at[where].set(jnp.log(jnp.array([0.4, 0.3, 0.2, 0.06, 0.04])))
 
     def freqs(top_p, top_k):
-        tok, lp = sample(
-            jnp.broadcast_to(logits, (n, 5)),
+        passes = sampling_passes([1.0], [top_p], [top_k]) if static_passes else PASSES
+        keys = jax.random.split(jax.random.key(0), n)
+        tok, lp = jax.jit(functools.partial(sample_tokens, passes=passes))(
+            jnp.broadcast_to(logits, (n, 600)),
             jnp.ones(n),
             jnp.full(n, top_p),
             jnp.full(n, top_k, jnp.int32),
             keys,
         )
+        assert np.isin(np.asarray(tok), where).all()  # never a zero-probability id
+        tok = np.searchsorted(where, np.asarray(tok))  # back to 0..4
         np.testing.assert_allclose(lp, np.log([0.4, 0.3, 0.2, 0.06, 0.04])[np.asarray(tok)], atol=1e-5)
         return np.bincount(np.asarray(tok), minlength=5) / n
 
     np.testing.assert_allclose(freqs(1.0, -1), [0.4, 0.3, 0.2, 0.06, 0.04], atol=0.015)
     np.testing.assert_allclose(freqs(1.0, 2), [4 / 7, 3 / 7, 0, 0, 0], atol=0.015)
     np.testing.assert_allclose(freqs(0.75, -1), [4 / 9, 3 / 9, 2 / 9, 0, 0], atol=0.015)
+    np.testing.assert_allclose(freqs(0.5, 3), [4 / 7, 3 / 7, 0, 0, 0], atol=0.015)
+    np.testing.assert_allclose(freqs(0.9, 3), [4 / 9, 3 / 9, 2 / 9, 0, 0], atol=0.015)
 
 
 # ------------------------------------------------------------------------------- weights, mesh, errors
@@ -381,3 +390,13 @@ def test_bad_requests_name_the_request(setup):
         ValueError, match=r"request 0 \(rid 'long'\).*longer than the largest sequence bucket 32"
     ):
         sampler.generate([req(tuple(range(100, 180)), rid="long")])
+
+
+def test_sampling_passes_name_what_a_batch_needs():
+    assert sampling_passes([0.0, 0.0], [1.0, 0.5], [-1, 3]) == ("greedy",)  # greedy rows never truncate
+    assert sampling_passes([1.0, 0.0], [1.0, 1.0], [-1, -1]) == ("greedy", "sample")
+    assert sampling_passes([1.0], [0.95], [40]) == ("topk:64",)  # the recipe's top-k, in 64 candidates
+    assert sampling_passes([1.0, 1.0], [0.9, 1.0], [-1, 20]) == ("sample", "truncate", "topk:32")
+    assert sampling_passes([1.0], [1.0], [5000]) == ("sample", "truncate")  # above TOPK_CAP: bisection
+    with pytest.raises(ValueError, match="unknown pass"):
+        sample_tokens(jnp.zeros((1, 4)), jnp.ones(1), jnp.ones(1), -jnp.ones(1, jnp.int32), None, ("top",))
