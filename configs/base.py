@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.logprob_chunk = 1024  # tokens per chunk of the scanned log-prob/entropy pass (never B x T x V logits)
     # Architecture of the generated checkpoint (variant tiny without model.checkpoint): models/tiny.SIZES.
     m.tiny_size = "tiny"
+    m.tiny_init = "hf"  # models/tiny.INITS: "hf" (N(0, 0.02)) | "fan_in" (linear weights N(0, 1/fan_in))
 
     c.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = 1  # -1 = the rest of the devices (at most one axis)
@@ -137,6 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
     r.sglang_urls = _str()
     r.launch_local_server = False  # start the in-repo SGLang-compatible server for this run
     r.template = "vcot"  # user-turn template: "vcot" (tools) | "notool" (textual baseline) (§2.3)
+    # Prompt strings, here and in synthetic SFT data: "released" (§2) | "terse" (CPU demos: tools/prompts.TERSE)
+    r.prompt_style = "released"
     r.temperature = 1.0  # first turn (§8.2)
     r.temperature_after_tool = 0.9  # turns after a tool result (§8.2)
     r.top_p = 0.95
@@ -201,6 +204,10 @@ def base_config() -> ml_collections.ConfigDict:
     g.replay_capacity = 0  # SSR deque maxlen; 0 = the rollout batch, prompts_per_rollout * G (§9.3)
     g.epochs_per_rollout = 1  # `max_epochs 1` (§8.2)
     g.max_staleness = 0  # rollout batches a sample may lag the policy; 0 = synchronous (the original)
+    # Constant LR of the sft.steps warm-start updates of grpo mode; the optim schedule (warmup, decay) then
+    # spans the GRPO updates alone. 0 = one schedule spans both phases (the recipe warm-starts from a
+    # separately trained SFT checkpoint, sft.steps = 0).
+    g.warm_start_lr = 0.0
 
     c.reward = rw = ml_collections.ConfigDict()
     rw.form = "paper"  # "paper" | "code": the two shapes in the module docstring's table (§9.2)

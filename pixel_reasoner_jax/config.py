@@ -17,6 +17,7 @@ SFT_LOSS_MASKS = ("final_turns", "per_turn")
 SCHEDULES = ("cosine", "linear", "constant")
 BACKENDS = ("jax", "sglang")
 TEMPLATES = ("vcot", "notool")
+PROMPT_STYLES = ("released", "terse")  # tools/prompts.PROMPT_STYLES
 CROP_PADDINGS = ("capped", "fixed")
 FILTERS = ("refill", "ssr", "none")
 LOGPROB_TEMPERATURES = ("raw", "sampled")
@@ -24,6 +25,7 @@ BENCHMARKS = ("vstar", "tallyqa", "infovqa", "mvbench", "synthetic")
 # data/synthetic.FAMILIES (a test keeps the two equal)
 SYNTHETIC_FAMILIES = ("mixed", "color", "trap", "quarters")
 TINY_SIZES = ("tiny", "narrow")  # models/tiny.SIZES
+TINY_INITS = ("hf", "fan_in")  # models/tiny.INITS
 
 
 class ConfigError(ValueError):
@@ -48,6 +50,7 @@ class ModelConfig:
     attention: str
     logprob_chunk: int
     tiny_size: str
+    tiny_init: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,7 @@ class RolloutConfig:
     sglang_urls: str | None
     launch_local_server: bool
     template: str
+    prompt_style: str
     temperature: float
     temperature_after_tool: float
     top_p: float
@@ -179,6 +183,7 @@ class GRPOConfig:
     eps_low: float
     eps_high: float
     kl_coef: float
+    warm_start_lr: float
     entropy_coef: float
     tis_cap: float
     logprob_temperature: str

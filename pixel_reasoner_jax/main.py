@@ -93,7 +93,9 @@ def prepare_assets(cfg: RunConfig) -> RunConfig:
 
             logging.info("writing the tiny checkpoint to %s", ckpt)
             # export_hf renames into place: atomic
-            tiny.write_tiny_checkpoint(ckpt, seed=cfg.seed, config=tiny.SIZES[cfg.model.tiny_size])
+            tiny.write_tiny_checkpoint(
+                ckpt, seed=cfg.seed, config=tiny.SIZES[cfg.model.tiny_size], init=cfg.model.tiny_init
+            )
         model = dataclasses.replace(model, checkpoint=str(ckpt))
     if data.synthetic:
         root = workdir / SYNTHETIC_DIR
@@ -111,7 +113,9 @@ def prepare_assets(cfg: RunConfig) -> RunConfig:
                     num_eval=data.num_eval,
                     image_size=data.image_size,
                     seed=data.synthetic_seed,
-                    config=synthetic.FAMILIES[data.synthetic_family],
+                    config=dataclasses.replace(
+                        synthetic.FAMILIES[data.synthetic_family], prompt_style=cfg.rollout.prompt_style
+                    ),
                 ),
             )
         data = dataclasses.replace(

@@ -87,6 +87,7 @@ def test_tiny_size_lists_agree():
     from pixel_reasoner_jax.models import tiny  # imports the model stack, which only this test needs
 
     assert C.TINY_SIZES == tuple(tiny.SIZES)
+    assert C.TINY_INITS == tiny.INITS
     narrow = tiny.SIZES["narrow"].validate()
     assert narrow.text.tie_word_embeddings and narrow.text.hidden_size < tiny.SIZES["tiny"].text.hidden_size
 

@@ -21,6 +21,7 @@ from pixel_reasoner_jax.rollout.episode import (
     run_episodes,
 )
 from pixel_reasoner_jax.rollout.policy import GenerationResult, Video
+from pixel_reasoner_jax.tools.prompts import PROMPT_STYLES, system_prompt
 
 IMAGE = noise_image(336, 224, seed=1)
 FRAMES = tuple(noise_image(112, 112, seed=10 + k) for k in range(16))
@@ -123,6 +124,12 @@ def test_prompt_is_the_documented_rendering(tok, proc):
     policy = ScriptedPolicy(tok, {"e0": [crop_text([0.1, 0.2, 0.5, 0.6])]})
     [traj] = run_episodes(policy, [notool])
     assert traj.num_calls == 0 and len(traj.media) == 1 and len(traj.turns) == 1  # calls never run
+
+    terse = _start(tok, proc, dataclasses.replace(CFG, prompt_style="terse"))
+    text = tok.decode(terse.input_ids)
+    want = f"<|im_start|>system\n{system_prompt(PROMPT_STYLES['terse'])}<|im_end|>\n<|im_start|>user\n{BLOCK}"
+    assert text.startswith(want + "Which letter is in the corner?<|im_end|>\n<|im_start|>assistant\n")
+    assert len(terse.input_ids) < len(ep.input_ids) - 300  # the tool block and guideline are gone
 
 
 def test_prompt_media_loaded_from_disk(tok, proc, tmp_path):
@@ -416,6 +423,8 @@ def test_config_errors_name_the_field():
         EpisodeConfig(top_p=0.0)
     with pytest.raises(ValueError, match="EpisodeConfig.prompt_mode"):
         EpisodeConfig(prompt_mode="tools")
+    with pytest.raises(ValueError, match="EpisodeConfig.prompt_style"):
+        EpisodeConfig(prompt_style="short")
 
 
 def test_from_rollout_config_is_the_papers_default():
@@ -426,5 +435,7 @@ def test_from_rollout_config_is_the_papers_default():
     cd.workdir, cd.model.checkpoint, cd.data.rl_path = "/tmp/run", "/ckpt", "/data/rl.jsonl"
     assert EpisodeConfig.from_rollout(C.from_config_dict(cd).rollout) == EpisodeConfig()
     cd.rollout.template, cd.rollout.max_frames, cd.rollout.temperature_after_tool = "notool", 4, 0.5
+    cd.rollout.prompt_style = "terse"
     cfg = EpisodeConfig.from_rollout(C.from_config_dict(cd).rollout)
     assert (cfg.prompt_mode, cfg.ops.max_frames, cfg.temperature_after_tool) == ("notool", 4, 0.5)
+    assert cfg.prompt_style == "terse"

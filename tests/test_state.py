@@ -62,6 +62,15 @@ def _cfg(**kw):
         # ceil(0.03 * 101) = 4 warmup steps (OpenRLHF / HF round the warmup up)
         ({"warmup_ratio": 0.03, "total_steps": 101}, [1, 4], [2.5e-4, 1e-3]),
         ({"warmup_steps": 20}, [10, 20], [5e-4, 1e-3]),
+        # a constant prefix of 20 updates at 1e-2, then the warmup (ceil(0.1 * 80) = 8) and the cosine over
+        # the 80 updates after it: peak at 20 + 8, midpoint at 20 + 44, floor at 100
+        (
+            {"prefix_steps": 20, "prefix_lr": 1e-2},
+            [0, 19, 20, 24, 28, 64, 100],
+            [1e-2, 1e-2, 0.0, 5e-4, 1e-3, 7.5e-4, 5e-4],
+        ),
+        # prefix_lr 0: no prefix, whatever prefix_steps says
+        ({"prefix_steps": 20}, [0, 5, 10], [0.0, 5e-4, 1e-3]),
     ],
 )
 def test_schedule_values(kw, steps, want):
@@ -95,6 +104,8 @@ def test_optimizer_applies_schedule_per_update():
         ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
         ({"grad_clip": -1.0}, "grad_clip"),
         ({"b2": 1.0}, "b2"),
+        ({"prefix_lr": -1.0}, "prefix_lr"),
+        ({"prefix_steps": 100, "prefix_lr": 1e-2}, "prefix_steps"),
     ],
 )
 def test_optim_config_rejects_bad_values(kw, match):

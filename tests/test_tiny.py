@@ -80,3 +80,21 @@ def test_vocab_must_cover_the_tokenizer(tmp_path):
     small = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=151660))
     with pytest.raises(ValueError, match="vocab_size 151660 does not cover the tokenizer's ids"):
         tiny.write_tiny_checkpoint(tmp_path / "x", config=small)
+
+
+def test_fan_in_init_rescales_linear_weights_only(tmp_path, tiny_ckpt):
+    """`--init fan_in`: the same seed's draws, linear weights scaled to std 1/sqrt(fan_in); the rest as is."""
+    ref = load_file(str(tiny_ckpt / "model.safetensors"))
+    out = tiny.main(["--out", str(tmp_path / "fan_in"), "--seed", "0", "--init", "fan_in"])
+    got = load_file(str(out / "model.safetensors"))
+    linear = [n for n, v in ref.items() if v.ndim == 2 and "embed_tokens" not in n and "lm_head" not in n]
+    assert "model.layers.0.self_attn.q_proj.weight" in linear and "visual.merger.mlp.2.weight" in linear
+    for name, value in ref.items():
+        if name in linear:
+            fan_in = value.shape[1]
+            np.testing.assert_allclose(got[name], value / (0.02 * np.sqrt(fan_in)), rtol=1e-6, err_msg=name)
+            assert abs(float(got[name].std()) * np.sqrt(fan_in) - 1.0) < 0.2, name
+        else:
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+    with pytest.raises(ValueError, match="init must be one of"):
+        tiny.write_tiny_checkpoint(tmp_path / "x", init="xavier")

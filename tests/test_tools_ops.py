@@ -98,6 +98,15 @@ def test_user_text_templates():
         prompts.user_text(None)
 
 
+def test_terse_prompt_style_names_the_tool_without_the_block():
+    terse = prompts.PROMPT_STYLES["terse"]
+    assert prompts.PROMPT_STYLES["released"] == prompts.PromptTemplates()
+    assert prompts.system_prompt(terse) == terse.system  # no <tools> block, whatever tools are offered
+    assert "crop_image" in terse.system and "\\boxed{}" in terse.system
+    assert prompts.user_text("Which colour?", terse) == "Which colour?"  # no guideline
+    assert prompts.user_text("Q", terse, mode="notool") == "Q\n\n" + terse.notool
+
+
 def test_templates_are_frozen_and_overridable():
     t = prompts.PromptTemplates()
     with pytest.raises(dataclasses.FrozenInstanceError):

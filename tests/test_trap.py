@@ -5,6 +5,7 @@ test asserts it here; see the README's learning-trap section.
 """
 
 import collections
+import dataclasses
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from pixel_reasoner_jax import trap_plot
 from pixel_reasoner_jax.data import synthetic, trap_tasks
 from pixel_reasoner_jax.data.synthetic_tasks import TARGET_COLORS
 from pixel_reasoner_jax.tools import ops
+from pixel_reasoner_jax.tools.prompts import PROMPT_STYLES, system_prompt
 
 
 def _colours_in(img) -> set[str]:
@@ -78,6 +80,18 @@ def test_trap_family_writes_direct_and_crop_trajectories(tmp_path):
             assert len(turns) == 1
     rl = [json.loads(line) for line in paths["rl"].read_text().splitlines()]
     assert len(rl) == 4 and all(r["category"] == "trap" and "quarter" in r["question"] for r in rl)
+    assert sft[0]["message_list"][0]["content"][0]["text"] == system_prompt()
+
+
+def test_synthetic_sft_records_carry_the_prompt_style(tmp_path):
+    terse = dataclasses.replace(synthetic.FAMILIES["quarters"], prompt_style="terse")
+    paths = synthetic.generate(tmp_path, num_sft=2, num_rl=1, num_eval=1, seed=3, config=terse)
+    for line in paths["sft"].read_text().splitlines():
+        system, user = json.loads(line)["message_list"][:2]
+        assert system["content"][0]["text"] == system_prompt(PROMPT_STYLES["terse"])
+        assert "quarter" in user["content"][1]["text"] and "Guidelines" not in user["content"][1]["text"]
+    with pytest.raises(ValueError, match="prompt_style"):
+        dataclasses.replace(terse, prompt_style="short")
 
 
 def test_trap_variants_differ_only_in_curiosity():

@@ -18,6 +18,7 @@ from pixel_reasoner_jax.data import trajectories as T
 from pixel_reasoner_jax.data import trap_tasks
 from pixel_reasoner_jax.data.synthetic_tasks import IMAGE_TASKS, Task, image_task, video_task
 from pixel_reasoner_jax.tools import ops
+from pixel_reasoner_jax.tools.prompts import PROMPT_STYLES
 
 _SPLITS = {"sft": 1, "rl": 2, "eval": 3}
 
@@ -32,7 +33,8 @@ class SynthConfig:
 
     image_tasks picks the image scenes, target_scale enlarges every target, square makes every canvas
     square (one image shape); terse assistant turns hold only the tool call, or one answer sentence, with
-    2-decimal boxes (short trajectories for CPU runs).
+    2-decimal boxes (short trajectories for CPU runs). prompt_style names the system and user-turn strings
+    (tools/prompts.PROMPT_STYLES); a run sets it from `rollout.prompt_style`, so SFT data and rollouts agree.
     """
 
     image_size: int = 448
@@ -54,6 +56,7 @@ class SynthConfig:
     square: bool = False
     terse: bool = False
     trap: trap_tasks.TrapConfig | None = None  # set: the learning-trap family (data/trap_tasks.py) instead
+    prompt_style: str = "released"
 
     def __post_init__(self):
         if not self.image_tasks or any(t not in IMAGE_TASKS for t in self.image_tasks):
@@ -66,6 +69,8 @@ class SynthConfig:
             raise ValueError(
                 f"image_size must be >= 224 and video_size >= 112, got {self.image_size}, {self.video_size}"
             )
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {tuple(PROMPT_STYLES)}, got {self.prompt_style!r}")
         if self.video_size % 2:
             raise ValueError(f"video_size must be even (yuv420p), got {self.video_size}")
         if self.num_frames < 8:
@@ -163,7 +168,9 @@ def _say(cfg: SynthConfig, text: str) -> str:
 
 
 def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer: _Writer, cfg: SynthConfig):
-    head = T.first_messages({"type": "image", "image": img_rel}, task.question)
+    head = T.first_messages(
+        {"type": "image", "image": img_rel}, task.question, PROMPT_STYLES[cfg.prompt_style]
+    )
     if kind == T.TEXTUAL:
         text = _say(cfg, f"Looking at it, {task.explain}. ") + f"The answer is \\boxed{{{task.answer}}}."
         return [*head, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
@@ -217,7 +224,9 @@ def _video_trajectory(
     place = T.frame_placer(
         plan, task.frames, frame_rels, lambda img, n: writer.image(img, f"selected/{qid}_{n}.png")
     )
-    head = T.first_messages({"type": "video", "video": frame_rels}, task.question)
+    head = T.first_messages(
+        {"type": "video", "video": frame_rels}, task.question, PROMPT_STYLES[cfg.prompt_style]
+    )
     return T.assemble(head, segments, plan, results, place)
 
 
@@ -245,7 +254,9 @@ def _trap_rows(split: str, n: int, seed: int, cfg: SynthConfig, writer: _Writer)
                 },
             ]
 
-        head = T.first_messages({"type": "image", "image": rels[0]}, task.question)
+        head = T.first_messages(
+            {"type": "image", "image": rels[0]}, task.question, PROMPT_STYLES[cfg.prompt_style]
+        )
         messages = trap_tasks.sft_messages(task, kind, head, call)
         meta = {k: row[k] for k in ("category", "answer", "target_box", "target_box_px", "target_color")}
         rows.append({"qid": qid, "kind": kind, **meta, "message_list": messages})

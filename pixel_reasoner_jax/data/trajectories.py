@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pixel_reasoner_jax.tools import ops
-from pixel_reasoner_jax.tools.prompts import system_prompt, user_text
+from pixel_reasoner_jax.tools.prompts import PromptTemplates, system_prompt, user_text
 
 IMAGE_KINDS = ("single", "recrop1", "recrop2", "zoom2")
 VIDEO_KINDS = ("select", "reselect")
@@ -196,11 +196,14 @@ def run_ops(state: ops.VisualState, plan: Sequence[Op], cfg: ops.OpsConfig) -> l
     return results
 
 
-def first_messages(media_item: dict[str, Any], question: str) -> list[dict[str, Any]]:
-    """System turn (tool block) and user turn (media first, then question + vcot guideline, §2.3)."""
+def first_messages(
+    media_item: dict[str, Any], question: str, templates: PromptTemplates | None = None
+) -> list[dict[str, Any]]:
+    """System turn (tool block) and user turn (media first, then question + vcot guideline, §2.3), in the
+    strings of `templates` (None = the released ones)."""
     return [
-        {"role": "system", "content": [{"type": "text", "text": system_prompt()}]},
-        {"role": "user", "content": [media_item, {"type": "text", "text": user_text(question)}]},
+        {"role": "system", "content": [{"type": "text", "text": system_prompt(templates)}]},
+        {"role": "user", "content": [media_item, {"type": "text", "text": user_text(question, templates)}]},
     ]
 
 

@@ -38,7 +38,13 @@ from pixel_reasoner_jax.rollout.trajectory import (
 )
 from pixel_reasoner_jax.tools.ops import PIX, OpsConfig, VisualState, apply_result
 from pixel_reasoner_jax.tools.parse import TOOL_START, execute, is_tool_call_turn, parse_tool_call
-from pixel_reasoner_jax.tools.prompts import DEFAULT_TOOLS, PromptTemplates, system_prompt, user_text
+from pixel_reasoner_jax.tools.prompts import (
+    DEFAULT_TOOLS,
+    PROMPT_STYLES,
+    PromptTemplates,
+    system_prompt,
+    user_text,
+)
 
 # <|im_end|>, </tool_call>, <|endoftext|>. Stopping on </tool_call> saves decoding past a call; the
 # <|im_end|> the policy then did not write is appended with mask 0 (reference/sglang.md §5 step 3).
@@ -92,6 +98,7 @@ class EpisodeConfig:
       ops: visual-operation settings (crop and select sizes, padding, messages).
       prompt_mode: "vcot" (tool block + guideline) or "notool" (no tools; one turn, calls never run).
       tools: tools offered in vcot mode, by name (tools/prompts.TOOL_SCHEMAS).
+      prompt_style: the prompt strings when `Episode.start` is given none (tools/prompts.PROMPT_STYLES).
     """
 
     max_tool_calls: int = 3
@@ -113,6 +120,7 @@ class EpisodeConfig:
     ops: OpsConfig = dataclasses.field(default_factory=OpsConfig)
     prompt_mode: str = "vcot"
     tools: tuple[str, ...] = DEFAULT_TOOLS
+    prompt_style: str = "released"
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
@@ -132,6 +140,7 @@ class EpisodeConfig:
             (self.num_video_frames >= 1, "num_video_frames", ">= 1"),
             (self.video_fps > 0 and math.isfinite(self.video_fps), "video_fps", "a positive number"),
             (self.prompt_mode in PROMPT_MODES, "prompt_mode", f"one of {PROMPT_MODES}"),
+            (self.prompt_style in PROMPT_STYLES, "prompt_style", f"one of {tuple(PROMPT_STYLES)}"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -161,6 +170,7 @@ class EpisodeConfig:
             top_k=rc.top_k,
             ops=ops,
             prompt_mode=rc.template,
+            prompt_style=rc.prompt_style,
         )
 
 
@@ -273,12 +283,12 @@ class Episode:
           record: the query.
           tokenizer: the Qwen tokenizer.
           cfg: limits and sizes.
-          templates: prompt strings (None = the released ones).
+          templates: prompt strings (None = those of `cfg.prompt_style`).
           proc_cfg: the model's processor limits; every image is resized into them (what the model sees).
           media: pre-decoded media of `record` (see `load_media`); None = decode now.
           episode_id: id used in request rids; default the record's qid.
         """
-        templates = templates or PromptTemplates()
+        templates = templates or PROMPT_STYLES[cfg.prompt_style]
         media = media or load_media(record, cfg)
         if record.is_video:
             if not media.video_frames:

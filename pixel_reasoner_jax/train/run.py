@@ -81,7 +81,10 @@ def _model_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 
 def optim_config(cfg: RunConfig, total_steps: int) -> st.OptimConfig:
+    """The optimizer settings of a run of `total_steps` updates; in grpo mode with `grpo.warm_start_lr > 0`
+    the `sft.steps` warm-start updates are the schedule's constant-rate prefix."""
     o = cfg.optim
+    prefix = cfg.sft.steps if cfg.mode == "grpo" and cfg.grpo.warm_start_lr > 0 else 0
     return st.OptimConfig(
         lr=o.lr,
         total_steps=max(1, total_steps),
@@ -93,6 +96,8 @@ def optim_config(cfg: RunConfig, total_steps: int) -> st.OptimConfig:
         b2=o.b2,
         eps=o.eps,
         grad_clip=o.grad_clip,
+        prefix_steps=min(prefix, max(1, total_steps) - 1),
+        prefix_lr=cfg.grpo.warm_start_lr if prefix else 0.0,
     )
 
 

@@ -46,6 +46,9 @@ class OptimConfig:
             biases and norm scales.
         b1, b2, eps: Adam moments and epsilon.
         grad_clip: maximum global gradient norm over the trainable parameters; 0 disables clipping.
+        prefix_steps, prefix_lr: with prefix_lr > 0, the first `prefix_steps` updates run at the constant
+            `prefix_lr` (grpo mode's SFT warm start) and the warmup + decay above span the remaining
+            `total_steps - prefix_steps` alone; 0 = one schedule over every step.
     """
 
     lr: float
@@ -59,6 +62,8 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 1.0
+    prefix_steps: int = 0
+    prefix_lr: float = 0.0
 
     def __post_init__(self):
         checks = [
@@ -72,6 +77,12 @@ class OptimConfig:
             ("b2", 0.0 <= self.b2 < 1.0, "in [0, 1)"),
             ("eps", self.eps > 0, "> 0"),
             ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
+            ("prefix_lr", self.prefix_lr >= 0, ">= 0 (0 = no prefix)"),
+            (
+                "prefix_steps",
+                isinstance(self.prefix_steps, int) and 0 <= self.prefix_steps < self.total_steps,
+                f"an int in [0, total_steps={self.total_steps})",
+            ),
         ]
         if self.warmup_steps is not None:
             ok = isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.total_steps
@@ -81,23 +92,29 @@ class OptimConfig:
                 raise ValueError(f"OptimConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
     @property
+    def num_prefix_steps(self) -> int:
+        """Updates at `prefix_lr` before the schedule starts (0 without a prefix)."""
+        return self.prefix_steps if self.prefix_lr > 0 else 0
+
+    @property
     def num_warmup_steps(self) -> int:
         if self.warmup_steps is not None:
             return self.warmup_steps
-        return math.ceil(self.warmup_ratio * self.total_steps)
+        return math.ceil(self.warmup_ratio * (self.total_steps - self.num_prefix_steps))
 
 
 def make_schedule(cfg: OptimConfig) -> Callable[[jax.Array], jax.Array]:
     """Learning rate as a function of the number of updates already applied (optax's `count`).
 
     Linear warmup from 0 (the first update uses lr 0, as HF's LambdaLR does), then the decay from `lr` to
-    `min_lr_ratio * lr` over the remaining steps, flat after `total_steps`.
+    `min_lr_ratio * lr` over the remaining steps, flat after `total_steps`. A prefix (`prefix_lr > 0`)
+    comes first at its constant rate and shifts the schedule by `prefix_steps`.
     """
     lr, floor = cfg.lr, cfg.min_lr_ratio
-    warmup, total = cfg.num_warmup_steps, cfg.total_steps
+    prefix = cfg.num_prefix_steps
+    warmup, total = cfg.num_warmup_steps, cfg.total_steps - prefix
 
-    def schedule(count):
-        step = jnp.asarray(count, jnp.float32)
+    def scheduled(step):
         progress = jnp.clip((step - warmup) / max(1, total - warmup), 0.0, 1.0)
         if cfg.schedule == "cosine":
             decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
@@ -109,6 +126,12 @@ def make_schedule(cfg: OptimConfig) -> Callable[[jax.Array], jax.Array]:
         if warmup == 0:
             return after
         return jnp.where(step < warmup, lr * step / warmup, after)
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32)
+        if prefix == 0:
+            return scheduled(step)
+        return jnp.where(step < prefix, cfg.prefix_lr, scheduled(step - prefix))
 
     return schedule
 
