@@ -266,9 +266,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 def apply_cpu_quarters(c: ml_collections.ConfigDict, *, family: str) -> None:
     """Sizes shared by the CPU GRPO demos on the quarters scenes (configs/grpo.py:tiny, configs/trap.py):
-    the narrow tiny model, 56 px views, one sequence and one patch bucket, SFT then one optimizer step per
-    rollout of 4 prompts x G=8."""
+    the narrow tiny model, 56 px views, the terse prompt, one sequence and one patch bucket, SFT then one
+    optimizer step per rollout of 4 prompts x G=8."""
     c.model.tiny_size = "narrow"  # half the vocabulary-projection cost of "tiny", which dominates each step
+    # Linear weights at the gain a 7B model has (models/tiny.INITS): with the Hub's 0.02 the 32-wide model
+    # passed what its vision tower saw to the answer too weakly to learn to read a crop in minutes.
+    c.model.tiny_init = "fan_in"
+    # A one-line system prompt and the bare question (tools/prompts.TERSE): ~140 tokens per crop trajectory
+    # instead of ~540, so the few visual tokens are not buried under the tool block at the start.
+    c.rollout.prompt_style = "terse"
     d = c.data
     d.synthetic_family = family
     d.num_sft = 128
@@ -281,9 +287,10 @@ def apply_cpu_quarters(c: ml_collections.ConfigDict, *, family: str) -> None:
     d.image_max_pixels = d.eval_image_max_pixels = 256 * PIX
     d.sft_image_max_pixels = 4 * PIX
     # One sequence bucket and one patch bucket, so each program compiles for few shapes; a crop trajectory
-    # is ~540 tokens. Patch buckets count rows per sample: at most 3 images of 16 patches.
-    d.max_seq_len = 640
-    d.seq_buckets = (640,)
+    # is ~140 tokens, two calls and crops ~200. Patch buckets count rows per sample: at most 3 images of 16
+    # patches.
+    d.max_seq_len = 256
+    d.seq_buckets = (256,)
     d.patch_buckets = (64,)
 
     c.optim.lr = 1e-2  # high: the narrow model must learn the call format in a few dozen SFT steps
@@ -297,8 +304,8 @@ def apply_cpu_quarters(c: ml_collections.ConfigDict, *, family: str) -> None:
     r = c.rollout
     r.max_new_tokens = 64  # a call is 49 tokens, an answer 6
     r.decode_bucket = 16
-    r.max_total_tokens = 640
-    r.prompt_max_len = 576
+    r.max_total_tokens = 256
+    r.prompt_max_len = 192
     r.max_tool_calls = 1  # at most two crops: bounds the sequence (the paper's free operations N is 1)
     r.batch_size = 16  # episodes in flight: at most 16 requests per sampler call
     r.model_max_pixels = r.crop_max_pixels = 4 * PIX

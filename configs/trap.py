@@ -33,7 +33,12 @@ def get_config(arg: str = "curiosity"):
     base.apply_variant(c, "tiny")
     c.workdir = f"runs/trap_{variant}"
     base.apply_cpu_quarters(c, family="trap")  # sizes shared with configs/grpo.py:tiny
-    c.sft.steps = 80
+    c.data.num_sft = 1024
+    # 100 warm-start steps: calls well-formed, the crop's colour not yet read (the README job's reader
+    # appears by ~200), so a crop earns no more than the answer prior does without one.
+    c.sft.steps = 100
+    c.grpo.warm_start_lr = 1e-2
+    c.optim.lr = 1e-3
     c.grpo.steps = 30
 
     rw = c.reward

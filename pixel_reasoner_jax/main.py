@@ -103,6 +103,11 @@ def prepare_assets(cfg: RunConfig) -> RunConfig:
             from pixel_reasoner_jax.data import synthetic
 
             logging.info("writing synthetic data to %s", root)
+            family = dataclasses.replace(
+                synthetic.FAMILIES[data.synthetic_family],
+                prompt_style=cfg.rollout.prompt_style,
+                ops_config=rollout_view_ops(cfg),
+            )
             # The JSONL files name media relative to the folder, so it can be renamed after writing.
             _atomic_dir(
                 root,
@@ -113,9 +118,7 @@ def prepare_assets(cfg: RunConfig) -> RunConfig:
                     num_eval=data.num_eval,
                     image_size=data.image_size,
                     seed=data.synthetic_seed,
-                    config=dataclasses.replace(
-                        synthetic.FAMILIES[data.synthetic_family], prompt_style=cfg.rollout.prompt_style
-                    ),
+                    config=family,
                 ),
             )
         data = dataclasses.replace(
@@ -127,6 +130,20 @@ def prepare_assets(cfg: RunConfig) -> RunConfig:
         )
     distributed.barrier("pixel_reasoner_assets")
     return dataclasses.replace(cfg, model=model, data=data)
+
+
+def rollout_view_ops(cfg: RunConfig):
+    """The visual operations as this run's rollouts execute them: the rollout's crop and select limits,
+    clamped into the model's view (`episode.model_view_ops`). Synthetic SFT trajectories call the tools
+    with them, so each observation they record ("Here is the cropped image (Image Size: 56x56):") and each
+    returned image's size is what the policy meets at rollout time; with the original's limits a tiny run
+    trained on "Image Size: 168x168" and garbled its answers after the rollout's "56x56" (measured)."""
+    from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
+    from pixel_reasoner_jax.rollout.episode import EpisodeConfig, model_view_ops
+
+    r = cfg.rollout
+    view = ImageProcessorConfig(min_pixels=r.model_min_pixels, max_pixels=r.model_max_pixels)
+    return model_view_ops(EpisodeConfig.from_rollout(r).ops, view)
 
 
 def setup_compile_cache(cfg: RunConfig) -> str | None:

@@ -68,10 +68,11 @@ def test_every_variant_loads_and_validates(mode, variant, num_devices):
 def test_tiny_is_cpu_sized():
     cfg = C.from_config_dict(user_config("grpo", "tiny"))
     assert cfg.data.synthetic and cfg.model.checkpoint is None and cfg.model.dtype == "float32"
-    assert 8 <= cfg.grpo.steps <= 32 and cfg.grpo.group_size <= 8 and 0 < cfg.sft.steps <= 96
-    assert cfg.rollout.max_new_tokens <= 128 and cfg.data.image_max_pixels <= 64 * 784
-    assert cfg.rollout.model_max_pixels <= 16 * 784 and cfg.data.max_seq_len <= 1024
-    assert cfg.data.num_sft <= 64 and cfg.data.num_rl <= 64
+    assert 8 <= cfg.grpo.steps <= 32 and cfg.grpo.group_size <= 8 and 0 < cfg.sft.steps <= 256
+    # Originals are kept at up to 448 px (crops cut real detail); the model sees at most 16 visual tokens.
+    assert cfg.rollout.max_new_tokens <= 128 and cfg.data.image_max_pixels <= 256 * 784
+    assert cfg.rollout.model_max_pixels <= 16 * 784 and cfg.data.sft_image_max_pixels <= 16 * 784
+    assert cfg.data.max_seq_len <= 1024 and cfg.data.num_sft <= 1024 and cfg.data.num_rl <= 256
 
 
 def test_unknown_variant_rejected():
@@ -162,7 +163,7 @@ RULES = [
     ("grpo", "tiny", {"grpo__group_size": 3}, "grpo.train_batch_size"),
     ("grpo", "tiny", {"grpo__prompts_per_rollout": 3}, "grpo.prompts_per_rollout"),
     ("grpo", "tiny", {"grpo__micro_batches": 3}, "grpo.micro_batches"),
-    ("grpo", "tiny", {"grpo__micro_batches": 4}, "grpo.micro_batches"),
+    ("grpo", "tiny", {"grpo__micro_batches": 8}, "grpo.micro_batches"),  # 32 / 8 = 4 over 8 devices
     ("grpo", "tiny", {"grpo__eps_low": 0.0}, "grpo.eps_low"),
     ("grpo", "tiny", {"grpo__eps_high": 1.0}, "grpo.eps_high"),
     ("grpo", "tiny", {"grpo__kl_coef": -0.1}, "grpo.kl_coef"),
@@ -171,10 +172,11 @@ RULES = [
     ("grpo", "tiny", {"grpo__advantage": "ppo"}, "grpo.advantage"),
     ("grpo", "tiny", {"grpo__filter": "True"}, "grpo.filter"),
     ("grpo", "tiny", SSR_8 | {"grpo__replay_capacity": 4}, "grpo.replay_capacity"),
-    ("grpo", "tiny", {"grpo__filter": "ssr"}, "grpo.prompts_per_rollout"),  # 16 // 2 < train_batch_size 16
+    ("grpo", "tiny", {"grpo__filter": "ssr"}, "grpo.prompts_per_rollout"),  # 32 // 2 < train_batch_size 32
     ("grpo", "tiny", {"grpo__steps": 0}, "grpo.steps"),
     ("grpo", "tiny", {"grpo__epochs_per_rollout": 0}, "grpo.epochs_per_rollout"),
-    ("grpo", "tiny", {"grpo__prompts_per_rollout": 8, "log__checkpoint_every": 3}, "log.checkpoint_every"),
+    # 2 optimizer steps per rollout (8 prompts x G=4 / 16)
+    ("grpo", "tiny", {"grpo__train_batch_size": 16, "log__checkpoint_every": 3}, "log.checkpoint_every"),
     ("grpo", "tiny", {"reward__form": "dapo"}, "reward.form"),
     ("grpo", "tiny", {"reward__H": 0.0}, "reward.H"),
     ("grpo", "tiny", {"reward__H": 1.5}, "reward.H"),
@@ -216,7 +218,7 @@ VALID = [
     {"mesh__data": 2, "mesh__fsdp": 2, "mesh__tensor": 2},
     {"mesh__data": 2, "mesh__fsdp": -1},
     {"eval__greedy": False, "eval__num_samples": 8, "eval__benchmarks": "vstar,infovqa"},
-    {"grpo__prompts_per_rollout": 8, "log__checkpoint_every": 4},
+    {"grpo__train_batch_size": 16, "log__checkpoint_every": 4},
     {"reward__scoring": "strict", "reward__require_boxed": False, "eval__scoring": "strict"},
     SSR_8,
 ]
@@ -282,7 +284,7 @@ def test_run_config_is_frozen_and_typed():
         cfg.grpo.group_size = 2
     assert isinstance(cfg.data.seq_buckets, tuple) and cfg.reward.alpha is None  # the form's constant
     assert isinstance(build("grpo", "tiny", {"reward__alpha": 1}).reward.alpha, float)
-    assert cfg.grpo.samples_per_rollout == 16 and cfg.grpo.steps_per_rollout == 1
+    assert cfg.grpo.samples_per_rollout == 32 and cfg.grpo.steps_per_rollout == 1
 
 
 def test_mesh_shapes():

@@ -42,6 +42,9 @@ SMALL = (
     "--config.rollout.batch_size=4",
     "--config.data.max_seq_len=1024",  # the mixed-family SFT trajectories of `assets` are longer than 640
     "--config.data.seq_buckets=(128,1024)",  # one SFT bucket (1024), one GRPO bucket (128)
+    # The mixed family's images are not square: a view of at most 4*784 px (the quarters job's) shrinks a
+    # 224x168 image to 56x28, below the local server's 56*56 minimum, which would re-resize it.
+    "--config.rollout.model_max_pixels=12544",
 )
 TOTAL_STEPS = 5  # 1 SFT + 4 GRPO loop steps
 # Keys whose values depend on wall time; every other metric must replay exactly after a resume.
@@ -194,6 +197,28 @@ def test_default_workdir_is_deterministic():
     cfg = entry.build_config(grpo_config.get_config("tiny"), None)
     assert cfg.workdir == os.path.abspath(os.path.join("runs", "grpo_tiny"))
     assert entry.build_config(grpo_config.get_config("tiny"), "/x/y").workdir == "/x/y"
+
+
+def test_synthetic_trajectories_meet_the_rollout_view(tmp_path):
+    """The tiny job's SFT data call the tools as its rollouts do: the observation announces, and the crop
+    has, the size the policy will see (56x56), not the crop of the 448 px original (168x168)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from configs import grpo as grpo_config
+    from pixel_reasoner_jax.data import synthetic
+
+    cfg = entry.build_config(grpo_config.get_config("tiny"), str(tmp_path / "run"))
+    ops = entry.rollout_view_ops(cfg)
+    assert ops.crop_max_pixels == cfg.rollout.model_max_pixels == 56 * 56
+    family = dataclasses.replace(synthetic.FAMILIES[cfg.data.synthetic_family], ops_config=ops)
+    root = tmp_path / "data"
+    paths = synthetic.generate(root, num_sft=2, num_rl=1, num_eval=1, image_size=448, config=family)
+    for line in paths["sft"].read_text().splitlines():
+        observation = json.loads(line)["message_list"][3]["content"]
+        assert observation[0]["text"] == "\nHere is the cropped image (Image Size: 56x56):"
+        assert Image.open(root / observation[1]["image"]).size == (56, 56)
 
 
 def test_sglang_backend_through_the_local_server(env, assets, tmp_path):

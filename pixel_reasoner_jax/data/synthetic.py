@@ -112,14 +112,22 @@ FAMILIES: dict[str, SynthConfig] = {
         square=True,
         terse=True,
     ),
-    "trap": SynthConfig(trap=trap_tasks.TrapConfig()),
-    # "quarters": the trap scene without its answer prior, squares centred in their quarters (one exact call
-    # per question), a fifth of the canvas wide on a mid-grey canvas (TrapConfig.background). The full view
-    # shows a square a few pixels wide, a crop shows it across the central visual tokens. Measured with the
-    # narrow model at 16 visual tokens per image: calls well-formed after 100 SFT steps, the crop's colour
-    # read after ~250 crop-only steps (not before 100): too slow yet for the 10-minute CPU job (README).
+    # "trap": configs/trap.py. The quarters scene with an answer prior (the asked square is red half the
+    # time), and half the SFT trajectories answer from the full view: a warm-started policy that cannot yet
+    # read a crop answers as well without one, and its crops sometimes fail.
+    "trap": SynthConfig(
+        trap=trap_tasks.TrapConfig(
+            square=0.2, prior=0.5, centred=True, background=(105, 125), crop_fraction=0.5
+        )
+    ),
+    # "quarters": the README's CPU job (configs/grpo.py:tiny). The trap scene without its answer prior,
+    # squares centred in their quarters (one exact box per question), a fifth of the canvas wide on a
+    # mid-grey canvas (TrapConfig.background); every SFT trajectory crops the asked square, then answers. The
+    # full view shows a square a few pixels wide, a crop shows it across the central visual tokens.
     "quarters": SynthConfig(
-        trap=trap_tasks.TrapConfig(square=0.2, prior=0.25, centred=True, background=(105, 125))
+        trap=trap_tasks.TrapConfig(
+            square=0.2, prior=0.25, centred=True, background=(105, 125), crop_fraction=1.0
+        )
     ),
 }
 

@@ -29,6 +29,7 @@ from pixel_reasoner_jax.processing.batch import pick_bucket
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.sampler import JaxSampler
 from pixel_reasoner_jax.rollout.sampler_inputs import PromptBatch, prompt_min_windows
+from pixel_reasoner_jax.rollout.sampling import sampling_passes
 from pixel_reasoner_jax.train import state as st
 from pixel_reasoner_jax.train import steps
 from pixel_reasoner_jax.train.run import _model_kwargs, optim_config
@@ -280,9 +281,13 @@ def plan_recipe(
                     shapes, prompt_patches=prefill_patches(cfg.data.patch_buckets, rows, data)
                 )
 
+            # The passes the run's requests need: the recipe's top-k 40 / top-p 0.95 draw among 64 candidates.
+            r = cfg.rollout
+            passes = sampling_passes([r.temperature, r.temperature_after_tool], [r.top_p] * 2, [r.top_k] * 2)
+
             def trace_sampler(media=True):
                 prompts = prompt_structs(mcfg, shapes, max_px, media=media)
-                return sampler.trace(prompts, rows, shapes.new_tokens)
+                return sampler.trace(prompts, rows, shapes.new_tokens, passes)
 
             progs = trace_sampler()
             prefill_text = text(lambda: trace_sampler(media=False)["prefill"])

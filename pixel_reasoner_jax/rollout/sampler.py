@@ -238,10 +238,18 @@ class JaxSampler(Policy):
                 run.collect(state, version)
         return run.results
 
-    def trace(self, prompts: PromptBatch, slots: int, num_new: int) -> dict[str, jax.stages.Traced]:
+    def trace(
+        self,
+        prompts: PromptBatch,
+        slots: int,
+        num_new: int,
+        passes: tuple[str, ...] = PASSES,
+    ) -> dict[str, jax.stages.Traced]:
         """The prefill and decode programs of a `generate` call, traced with the current weights at `slots`
         decode slots of `num_new` new tokens after `prompts` (one prefill call; its arrays may be
-        ShapeDtypeStructs): ahead-of-time planning (`pixel_reasoner_jax.plan`).
+        ShapeDtypeStructs): ahead-of-time planning (`pixel_reasoner_jax.plan`). `passes` are the call's
+        sampling passes (`sampling.sampling_passes` of the run's requests); the default holds every pass
+        but the top-k one.
 
         The slot state is abstract and, under a mesh, placed as `constrain_slots` places it, so compiled
         memory is per device. Lower and compile under the sampler's mesh (`sharding.use_mesh(mesh, "rollout")`).
@@ -260,9 +268,9 @@ class JaxSampler(Policy):
         with self._scope():
             prefill = self._prefill.trace(
                 params, self._rest, state, prompts.input_ids, prompts.positions, prompts.attention_mask,
-                prompts.pixel_values, prompts.vision_inputs, src_b, slot_p,
+                prompts.pixel_values, prompts.vision_inputs, src_b, slot_p, passes=passes,
             )  # fmt: skip
-            decode = self._decode.trace(params, self._rest, state, slot_p, np.int32(slots))
+            decode = self._decode.trace(params, self._rest, state, slot_p, np.int32(slots), passes=passes)
         return {"prefill": prefill, "decode": decode}
 
     # ------------------------------------------------------------------------------ device
