@@ -183,7 +183,6 @@ class GRPOConfig:
     eps_low: float
     eps_high: float
     kl_coef: float
-    warm_start_lr: float
     entropy_coef: float
     tis_cap: float
     logprob_temperature: str
@@ -194,6 +193,7 @@ class GRPOConfig:
     replay_capacity: int
     epochs_per_rollout: int
     max_staleness: int
+    warm_start_lr: float = 0.0
 
     @property
     def samples_per_rollout(self) -> int:

@@ -11,7 +11,9 @@ SETTINGS = {
     "data.synthetic": False, "sft.steps": 0,
     "grpo.prompts_per_rollout": 2, "grpo.group_size": 4, "grpo.train_batch_size": 8,
     "grpo.micro_batches": 1, "grpo.filter": "refill",
-    "optim.warmup_ratio": 0.0, "optim.schedule": "constant",
+    "optim.warmup_ratio": 0.0, "optim.schedule": "constant", "optim.lr": 1e-2,
+    # The toy prompt fits 46 tokens with the released strings (the tiny job's terse system line is longer).
+    "rollout.prompt_style": "released",
     "rollout.template": "notool", "rollout.top_k": 4, "rollout.top_p": 1.0,
     "rollout.max_new_tokens": 2, "rollout.decode_bucket": 2, "rollout.prompt_max_len": 46,
     "rollout.max_total_tokens": 48, "rollout.batch_size": 8, "model.logprob_chunk": 16,
