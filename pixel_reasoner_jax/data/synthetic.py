@@ -85,6 +85,11 @@ class SynthConfig:
                 f"{self.textual_fraction}, {self.video_fraction}"
             )
 
+    @property
+    def templates(self):
+        """The prompt strings of `prompt_style`."""
+        return PROMPT_STYLES[self.prompt_style]
+
     def kind_weights(self) -> dict[str, float]:
         """Share of each SFT trajectory kind among all SFT records."""
         image_share = 1.0 - self.textual_fraction - self.video_fraction
@@ -176,9 +181,7 @@ def _say(cfg: SynthConfig, text: str) -> str:
 
 
 def _image_trajectory(rng, task: Task, kind: str, qid: str, img_rel: str, writer: _Writer, cfg: SynthConfig):
-    head = T.first_messages(
-        {"type": "image", "image": img_rel}, task.question, PROMPT_STYLES[cfg.prompt_style]
-    )
+    head = T.first_messages({"type": "image", "image": img_rel}, task.question, cfg.templates)
     if kind == T.TEXTUAL:
         text = _say(cfg, f"Looking at it, {task.explain}. ") + f"The answer is \\boxed{{{task.answer}}}."
         return [*head, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
@@ -232,9 +235,7 @@ def _video_trajectory(
     place = T.frame_placer(
         plan, task.frames, frame_rels, lambda img, n: writer.image(img, f"selected/{qid}_{n}.png")
     )
-    head = T.first_messages(
-        {"type": "video", "video": frame_rels}, task.question, PROMPT_STYLES[cfg.prompt_style]
-    )
+    head = T.first_messages({"type": "video", "video": frame_rels}, task.question, cfg.templates)
     return T.assemble(head, segments, plan, results, place)
 
 
@@ -262,9 +263,7 @@ def _trap_rows(split: str, n: int, seed: int, cfg: SynthConfig, writer: _Writer)
                 },
             ]
 
-        head = T.first_messages(
-            {"type": "image", "image": rels[0]}, task.question, PROMPT_STYLES[cfg.prompt_style]
-        )
+        head = T.first_messages({"type": "image", "image": rels[0]}, task.question, cfg.templates)
         messages = trap_tasks.sft_messages(task, kind, head, call)
         meta = {k: row[k] for k in ("category", "answer", "target_box", "target_box_px", "target_color")}
         rows.append({"qid": qid, "kind": kind, **meta, "message_list": messages})

@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from pixel_reasoner_jax.models.config import PRESETS, ModelConfig
-from pixel_reasoner_jax.models.hf_io import export_hf
+from pixel_reasoner_jax.models.hf_io import export_hf, load_hf_params
 from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
 from pixel_reasoner_jax.processing.tokenizer import ADDED_TOKENS, write_tokenizer_files
 from pixel_reasoner_jax.processing.vision import write_processor_files
@@ -52,7 +52,8 @@ SIZES: dict[str, ModelConfig] = {
 # one (0.02 * sqrt(3584) = 1.2); in a 32-wide one it shrinks each layer's output ~10x, so what the vision
 # tower sees reaches the answer position only very weakly. "fan_in": linear (2-D) weights rescaled to
 # N(0, 1 / fan_in), the gain the big model has; embeddings, norms, biases and the patch convolution keep
-# theirs. With it the narrow model read the crop's colour after 150 SFT steps (measured 2026-12-02).
+# theirs. With it and the terse prompt the narrow model read the crop's colour after 150 SFT steps
+# (measured 2026-12-02).
 INITS = ("hf", "fan_in")
 HF_INIT_STD = 0.02
 
@@ -103,10 +104,14 @@ def write_tiny_checkpoint(
         # Parameters carry logical sharding names, so construction needs a mesh; the host build uses one
         # device (export gathers to NumPy anyway).
         with use_mesh(make_mesh(devices=jax.devices()[:1])):
-            model = Qwen25VL(cfg, rngs=nnx.Rngs(seed))
-        out = export_hf(model, cfg, out_dir, extra_files_from=staging)
-    if init == "fan_in":
-        _rescale_to_fan_in(Path(out) / "model.safetensors")
+            params = Qwen25VL(cfg, rngs=nnx.Rngs(seed))
+        if init == "fan_in":
+            # Rescaled in the Hub layout (where every linear weight is 2-D (out, in)) inside the staging
+            # folder, then exported once more: the checkpoint folder still appears in one rename.
+            drawn = export_hf(params, cfg, os.path.join(staging, "drawn"))
+            _rescale_to_fan_in(Path(drawn) / "model.safetensors")
+            params = load_hf_params(drawn, cfg)
+        out = export_hf(params, cfg, out_dir, extra_files_from=staging)
     return Path(out)
 
 

@@ -138,9 +138,9 @@ class PromptTemplates:
 # Prompt styles a run can choose (`rollout.prompt_style`). "released": the strings above, as the released
 # checkpoints were trained (the default). "terse": the CPU demos' short prompt. A 2-layer, 32-wide model
 # attends nearly uniformly at first, and the ~430 tokens of tool block and guideline bury the few visual
-# tokens it must read: crop-only SFT on the quarters scene read the crop's colour (26 of 32 held-out right)
-# after 150 steps with this prompt (~140 tokens per trajectory) and was still at the answer prior after
-# 100-150 steps with the released one (~540 tokens; measured 2026-12-02). Calls, observations and answers
+# tokens it must read: crop-only SFT on the quarters scene, with `model.tiny_init=fan_in`, read the crop's
+# colour (26 of 32 held-out right) after 150 steps with this prompt (~140 tokens per trajectory) and was
+# still at the answer prior after 100 steps with the released one (~540 tokens; measured 2026-12-02). Calls, observations and answers
 # keep the released format.
 TERSE = PromptTemplates(
     system="You are a helpful assistant. Call crop_image to zoom in; answer in \\boxed{}.",

@@ -97,7 +97,7 @@ def optim_config(cfg: RunConfig, total_steps: int) -> st.OptimConfig:
         eps=o.eps,
         grad_clip=o.grad_clip,
         prefix_steps=min(prefix, max(1, total_steps) - 1),
-        prefix_lr=cfg.grpo.warm_start_lr if prefix else 0.0,
+        prefix_lr=cfg.grpo.warm_start_lr,
     )
 
 
