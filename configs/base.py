@@ -204,10 +204,12 @@ def base_config() -> ml_collections.ConfigDict:
     g.replay_capacity = 0  # SSR deque maxlen; 0 = the rollout batch, prompts_per_rollout * G (§9.3)
     g.epochs_per_rollout = 1  # `max_epochs 1` (§8.2)
     g.max_staleness = 0  # rollout batches a sample may lag the policy; 0 = synchronous (the original)
-    # Constant LR of the sft.steps warm-start updates of grpo mode; the optim schedule (warmup, decay) then
-    # spans the GRPO updates alone. 0 = one schedule spans both phases (the recipe warm-starts from a
-    # separately trained SFT checkpoint, sft.steps = 0).
+    # LR of the sft.steps warm-start updates of grpo mode; the optim schedule (warmup, decay) then spans the
+    # GRPO updates alone. 0 = one schedule spans both phases (the recipe warm-starts from a separately
+    # trained SFT checkpoint, sft.steps = 0). Schedule: "constant" at warm_start_lr, or "cosine" from
+    # warm_start_lr down to optim.lr.
     g.warm_start_lr = 0.0
+    g.warm_start_schedule = "constant"
 
     c.reward = rw = ml_collections.ConfigDict()
     rw.form = "paper"  # "paper" | "code": the two shapes in the module docstring's table (§9.2)

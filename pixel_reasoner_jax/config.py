@@ -14,7 +14,8 @@ MODES = ("sft", "grpo", "eval")
 VARIANTS = ("tiny", "3b", "7b")
 DTYPES = ("float32", "bfloat16")
 SFT_LOSS_MASKS = ("final_turns", "per_turn")
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant")  # train/state.make_schedule
+WARM_START_SCHEDULES = ("constant", "cosine")  # train/state.OptimConfig.prefix_schedule
 BACKENDS = ("jax", "sglang")
 TEMPLATES = ("vcot", "notool")
 PROMPT_STYLES = ("released", "terse")  # tools/prompts.PROMPT_STYLES
@@ -24,7 +25,7 @@ LOGPROB_TEMPERATURES = ("raw", "sampled")
 BENCHMARKS = ("vstar", "tallyqa", "infovqa", "mvbench", "synthetic")
 # data/synthetic.FAMILIES (a test keeps the two equal)
 SYNTHETIC_FAMILIES = ("mixed", "color", "trap", "quarters")
-TINY_SIZES = ("tiny", "narrow")  # models/tiny.SIZES
+TINY_SIZES = ("tiny", "narrow", "narrow_deep")  # models/tiny.SIZES
 TINY_INITS = ("hf", "fan_in")  # models/tiny.INITS
 
 
@@ -194,6 +195,7 @@ class GRPOConfig:
     epochs_per_rollout: int
     max_staleness: int
     warm_start_lr: float = 0.0
+    warm_start_schedule: str = "constant"
 
     @property
     def samples_per_rollout(self) -> int:

@@ -69,6 +69,12 @@ def _cfg(**kw):
             [0, 19, 20, 24, 28, 64, 100],
             [1e-2, 1e-2, 0.0, 5e-4, 1e-3, 7.5e-4, 5e-4],
         ),
+        # a cosine prefix: from 1e-2 at update 0 to lr (1e-3) at update 20, halfway at 10; then as above
+        (
+            {"prefix_steps": 20, "prefix_lr": 1e-2, "prefix_schedule": "cosine"},
+            [0, 10, 19, 20, 28],
+            [1e-2, 5.5e-3, 1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi * 19 / 20)), 0.0, 1e-3],
+        ),
         # prefix_lr 0: no prefix, whatever prefix_steps says
         ({"prefix_steps": 20}, [0, 5, 10], [0.0, 5e-4, 1e-3]),
     ],
@@ -106,6 +112,7 @@ def test_optimizer_applies_schedule_per_update():
         ({"b2": 1.0}, "b2"),
         ({"prefix_lr": -1.0}, "prefix_lr"),
         ({"prefix_steps": 100, "prefix_lr": 1e-2}, "prefix_steps"),
+        ({"prefix_schedule": "linear"}, "prefix_schedule"),
     ],
 )
 def test_optim_config_rejects_bad_values(kw, match):

@@ -82,7 +82,7 @@ def _model_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 def optim_config(cfg: RunConfig, total_steps: int) -> st.OptimConfig:
     """The optimizer settings of a run of `total_steps` updates; in grpo mode with `grpo.warm_start_lr > 0`
-    the `sft.steps` warm-start updates are the schedule's constant-rate prefix."""
+    the `sft.steps` warm-start updates are the schedule's prefix (`grpo.warm_start_schedule`)."""
     o = cfg.optim
     prefix = cfg.sft.steps if cfg.mode == "grpo" and cfg.grpo.warm_start_lr > 0 else 0
     return st.OptimConfig(
@@ -98,6 +98,7 @@ def optim_config(cfg: RunConfig, total_steps: int) -> st.OptimConfig:
         grad_clip=o.grad_clip,
         prefix_steps=min(prefix, max(1, total_steps) - 1),
         prefix_lr=cfg.grpo.warm_start_lr,
+        prefix_schedule=cfg.grpo.warm_start_schedule,
     )
 
 

@@ -18,8 +18,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pixel_reasoner_jax import sharding
-
-SCHEDULES = ("cosine", "linear", "constant")
+from pixel_reasoner_jax.config import SCHEDULES
+from pixel_reasoner_jax.config import WARM_START_SCHEDULES as PREFIX_SCHEDULES
 
 # Attribute name of the vision tower in the model (HF weight prefix `visual.*`); the SFT recipe freezes
 # every parameter under it (`--freeze_vision_modules`, reference/pixel_reasoner.md §8.1).
@@ -46,9 +46,11 @@ class OptimConfig:
             biases and norm scales.
         b1, b2, eps: Adam moments and epsilon.
         grad_clip: maximum global gradient norm over the trainable parameters; 0 disables clipping.
-        prefix_steps, prefix_lr: with prefix_lr > 0, the first `prefix_steps` updates run at the constant
-            `prefix_lr` (grpo mode's SFT warm start) and the warmup + decay above span the remaining
+        prefix_steps, prefix_lr: with prefix_lr > 0, the first `prefix_steps` updates run at `prefix_lr`
+            (grpo mode's SFT warm start) and the warmup + decay above span the remaining
             `total_steps - prefix_steps` alone; 0 = one schedule over every step.
+        prefix_schedule: "constant" (the prefix runs at `prefix_lr` throughout) or "cosine" (from
+            `prefix_lr` down to `lr` over the prefix, where the schedule above takes over).
     """
 
     lr: float
@@ -64,6 +66,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     prefix_steps: int = 0
     prefix_lr: float = 0.0
+    prefix_schedule: str = "constant"
 
     def __post_init__(self):
         checks = [
@@ -78,6 +81,7 @@ class OptimConfig:
             ("eps", self.eps > 0, "> 0"),
             ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
             ("prefix_lr", self.prefix_lr >= 0, ">= 0 (0 = no prefix)"),
+            ("prefix_schedule", self.prefix_schedule in PREFIX_SCHEDULES, f"one of {PREFIX_SCHEDULES}"),
             (
                 "prefix_steps",
                 isinstance(self.prefix_steps, int) and 0 <= self.prefix_steps < self.total_steps,
@@ -108,7 +112,7 @@ def make_schedule(cfg: OptimConfig) -> Callable[[jax.Array], jax.Array]:
 
     Linear warmup from 0 (the first update uses lr 0, as HF's LambdaLR does), then the decay from `lr` to
     `min_lr_ratio * lr` over the remaining steps, flat after `total_steps`. A prefix (`prefix_lr > 0`)
-    comes first at its constant rate and shifts the schedule by `prefix_steps`.
+    comes first (constant, or cosine from `prefix_lr` to `lr`) and shifts the schedule by `prefix_steps`.
     """
     lr, floor = cfg.lr, cfg.min_lr_ratio
     prefix = cfg.num_prefix_steps
@@ -131,7 +135,11 @@ def make_schedule(cfg: OptimConfig) -> Callable[[jax.Array], jax.Array]:
         step = jnp.asarray(count, jnp.float32)
         if prefix == 0:
             return scheduled(step)
-        return jnp.where(step < prefix, cfg.prefix_lr, scheduled(step - prefix))
+        if cfg.prefix_schedule == "cosine":
+            head = cfg.lr + (cfg.prefix_lr - cfg.lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * step / prefix))
+        else:
+            head = jnp.full_like(step, cfg.prefix_lr)
+        return jnp.where(step < prefix, head, scheduled(step - prefix))
 
     return schedule
 
