@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import trap as trap_config
 from pixel_reasoner_jax import trap_plot
@@ -81,6 +82,29 @@ def test_trap_family_writes_direct_and_crop_trajectories(tmp_path):
     rl = [json.loads(line) for line in paths["rl"].read_text().splitlines()]
     assert len(rl) == 4 and all(r["category"] == "trap" and "quarter" in r["question"] for r in rl)
     assert sft[0]["message_list"][0]["content"][0]["text"] == system_prompt()
+
+
+def test_stray_trajectories_crop_another_square_and_answer_what_it_shows(tmp_path):
+    q = synthetic.FAMILIES["quarters"]
+    cfg = dataclasses.replace(q, trap=dataclasses.replace(q.trap, stray=0.5))
+    paths = synthetic.generate(tmp_path, num_sft=12, num_rl=1, num_eval=1, seed=3, config=cfg)
+    sft = [json.loads(line) for line in paths["sft"].read_text().splitlines()]
+    assert collections.Counter(r["kind"] for r in sft) == {"crop": 6, "stray": 6}
+    for r in sft:
+        call, answer = [m["content"][0]["text"] for m in r["message_list"] if m["role"] == "assistant"]
+        box = json.loads(call.split("\n")[1])["arguments"]["bbox_2d"]
+        asked = [round(v / 448, 2) for v in r["target_box_px"]]  # the asked square, of the 448-px canvas
+        crop_path = tmp_path / r["message_list"][3]["content"][1]["image"]
+        (shown,) = _colours_in(Image.open(crop_path))  # one square in the crop
+        assert answer == f"\\boxed{{{shown}}}"  # the demonstrator answers what its crop shows
+        assert (box == asked) == (r["kind"] == "crop") and (shown == r["answer"]) == (r["kind"] == "crop")
+    # Scenes and questions are those of the same seed without strays (the decoy is drawn last).
+    plain = synthetic.generate(tmp_path / "plain", num_sft=12, num_rl=1, num_eval=1, seed=3, config=q)
+    plain = [json.loads(line) for line in plain["sft"].read_text().splitlines()]
+    assert [r["message_list"][1] for r in plain] == [r["message_list"][1] for r in sft]
+    assert [r["target_box_px"] for r in plain] == [r["target_box_px"] for r in sft]
+    with pytest.raises(ValueError, match="stray"):
+        trap_tasks.TrapConfig(stray=1.5)
 
 
 def test_synthetic_sft_records_carry_the_prompt_style(tmp_path):

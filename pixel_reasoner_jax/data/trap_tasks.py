@@ -20,7 +20,7 @@ from pixel_reasoner_jax.data.synthetic_tasks import TARGET_COLORS, Task
 COLORS = ("red", "green", "blue", "yellow")
 # (column, row) of each quarter, named as the question names it.
 QUARTERS = {"top-left": (0, 0), "top-right": (1, 0), "bottom-left": (0, 1), "bottom-right": (1, 1)}
-TRAJECTORY_KINDS = ("direct", "crop")
+TRAJECTORY_KINDS = ("direct", "crop", "stray")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,10 @@ class TrapConfig:
       centred: every square sits at the centre of its quarter, so the crop of the asked square is one of
         four boxes named by the question (a tiny policy learns the call exactly; its crops are valid from
         the start). False: a random place in the quarter and a box of its own.
+      stray: share of the crop trajectories that crop a random OTHER quarter's square and answer the colour
+        that crop shows (a noisy demonstrator: its calls, crops and readings are well-formed, its box is
+        bound to the asked quarter only part of the time). The warm-started policy then binds its boxes
+        about as often as the demonstrator did, whatever the seed, and only the reward can teach it more.
     """
 
     image_size: int = 448
@@ -51,6 +55,7 @@ class TrapConfig:
     prior: float = 0.5
     centred: bool = False
     background: tuple[int, int] = (215, 245)
+    stray: float = 0.0
 
     def __post_init__(self):
         if self.image_size < 112:
@@ -64,11 +69,20 @@ class TrapConfig:
             raise ValueError(
                 f"TrapConfig.background must be [lo, hi) with 0 <= lo < hi <= 256, got {self.background}"
             )
+        if not 0.0 <= self.stray <= 1.0:
+            raise ValueError(f"TrapConfig.stray must lie in [0, 1], got {self.stray}")
         if not 1 / len(COLORS) <= self.prior <= 1.0:
             raise ValueError(f"TrapConfig.prior must lie in [1/{len(COLORS)}, 1], got {self.prior}")
 
 
-def trap_task(rng: np.random.Generator, cfg: TrapConfig) -> Task:
+@dataclasses.dataclass
+class TrapTask(Task):
+    """A trap scene's task; `decoy` is (box, colour) of a random other quarter's square (a stray crop's)."""
+
+    decoy: tuple[tuple[int, int, int, int], str] | None = None
+
+
+def trap_task(rng: np.random.Generator, cfg: TrapConfig) -> TrapTask:
     """One canvas with a square of each colour of COLORS (shuffled over the quarters) and its question."""
     s = cfg.image_size
     side = max(4, round(cfg.square * s))
@@ -98,7 +112,10 @@ def trap_task(rng: np.random.Generator, cfg: TrapConfig) -> Task:
         draw.rectangle((x, y, x + side - 1, y + side - 1), fill=TARGET_COLORS[colour])
     quarter = list(QUARTERS)[quarter]
     box, colour = boxes[quarter]
-    return Task(
+    # Drawn last, so the scenes and questions of every seed are those of configs without strays.
+    others = [q for q in QUARTERS if q != quarter]
+    decoy = boxes[others[int(rng.integers(len(others)))]]
+    return TrapTask(
         task="trap",
         question=f"What colour is the square in the {quarter} quarter of the image?",
         answer=colour,
@@ -107,24 +124,33 @@ def trap_task(rng: np.random.Generator, cfg: TrapConfig) -> Task:
         box=box,
         color=colour,
         image=img,
+        decoy=decoy,
     )
 
 
 def trajectory_kinds(n: int, seed: int, cfg: TrapConfig) -> list[str]:
-    """Exactly round(n * crop_fraction) "crop" kinds among n, the rest "direct", shuffled by the seed."""
+    """Exactly round(n * crop_fraction) cropping kinds among n, the rest "direct", shuffled by the seed; of
+    the cropping ones, round(n_crop * stray) are "stray", the others "crop"."""
     n_crop = int(round(n * cfg.crop_fraction))
     kinds = ["crop"] * n_crop + ["direct"] * (n - n_crop)
-    return [kinds[i] for i in np.random.default_rng([seed, 0]).permutation(n)]
+    kinds = [kinds[i] for i in np.random.default_rng([seed, 0]).permutation(n)]
+    cropping = [i for i, k in enumerate(kinds) if k == "crop"]
+    n_stray = int(round(n_crop * cfg.stray))
+    for i in np.random.default_rng([seed, 1]).permutation(cropping)[:n_stray]:
+        kinds[i] = "stray"
+    return kinds
 
 
 def sft_messages(
-    task: Task, kind: str, head: list[dict], call: Callable[[list[float]], list[dict]]
+    task: TrapTask, kind: str, head: list[dict], call: Callable[[list[float]], list[dict]]
 ) -> list[dict]:
     r"""The assistant side of one SFT trajectory, appended to `head` (system + user messages).
 
     "direct": one turn `\boxed{colour}`. "crop": a `crop_image` call on the square's box (as fractions of
     the canvas), the tool's observation, then `\boxed{colour}`. Both turns are bare, so the first sampled
-    token is the decision (`<tool_call>` or `\boxed`) and GRPO moves it directly.
+    token is the decision (`<tool_call>` or `\boxed`) and GRPO moves it directly. "stray": a crop of the
+    task's decoy (another quarter's square) answered with the decoy's colour, as a demonstrator that looked
+    in the wrong place would.
 
     Args:
       task: from `trap_task`.
@@ -132,11 +158,12 @@ def sft_messages(
       head: the system and user messages.
       call: box -> [assistant call message, tool observation message] (runs the real tool).
     """
-    answer = {"role": "assistant", "content": [{"type": "text", "text": f"\\boxed{{{task.answer}}}"}]}
+    if kind not in TRAJECTORY_KINDS:
+        raise ValueError(f"trap trajectory kind must be one of {TRAJECTORY_KINDS}, got {kind!r}")
+    target, colour = task.decoy if kind == "stray" else (task.box, task.answer)
+    answer = {"role": "assistant", "content": [{"type": "text", "text": f"\\boxed{{{colour}}}"}]}
     if kind == "direct":
         return [*head, answer]
-    if kind != "crop":
-        raise ValueError(f"trap trajectory kind must be one of {TRAJECTORY_KINDS}, got {kind!r}")
     s = task.image.size[0]
-    box = [round(v / s, 2) for v in task.box]
+    box = [round(v / s, 2) for v in target]
     return [*head, *call(box), answer]
