@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -73,6 +74,17 @@ def test_tiny_is_cpu_sized():
     assert cfg.rollout.max_new_tokens <= 128 and cfg.data.image_max_pixels <= 256 * 784
     assert cfg.rollout.model_max_pixels <= 16 * 784 and cfg.data.sft_image_max_pixels <= 16 * 784
     assert cfg.data.max_seq_len <= 1024 and cfg.data.num_sft <= 1024 and cfg.data.num_rl <= 256
+
+
+def test_tiny_warm_start_decays_into_the_grpo_rate():
+    from pixel_reasoner_jax.train import run, state  # the model stack, which only this test needs
+
+    cfg = C.from_config_dict(user_config("grpo", "tiny"))
+    n = cfg.sft.steps
+    schedule = state.make_schedule(run.optim_config(cfg, n + cfg.grpo.steps))
+    lr = [float(schedule(k)) for k in (0, n // 2, n, n + cfg.grpo.steps - 1)]
+    warm, rl = cfg.grpo.warm_start_lr, cfg.optim.lr
+    np.testing.assert_allclose(lr, [warm, (warm + rl) / 2, rl, rl], rtol=1e-5)
 
 
 def test_unknown_variant_rejected():
@@ -167,6 +179,7 @@ RULES = [
     ("grpo", "tiny", {"grpo__eps_low": 0.0}, "grpo.eps_low"),
     ("grpo", "tiny", {"grpo__eps_high": 1.0}, "grpo.eps_high"),
     ("grpo", "tiny", {"grpo__kl_coef": -0.1}, "grpo.kl_coef"),
+    ("grpo", "tiny", {"grpo__warm_start_schedule": "linear"}, "grpo.warm_start_schedule"),
     ("grpo", "tiny", {"grpo__tis_cap": 0.5}, "grpo.tis_cap"),
     ("grpo", "tiny", {"grpo__loss_agg": "sum"}, "grpo.loss_agg"),
     ("grpo", "tiny", {"grpo__advantage": "ppo"}, "grpo.advantage"),
