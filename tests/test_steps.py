@@ -371,6 +371,30 @@ def test_exact_accumulation(one, big, lp0, examples):
         assert rel_err(acc_small.grads, acc_big.grads) < 1e-6, kind
 
 
+def test_on_policy_rows_take_old_logprobs_from_the_step_itself(one, big, lp0):
+    """`old_current` rows (the params have not moved since sampling) use the step's own forward as their
+    old log-probs: the same loss, gradient, ratio and log-prob gap as feeding the separate log-prob pass's
+    values, whatever `old_logprobs` holds; a 0 row still reads `old_logprobs`."""
+    state = one.state()
+    micro = grpo_inputs(big, lp0, seed=4)
+    fed = dict(micro, old_logprobs=lp0)  # the separate pass, as GRPOTrainer._micro feeds it
+    skip = dict(micro, old_logprobs=np.full_like(lp0, -7.0), old_current=np.ones_like(micro["advantages"]))
+    assert not big["old_current"].any()
+    step = one.fns.grpo_step
+    a, b = one.fns.grads(state, fed, "grpo"), one.fns.grads(state, skip, "grpo")
+    np.testing.assert_allclose(float(b.loss), float(a.loss), rtol=1e-6)
+    assert rel_err(b.grads, a.grads) < 1e-6
+    ma, mb = step(one.state(), fed)[1], step(one.state(), skip)[1]
+    np.testing.assert_allclose(float(mb["ratio"]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(ma["ratio"]), 1.0, rtol=1e-5)
+    mask = big["loss_mask"] != 0
+    gap = np.abs(micro["sampler_logprobs"] - lp0)[mask].mean()
+    np.testing.assert_allclose([float(ma["logprob_gap"]), float(mb["logprob_gap"])], gap, rtol=1e-5)
+    # Teeth: the same garbage old log-probs without the flag change the loss.
+    c = one.fns.grads(state, dict(skip, old_current=np.zeros_like(micro["advantages"])), "grpo")
+    assert abs(float(c.loss) - float(a.loss)) > 1e-3
+
+
 def test_grpo_gradient_of_a_group_by_hand(one, big, lp0):
     """Rows 0 and 1 form a group (advantages +1, -1), the other rows are masked out. Per row i the ratio
     r_i = exp(logp - old) and the TIS weight w_i = min(exp(old - sampler), cap) are constants, and the

@@ -126,6 +126,7 @@ def micro_structs(mcfg: ModelConfig, s: Shapes, max_image_pixels: int, media: bo
     out.update(
         positions=_struct((n, 3, b, t), np.int32),
         advantages=_struct((n, b), np.float32),
+        old_current=_struct((n, b), np.float32),
         ref_logprobs=_struct((n, b, t), np.float32),
         loss_index=_struct((n, b, k), np.int32),
         loss_valid=_struct((n, b, k), np.bool_),

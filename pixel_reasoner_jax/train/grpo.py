@@ -23,7 +23,7 @@ from pixel_reasoner_jax.processing.batch import Example
 from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
 from pixel_reasoner_jax.train import async_rollout, multihost, replay, replay_samples, sft, steps
 from pixel_reasoner_jax.train.grpo_rollout import ROLLOUTS_DIR as ROLLOUTS_DIR  # re-exported for readers
-from pixel_reasoner_jax.train.grpo_rollout import AccuracyFn, RolloutBatches, load_rl, mean
+from pixel_reasoner_jax.train.grpo_rollout import AccuracyFn, RolloutBatches, load_rl
 from pixel_reasoner_jax.train.run import RunContext, host, scalars
 
 PHASE = "grpo"
@@ -190,12 +190,18 @@ class GRPOTrainer(RolloutBatches):
             out.extend(replay.trained_values(lp, micro["loss_mask"])[: len(part)])
         return out
 
-    def _micro(self, examples: list[Example], adv: np.ndarray, old: list[np.ndarray] | None) -> dict:
+    def _micro(
+        self, examples: list[Example], adv: np.ndarray, old: list[np.ndarray] | None, current: bool = False
+    ) -> dict:
+        """One step's stacked micro-batches; `current`: the params have not moved since the samples were
+        drawn, so the step's own forward gives their old log-probs (no separate pass)."""
         micro = sft.make_micro(self.ctx, examples, self.cfg.grpo.micro_batches)
         micro["advantages"] = adv.astype(np.float32).reshape(micro["advantages"].shape)
         # Old log-probs from the trainer's own forward at rollout time (the policy the samples came from,
         # in the trainer's numerics); the sampler's stay in `sampler_logprobs` for TIS and the gap metric.
-        if old is None:
+        if current:
+            micro["old_current"][:] = 1.0
+        elif old is None:
             micro["old_logprobs"] = host(self.fns.logprobs(self.ctx.state.params, micro)).astype(np.float32)
         else:
             micro["old_logprobs"] = replay.with_trained_values(old, micro["loss_mask"])
@@ -248,7 +254,11 @@ class GRPOTrainer(RolloutBatches):
             for k in range(n_steps):
                 part = orders[k // per_epoch][(k % per_epoch) * tb : (k % per_epoch + 1) * tb]
                 old = None if sel.old_logprobs is None else [sel.old_logprobs[i] for i in part]
-                micros.append(self._micro([sel.examples[i] for i in part], sel.advantages[part], old))
+                # The first update after a synchronous rollout sees the params that sampled: on-policy.
+                current = k == 0 and old is None and cfg.grpo.max_staleness == 0
+                micros.append(
+                    self._micro([sel.examples[i] for i in part], sel.advantages[part], old, current)
+                )
         t_old = time.perf_counter() - t0
         worker_idle = "time/rollout_idle_s" in roll_m
         once = [k for k in roll_m if k.startswith("time/")] + ["time/reward_s", "time/old_logprobs_s"]
@@ -263,10 +273,8 @@ class GRPOTrainer(RolloutBatches):
                 ctx.state, out = self.fns.grpo_step(ctx.state, micro)
                 self.opt_step += 1
                 metrics.update(scalars(out, "grpo"))
-                mask = micro["loss_mask"] != 0
-                gap = np.abs(micro["sampler_logprobs"] - micro["old_logprobs"])[mask]
-                metrics["rollout/logprob_gap"] = mean(gap)
-                per_s = float(mask.sum()) / (time.perf_counter() - t1)
+                metrics["rollout/logprob_gap"] = metrics.pop("grpo/logprob_gap")
+                per_s = float(np.count_nonzero(micro["loss_mask"])) / (time.perf_counter() - t1)
                 metrics["throughput/train_tokens_per_s"] = per_s
                 metrics["throughput/train_tokens_per_s_per_device"] = per_s / ctx.mesh.size
             else:

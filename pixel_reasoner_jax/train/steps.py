@@ -139,6 +139,8 @@ def stack(batches: Sequence[Batch]) -> dict[str, Any]:
                 )
         out[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *values)
     out["ref_logprobs"] = np.zeros_like(out["old_logprobs"])
+    # 1 where a row's old log-probs are the step's own forward (on-policy: `old_logprobs` then unused).
+    out["old_current"] = np.zeros_like(out["advantages"], dtype=np.float32)
     out["loss_index"], out["loss_valid"] = loss_index(out["loss_mask"])
     return out
 
@@ -425,9 +427,12 @@ def make_train_fns(
         def loss_fn(params, mb):
             lp, ent = forward(stop_frozen(params), bufs, mb, rl_temperature, per_token_temperature)
             use_ref = g.kl_coef > 0
+            old = mb["old_logprobs"]
+            if "old_current" in mb:  # rows sampled by these very params: the forward is their old policy
+                old = jnp.where(mb["old_current"][:, None] > 0, jax.lax.stop_gradient(lp), old)
             loss_sum, denom, m = losses.grpo_loss(
                 lp,
-                mb["old_logprobs"],
+                old,
                 mb["advantages"],
                 mb["loss_mask"],
                 eps_low=g.eps_low,
@@ -450,8 +455,12 @@ def make_train_fns(
             ent_masked = jnp.where(valid > 0, ent, 0.0)
             if g.entropy_coef > 0:
                 total = total - g.entropy_coef * agg(ent_masked, valid, g.max_len)[0]
+            gap = jnp.abs(mb["sampler_logprobs"] - jax.lax.stop_gradient(old).astype(jnp.float32))
             m = dict(
-                m, entropy=jnp.sum(jax.lax.stop_gradient(ent_masked)), pg_sum=jax.lax.stop_gradient(pg_sum)
+                m,
+                entropy=jnp.sum(jax.lax.stop_gradient(ent_masked)),
+                pg_sum=jax.lax.stop_gradient(pg_sum),
+                logprob_gap=jnp.sum(jnp.where(valid > 0, gap, 0.0)),
             )
             return total, denom, m
 
@@ -486,6 +495,7 @@ def make_train_fns(
             ratio=_safe_div(a["ratio"], n),
             tis_weight=_safe_div(a["tis_weight"], n),
             tis_truncated=_safe_div(a["tis_truncated"], n),
+            logprob_gap=_safe_div(a["logprob_gap"], n),
             tokens=n,
         )
         return new, metrics
