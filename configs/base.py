@@ -210,6 +210,9 @@ def base_config() -> ml_collections.ConfigDict:
     # warm_start_lr down to optim.lr.
     g.warm_start_lr = 0.0
     g.warm_start_schedule = "constant"
+    # GRPO after a warm start begins with zeroed Adam moments, as the original's RL job begins with a new
+    # optimizer on the SFT job's weights; False carries the warm start's moments over.
+    g.warm_start_fresh_moments = True
 
     c.reward = rw = ml_collections.ConfigDict()
     rw.form = "paper"  # "paper" | "code": the two shapes in the module docstring's table (§9.2)

@@ -196,6 +196,7 @@ class GRPOConfig:
     max_staleness: int
     warm_start_lr: float = 0.0
     warm_start_schedule: str = "constant"
+    warm_start_fresh_moments: bool = True
 
     @property
     def samples_per_rollout(self) -> int:

@@ -228,6 +228,47 @@ def test_create_train_state_shards_params_and_moments():
     np.testing.assert_allclose(float(unorm), math.sqrt(sum(float(np.sum(d**2)) for d in diff)), rtol=1e-5)
 
 
+def test_reset_adam_moments_restarts_adam_and_keeps_the_schedule():
+    """After the reset the next update is a fresh Adam's first one (-lr(count) * sign(g), bias-corrected)
+    at the schedule's current count; moments keep their shardings and frozen parameters stay momentless."""
+    mesh = sharding.make_mesh(2, 2, 2)
+    cfg = _cfg(total_steps=20, warmup_steps=0, weight_decay=0.0, grad_clip=0.0, eps=1e-12)
+    opt = st.make_optimizer(cfg, st.freeze_prefixes(st.VISION_TOWER))
+    graphdef, state, shardings = st.create_train_state(_toy(), opt, mesh, "train", seed=0)
+    ids = jnp.arange(8).reshape(2, 4)
+
+    def grads_of(s, y):
+        return jax.grad(lambda p: jnp.sum((nnx.merge(graphdef, p, s.buffers)(ids) - y) ** 2))(s.params)
+
+    with sharding.use_mesh(mesh, "train"):
+        for y in (1.0, -2.0, 0.5):
+            state = st.apply_gradients(state, grads_of(state, y), opt)
+        reset = st.reset_adam_moments(state)
+        assert int(reset.step) == 3
+        for k in ("mu", "nu"):
+            for a, b in zip(
+                jax.tree.leaves(optax.tree_utils.tree_get(state.opt_state, k)),
+                jax.tree.leaves(optax.tree_utils.tree_get(reset.opt_state, k)),
+            ):
+                assert float(jnp.max(jnp.abs(a))) > 0 and not np.any(np.asarray(b))
+                assert b.sharding == a.sharding
+        adam = [
+            x
+            for x in jax.tree.leaves(reset.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(x, optax.ScaleByAdamState)
+        ]
+        assert len(adam) == 1 and int(adam[0].count) == 0
+        g = grads_of(reset, 3.0)
+        new = st.apply_gradients(reset, g, opt)
+    lr = float(st.make_schedule(cfg)(3))
+    for name in ("embed", "mlp", "bias"):
+        got = np.asarray(new.params[name][...]) - np.asarray(reset.params[name][...])
+        np.testing.assert_allclose(got, -lr * np.sign(np.asarray(g[name][...])), rtol=1e-4, atol=1e-9)
+    np.testing.assert_array_equal(
+        np.asarray(new.params["visual"]["proj"][...]), np.asarray(reset.params["visual"]["proj"][...])
+    )
+
+
 def test_split_rng_advances_key():
     _, state, _ = st.create_train_state(
         _toy(), st.make_optimizer(_cfg()), sharding.make_mesh(1, 8, 1), seed=3

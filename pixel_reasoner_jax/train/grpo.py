@@ -22,6 +22,7 @@ from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.processing.batch import Example
 from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
 from pixel_reasoner_jax.train import async_rollout, multihost, replay, replay_samples, sft, steps
+from pixel_reasoner_jax.train import state as st
 from pixel_reasoner_jax.train.grpo_rollout import ROLLOUTS_DIR as ROLLOUTS_DIR  # re-exported for readers
 from pixel_reasoner_jax.train.grpo_rollout import AccuracyFn, RolloutBatches, load_rl
 from pixel_reasoner_jax.train.run import RunContext, host, scalars
@@ -364,6 +365,10 @@ def run(cfg: RunConfig, *, accuracy_fn: AccuracyFn | None = None) -> pathlib.Pat
                 until_step=sft_steps,
                 checkpoint_every=cfg.sft.checkpoint_every,
             )
+        if cfg.grpo.warm_start_fresh_moments and sft_steps and int(ctx.state.step) == sft_steps:
+            # The original runs SFT and RL as two jobs: RL starts from the SFT weights with a new optimizer.
+            ctx.state = st.reset_adam_moments(ctx.state)
+            logging.info("GRPO starts with fresh Adam moments (grpo.warm_start_fresh_moments)")
         trainer = GRPOTrainer(ctx, records, sft_steps, accuracy_fn)
         trainer.train(total)
         return ctx.export()

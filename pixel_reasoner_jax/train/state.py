@@ -350,6 +350,25 @@ def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransform
     return dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1)
 
 
+def reset_adam_moments(state: TrainState) -> TrainState:
+    """`state` with every Adam moment (mu, nu) and Adam's bias-correction count at zero, as a freshly
+    initialised optimizer has them; the learning-rate schedule's count (`state.step` and optax's schedule
+    state) is kept, so the schedule goes on where it was. Arrays keep their shardings."""
+
+    def fresh(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            return node._replace(
+                count=node.count * 0,
+                mu=jax.tree.map(lambda x: x * 0, node.mu),
+                nu=jax.tree.map(lambda x: x * 0, node.nu),
+            )
+        return node
+
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    opt_state = jax.tree.map(fresh, state.opt_state, is_leaf=is_adam)
+    return dataclasses.replace(state, opt_state=opt_state)
+
+
 def split_rng(state: TrainState, num: int = 1) -> tuple[TrainState, jax.Array]:
     """(state with an advanced key, `num` fresh keys); the key stream is part of the checkpoint."""
     keys = jax.random.split(state.rng, num + 1)
