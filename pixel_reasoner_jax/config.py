@@ -277,6 +277,7 @@ class LogConfig:
     rollouts_every: int
     rollout_groups: int
     progress: bool
+    call_probe: int
 
 
 @dataclasses.dataclass(frozen=True)

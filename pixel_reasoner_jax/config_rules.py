@@ -191,6 +191,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log.keep_checkpoints": _at_least_one,
     "log.rollouts_every": _nonneg,
     "log.rollout_groups": _at_least_one,
+    "log.call_probe": _nonneg,
 }
 
 # Pixel ranges (min field, max field): 0 < min <= max.

@@ -37,7 +37,13 @@ PLOT_GROUPS = (
 # The GRPO loop's timing split (train/grpo.py, grpo_rollout.py, async_rollout.py): the trainer's side and
 # the rollout side each add up to the loop step's wall time STEP_TIME; idle is time spent waiting for the other.
 STEP_TIME = "time/step_s"
-TRAINER_TIMES = ("time/trainer_idle_s", "time/reward_s", "time/old_logprobs_s", "time/train_s")
+TRAINER_TIMES = (
+    "time/trainer_idle_s",
+    "time/probe_s",
+    "time/reward_s",
+    "time/old_logprobs_s",
+    "time/train_s",
+)
 ROLLOUT_TIMES = ("time/rollout_s", "time/weight_push_s", "time/rollout_idle_s")
 
 

@@ -2,6 +2,8 @@
 
 `python -m pixel_reasoner_jax.trap_plot runs/trap_curiosity runs/trap_no_curiosity --out trap.png --H 0.3`
 reads each run's metrics.jsonl (the learning-trap demonstration of configs/trap.py; any GRPO run works).
+Runs that logged the call probe (`log.call_probe`, train/probe.py) also get its curve, dashed on the RaPR
+panel: the share of responses that open with a call, read without sampling noise.
 """
 
 import argparse
@@ -13,17 +15,19 @@ import numpy as np
 
 from pixel_reasoner_jax.metrics import METRICS_FILE, read_metrics
 
-RAPR, ACCURACY = "reward/rapr", "reward/accuracy"
+RAPR, ACCURACY, P_CALL = "reward/rapr", "reward/accuracy", "probe/p_call"
 
 
 @dataclasses.dataclass(frozen=True)
 class RunCurves:
-    """One run's GRPO curves: loop steps (the SFT warm start excluded) with RaPR and accuracy."""
+    """One run's GRPO curves: loop steps (the SFT warm start excluded) with RaPR and accuracy, and the call
+    probe where every step logged it (else None)."""
 
     name: str
     steps: np.ndarray
     rapr: np.ndarray
     accuracy: np.ndarray
+    p_call: np.ndarray | None = None
 
     def window(self, values: np.ndarray, end: bool, k: int) -> float:
         """Mean of the first (end False) or last (end True) k steps."""
@@ -50,11 +54,13 @@ def read_curves(workdir: str | os.PathLike, name: str | None = None) -> RunCurve
     if not last:
         raise ValueError(f"{path} has no GRPO step (no {RAPR!r} key)")
     steps = np.array(sorted(last))
+    probed = all(P_CALL in last[s] for s in steps)
     return RunCurves(
         name=name or pathlib.Path(workdir).resolve().name,
         steps=steps,
         rapr=np.array([last[s][RAPR] for s in steps], np.float64),
         accuracy=np.array([last[s][ACCURACY] for s in steps], np.float64),
+        p_call=np.array([last[s][P_CALL] for s in steps], np.float64) if probed else None,
     )
 
 
@@ -67,16 +73,24 @@ def smooth(values: np.ndarray, k: int) -> np.ndarray:
 
 
 def summary(runs: list[RunCurves], k: int) -> str:
-    """A text table: mean RaPR and accuracy over each run's first and last k GRPO steps."""
-    lines = [
-        f"{'run':<28} {'steps':>5} {'RaPR first':>10} {'RaPR last':>10} {'acc first':>9} {'acc last':>9}"
-    ]
+    """A text table: mean RaPR, accuracy and (where logged) call probe over each run's first and last k GRPO
+    steps; "-" for a run without the probe."""
+    probe = any(r.p_call is not None for r in runs)
+    head = f"{'run':<28} {'steps':>5} {'RaPR first':>10} {'RaPR last':>10} {'acc first':>9} {'acc last':>9}"
+    lines = [head + (f" {'p_call first':>12} {'p_call last':>11}" if probe else "")]
     for r in runs:
-        lines.append(
+        line = (
             f"{r.name:<28} {r.steps.size:>5} {r.window(r.rapr, False, k):>10.3f} "
             f"{r.window(r.rapr, True, k):>10.3f} {r.window(r.accuracy, False, k):>9.3f} "
             f"{r.window(r.accuracy, True, k):>9.3f}"
         )
+        if probe:
+            line += (
+                f" {'-':>12} {'-':>11}"
+                if r.p_call is None
+                else f" {r.window(r.p_call, False, k):>12.3f} {r.window(r.p_call, True, k):>11.3f}"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -84,7 +98,8 @@ def plot(
     runs: list[RunCurves], out: str | os.PathLike, *, H: float | None = None, k: int = 5
 ) -> pathlib.Path:
     """Writes a two-panel PNG (RaPR, accuracy against loop step), one colour per run: thin raw lines and
-    thick k-step moving averages; a dashed line at the target RaPR H when given."""
+    thick k-step moving averages, the call probe dashed on the RaPR panel where logged; a grey dashed line
+    at the target RaPR H when given."""
     from matplotlib.figure import Figure  # Agg rendering without pyplot's global state
 
     fig = Figure(figsize=(10, 3.8), layout="constrained")
@@ -94,6 +109,10 @@ def plot(
         for ax, values in zip(axes, (r.rapr, r.accuracy)):
             ax.plot(r.steps, values, color=colour, alpha=0.3, linewidth=0.8)
             ax.plot(r.steps, smooth(values, k), color=colour, linewidth=2.0, label=r.name)
+        if r.p_call is not None:
+            axes[0].plot(
+                r.steps, r.p_call, color=colour, linestyle="--", linewidth=1.5, label=f"{r.name} p_call"
+            )
     if H is not None:
         axes[0].axhline(H, color="gray", linestyle="--", linewidth=1.0, label=f"H = {H:g}")
     for ax, title in zip(axes, ("RaPR (share of rollouts that crop)", "accuracy")):

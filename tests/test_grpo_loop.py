@@ -20,7 +20,7 @@ import pytest
 from pixel_reasoner_jax.eval import metrics as em
 from pixel_reasoner_jax.metrics import read_metrics
 from pixel_reasoner_jax.models.config import ModelConfig
-from pixel_reasoner_jax.train import grpo, replay, replay_samples, sft
+from pixel_reasoner_jax.train import grpo, grpo_rollout, probe, replay, replay_samples, sft, steps
 from pixel_reasoner_jax.train import state as st
 from pixel_reasoner_jax.train.checkpoint import ARRAYS, ARRAYS_FILE, EXTRA, read_arrays
 from pixel_reasoner_jax.train.run import CHECKPOINT_DIR, EXPORT_DIR, optim_config
@@ -82,7 +82,7 @@ def ssr_run(tmp_path_factory, toy_grpo_config):
         **{
             "grpo.filter": "ssr", "grpo.prompts_per_rollout": 4, "grpo.steps": 4, "grpo.kl_coef": KL_COEF,
             "optim.lr": 3e-3, "optim.schedule": "linear", "log.checkpoint_every": 1, "log.keep_checkpoints": 4,
-            "log.rollouts_every": 2, "log.rollout_groups": 1,
+            "log.rollouts_every": 2, "log.rollout_groups": 1, "log.call_probe": 2,
         },
     )  # fmt: skip
     recorded = _run(cfg)
@@ -203,3 +203,35 @@ def test_resume_after_a_checkpoint_is_exact(ssr_run):
     assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_call_probe_reads_the_policy_each_step_starts_from(ssr_run, tiny_ckpt, tok, proc):
+    """probe/p_call at loop step 1 is the starting checkpoint's p(<tool_call>) after the rollout prompt,
+    computed here from full logits; it moves with the params."""
+    from pixel_reasoner_jax.models.hf_io import load_model
+
+    cfg, run_a, _, _, _ = ssr_run
+    rows = read_metrics(run_a / "metrics.jsonl")
+    got = [r["probe/p_call"] for r in rows]
+    assert all(0.0 < p < 1.0 for p in got) and len(set(got)) > 1, got
+    assert all(r["time/probe_s"] > 0 for r in rows)
+
+    r = cfg.rollout
+    view = dataclasses.replace(proc, min_pixels=r.model_min_pixels, max_pixels=r.model_max_pixels)
+    mcfg = ModelConfig.from_pretrained(tiny_ckpt)
+    records = grpo.load_rl(cfg)[: cfg.log.call_probe]
+    exs = probe.call_probe_examples(records, tok, grpo_rollout.episode_config(cfg), view, mcfg)
+    model = load_model(tiny_ckpt)
+    want = []
+    for ex in exs:
+        assert ex.input_ids[-1] == tok.tool_call and ex.loss_mask.tolist() == [0] * (ex.length - 1) + [1]
+        (b,) = steps.micro_batches(
+            [ex], 1, pad_id=tok.endoftext, vision_cfg=mcfg.vision,
+            seq_buckets=cfg.data.seq_buckets, patch_buckets=cfg.data.patch_buckets,
+        )  # fmt: skip
+        h, _ = model.hidden_states(
+            b.input_ids, b.positions, b.attention_mask, b.pixel_values, b.vision_inputs
+        )
+        probs = jax.nn.softmax(model.logits(h)[0, ex.length - 2].astype(np.float32))
+        want.append(float(probs[tok.tool_call]))
+    assert got[0] == pytest.approx(np.mean(want), rel=1e-4)

@@ -128,12 +128,14 @@ def test_trap_variants_differ_only_in_curiosity():
         trap_config.get_config("tiny")
 
 
-def _write_metrics(path, rapr, acc, sft_steps=2):
+def _write_metrics(path, rapr, acc, sft_steps=2, p_call=None):
     rows = [{"step": s + 1, "sft/loss": 1.0} for s in range(sft_steps)]
     rows += [
         {"step": sft_steps + i + 1, "reward/rapr": r, "reward/accuracy": a}
         for i, (r, a) in enumerate(zip(rapr, acc))
     ]
+    for row, p in zip(rows[sft_steps:], p_call or []):
+        row["probe/p_call"] = p
     path.mkdir(parents=True)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -150,6 +152,14 @@ def test_trap_plot_reads_runs_and_writes_a_figure(tmp_path):
     assert runs[0].steps.tolist() == [3, 4, 5, 6]  # the SFT rows are skipped
     assert runs[1].window(runs[1].rapr, True, 2) == pytest.approx(0.05)
     assert "0.650" in table and "0.050" in table
+    assert "p_call" not in table and runs[0].p_call is None
+    # A run with the call probe adds its columns; one without shows "-" there.
+    _write_metrics(tmp_path / "p", [0.5, 0.3, 0.1, 0.0], [0.4, 0.5, 0.5, 0.5], p_call=[0.4, 0.35, 0.3, 0.2])
+    table = trap_plot.main([str(tmp_path / "p"), str(tmp_path / "a"), "--out", str(out), "--window", "2"])
+    np.testing.assert_allclose(trap_plot.read_curves(tmp_path / "p").p_call, [0.4, 0.35, 0.3, 0.2])
+    head, with_probe, without = table.splitlines()
+    assert "p_call first" in head and with_probe.split()[-2:] == ["0.375", "0.250"]
+    assert without.split()[-2:] == ["-", "-"]
     np.testing.assert_allclose(trap_plot.smooth(np.array([1.0, 3.0, 5.0]), 2), [1.0, 2.0, 4.0])
     with pytest.raises(ValueError, match="no GRPO step"):
         _write_metrics(tmp_path / "c", [], [])

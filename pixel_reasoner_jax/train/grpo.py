@@ -21,7 +21,7 @@ from pixel_reasoner_jax.data.records import RLRecord
 from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.processing.batch import Example
 from pixel_reasoner_jax.rollout.trajectory import expand_trajectory
-from pixel_reasoner_jax.train import async_rollout, multihost, replay, replay_samples, sft, steps
+from pixel_reasoner_jax.train import async_rollout, multihost, probe, replay, replay_samples, sft, steps
 from pixel_reasoner_jax.train import state as st
 from pixel_reasoner_jax.train.grpo_rollout import ROLLOUTS_DIR as ROLLOUTS_DIR  # re-exported for readers
 from pixel_reasoner_jax.train.grpo_rollout import AccuracyFn, RolloutBatches, load_rl
@@ -116,6 +116,10 @@ class GRPOTrainer(RolloutBatches):
         # The rollout side last: it opens the policy (maybe launching a server), so a failure above leaves
         # nothing to close.
         super().__init__(ctx, records, accuracy_fn, extra.get("rl_iter"))
+        n_probe = cfg.log.call_probe
+        self.probe = probe.call_probe_examples(
+            records[:n_probe], ctx.tokenizer, self.episode_cfg, self.rollouts.processor, ctx.model_cfg
+        )
 
     def extra(self, loop_step: int) -> tuple[dict, dict]:
         """(JSON extra, NumPy arrays) of a checkpoint at `loop_step`."""
@@ -227,6 +231,9 @@ class GRPOTrainer(RolloutBatches):
             selection) and before the old log-probs and the steps.
         """
         cfg, ctx = self.cfg, self.ctx
+        t0 = time.perf_counter()  # the call probe reads the params the step starts from
+        probe_m = {"probe/p_call": probe.p_call(self._logprobs_of(self.probe))} if self.probe else {}
+        probe_m["time/probe_s"] = time.perf_counter() - t0
         adv, informative, score_m = self.score(trajs, step, keep)
         t0 = time.perf_counter()  # selection, expansion and old (and reference) log-probs
         sel = self.select(trajs, adv, informative, keep)
@@ -262,8 +269,9 @@ class GRPOTrainer(RolloutBatches):
                 )
         t_old = time.perf_counter() - t0
         worker_idle = "time/rollout_idle_s" in roll_m
-        once = [k for k in roll_m if k.startswith("time/")] + ["time/reward_s", "time/old_logprobs_s"]
-        base = {**roll_m, **score_m, **sel.metrics, "time/old_logprobs_s": t_old}
+        once = [k for k in roll_m if k.startswith("time/")]
+        once += ["time/probe_s", "time/reward_s", "time/old_logprobs_s"]
+        base = {**roll_m, **probe_m, **score_m, **sel.metrics, "time/old_logprobs_s": t_old}
         for k in range(n_steps):
             t1 = time.perf_counter()
             step += 1

@@ -52,6 +52,19 @@ def default_accuracy(cfg: RunConfig) -> AccuracyFn:
     return accuracy
 
 
+def episode_config(cfg: RunConfig) -> EpisodeConfig:
+    """The rollouts' episode limits: the rollout section's, with the data section's image and video sizes."""
+    d = cfg.data
+    return dataclasses.replace(
+        EpisodeConfig.from_rollout(cfg.rollout),
+        original_min_pixels=d.image_min_pixels,
+        original_max_pixels=d.image_max_pixels,
+        video_min_pixels=min(d.image_min_pixels, d.video_frame_max_pixels),
+        video_max_pixels=d.video_frame_max_pixels,
+        num_video_frames=d.num_video_frames,
+    )
+
+
 def mean(x) -> float:
     """The mean as a float; 0.0 for an empty batch (a metric of a rollout with nothing in it)."""
     x = np.asarray(x, np.float64)
@@ -87,15 +100,7 @@ class RolloutBatches:
         rw = cfg.reward
         self.reward_constants = rewards.form_constants(rw.form, alpha=rw.alpha, H=rw.H, beta=rw.beta, N=rw.N)
         logging.info("grpo: reward form %r with %s", rw.form, self.reward_constants)
-        d = cfg.data
-        self.episode_cfg = dataclasses.replace(
-            EpisodeConfig.from_rollout(cfg.rollout),
-            original_min_pixels=d.image_min_pixels,
-            original_max_pixels=d.image_max_pixels,
-            video_min_pixels=min(d.image_min_pixels, d.video_frame_max_pixels),
-            video_max_pixels=d.video_frame_max_pixels,
-            num_video_frames=d.num_video_frames,
-        )
+        self.episode_cfg = episode_config(cfg)
         self.rollouts = Rollouts(ctx)
 
     def draw_prompts(self) -> list[dict]:
