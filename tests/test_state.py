@@ -243,15 +243,17 @@ def test_reset_adam_moments_restarts_adam_and_keeps_the_schedule():
     with sharding.use_mesh(mesh, "train"):
         for y in (1.0, -2.0, 0.5):
             state = st.apply_gradients(state, grads_of(state, y), opt)
+        before = {k: jax.tree.leaves(optax.tree_utils.tree_get(state.opt_state, k)) for k in ("mu", "nu")}
+        seen = {k: [(float(jnp.max(jnp.abs(a))), a.sharding) for a in v] for k, v in before.items()}
         reset = st.reset_adam_moments(state)
         assert int(reset.step) == 3
         for k in ("mu", "nu"):
-            for a, b in zip(
-                jax.tree.leaves(optax.tree_utils.tree_get(state.opt_state, k)),
-                jax.tree.leaves(optax.tree_utils.tree_get(reset.opt_state, k)),
+            for a, (peak, sharding_a), b in zip(
+                before[k], seen[k], jax.tree.leaves(optax.tree_utils.tree_get(reset.opt_state, k))
             ):
-                assert float(jnp.max(jnp.abs(a))) > 0 and not np.any(np.asarray(b))
-                assert b.sharding == a.sharding
+                assert peak > 0 and not np.any(np.asarray(b))
+                assert b.sharding == sharding_a
+                assert a.is_deleted()  # donated: the zeros took the old moments' buffers
         adam = [
             x
             for x in jax.tree.leaves(reset.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))

@@ -353,20 +353,30 @@ def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransform
 def reset_adam_moments(state: TrainState) -> TrainState:
     """`state` with every Adam moment (mu, nu) and Adam's bias-correction count at zero, as a freshly
     initialised optimizer has them; the learning-rate schedule's count (`state.step` and optax's schedule
-    state) is kept, so the schedule goes on where it was. Arrays keep their shardings."""
+    state) is kept, so the schedule goes on where it was. Arrays keep their shardings.
+
+    The old optimizer state is donated (its arrays are deleted): the zeros take its buffers, so the switch
+    never holds two copies of the moments (~56 GB across the mesh for 7B with f32 moments).
+    """
 
     def fresh(node):
         if isinstance(node, optax.ScaleByAdamState):
             return node._replace(
                 count=node.count * 0,
-                mu=jax.tree.map(lambda x: x * 0, node.mu),
-                nu=jax.tree.map(lambda x: x * 0, node.nu),
+                mu=jax.tree.map(jnp.zeros_like, node.mu),
+                nu=jax.tree.map(jnp.zeros_like, node.nu),
             )
         return node
 
     is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
-    opt_state = jax.tree.map(fresh, state.opt_state, is_leaf=is_adam)
-    return dataclasses.replace(state, opt_state=opt_state)
+    shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
+    reset = jax.jit(
+        lambda o: jax.tree.map(fresh, o, is_leaf=is_adam),
+        out_shardings=shardings,
+        donate_argnums=0,
+        keep_unused=True,  # the zeros do not read the moments: without it jit drops them and never donates
+    )
+    return dataclasses.replace(state, opt_state=reset(state.opt_state))
 
 
 def split_rng(state: TrainState, num: int = 1) -> tuple[TrainState, jax.Array]:
