@@ -145,7 +145,7 @@ def make_inputs(cfg, *, batch: int = 1, text_tokens: int = 512, image_side: int 
     return ours, hf, loss_mask
 
 
-def jax_loss_fn(graphdef, chunk: int, store_mb: int = 0):
+def jax_loss_fn(graphdef, chunk: int):
     """(params, ours) -> (nll_sum, token_count) through our hidden_states + token_logprobs + sft_loss."""
     from flax import nnx
 
@@ -156,9 +156,7 @@ def jax_loss_fn(graphdef, chunk: int, store_mb: int = 0):
         m = nnx.merge(graphdef, params)
         hidden, _ = m.hidden_states(x["ids"], x["pos"], x["mask"], x["pix"], x["vi"])
         # As the trainer does (train/steps.py): only trained positions reach the vocabulary projection.
-        lp, _ = indexed_token_logprobs(
-            m, hidden, x["targets"], x["loss_index"], x["loss_valid"], chunk=chunk, store_mb=store_mb
-        )
+        lp, _ = indexed_token_logprobs(m, hidden, x["targets"], x["loss_index"], x["loss_valid"], chunk=chunk)
         return sft_loss(lp, x["loss_mask"])
 
     return loss
@@ -187,10 +185,6 @@ def main(argv=None) -> str:
     parser.add_argument("--text-tokens", type=int, default=512, help="text tokens around the image")
     parser.add_argument("--chunk", type=int, default=1024, help="token_logprobs chunk (tokens)")
     parser.add_argument(
-        "--store-mb", type=int, default=0,
-        help="model.logprob_store_mb: keep the forward's log-probs for the backward up to this many MiB",
-    )  # fmt: skip
-    parser.add_argument(
         "--attention",
         default="auto",
         help="our attention kernel, one of models.layers.ATTENTION_IMPLS (auto: what model.attention's "
@@ -216,11 +210,11 @@ def main(argv=None) -> str:
     print(
         f"model: {n / 1e6:.1f}M parameters ({args.layers} layers x 768, vision {args.vision_depth} x 384, "
         f"vocab {VOCAB}); 1 image 448x448 + {args.text_tokens} text tokens = {t_len} tokens; "
-        f"{threads} threads; logprob_store_mb {args.store_mb}; built in {time.perf_counter() - t0:.1f}s",
+        f"{threads} threads; built in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
 
-    loss = jax_loss_fn(graphdef, args.chunk, args.store_mb)
+    loss = jax_loss_fn(graphdef, args.chunk)
 
     @jax.jit
     def step(p, x):

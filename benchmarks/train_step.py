@@ -63,10 +63,6 @@ def main(argv=None) -> str:
         "--attention", default="auto", help="our attention kernel, one of models.layers.ATTENTION_IMPLS"
     )
     parser.add_argument(
-        "--store-mb", type=int, default=0,
-        help="model.logprob_store_mb: keep the forward's log-probs for the backward up to this many MiB",
-    )  # fmt: skip
-    parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
     args = parser.parse_args(argv)
@@ -98,7 +94,7 @@ def main(argv=None) -> str:
     graphdef, state, shardings = st.create_train_state(model, optimizer, mesh)
     n = num_params(state.params)
     del model
-    fns = make_train_fns(graphdef, optimizer, shardings, mesh, logprob_store_mb=args.store_mb)
+    fns = make_train_fns(graphdef, optimizer, shardings, mesh)
     micro = stack(
         micro_batches(
             examples_from(ours, cfg),
@@ -112,7 +108,7 @@ def main(argv=None) -> str:
     print(
         f"model: {n / 1e6:.1f}M parameters ({args.layers} layers x 768, vision {args.vision_depth} x 384); "
         f"batch {args.batch} x {args.seq_len} tokens ({n_pad} image tokens each); AdamW + clip 1.0; "
-        f"{threads} threads; logprob_store_mb {args.store_mb}; built in {time.perf_counter() - t0:.1f}s",
+        f"{threads} threads; built in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
 

@@ -71,9 +71,6 @@ def base_config() -> ml_collections.ConfigDict:
     # (tiled online softmax, memory O(T)) | "cudnn" | "xla" (jax.nn.dot_product_attention); models/layers.py
     m.attention = "auto"
     m.logprob_chunk = 1024  # tokens per chunk of the scanned log-prob/entropy pass (never B x T x V logits)
-    # Keep the forward's (B, T, V) float32 log-probs for the backward when one program's take at most this
-    # many MiB: one vocabulary-sized matmul fewer (of four); 0 = always recompute them (the 7B recipe).
-    m.logprob_store_mb = 0
     # Architecture of the generated checkpoint (variant tiny without model.checkpoint): models/tiny.SIZES.
     m.tiny_size = "tiny"
     m.tiny_init = "hf"  # models/tiny.INITS: "hf" (N(0, 0.02)) | "fan_in" (linear weights N(0, 1/fan_in))

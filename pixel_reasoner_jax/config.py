@@ -50,7 +50,6 @@ class ModelConfig:
     freeze_vision: bool
     attention: str
     logprob_chunk: int
-    logprob_store_mb: int
     tiny_size: str
     tiny_init: str
 

@@ -144,7 +144,7 @@ def host_params(seed: int = 0):
 class Setup:
     """A model's host parameters and the train functions of one mesh; `state()` is a fresh TrainState."""
 
-    def __init__(self, mesh, graphdef, params, frozen=None, grpo=GRPO, store_mb=0):
+    def __init__(self, mesh, graphdef, params, frozen=None, grpo=GRPO):
         self.mesh, self.graphdef, self.params = mesh, graphdef, params
         self.optimizer = st.make_optimizer(OPTIM, frozen)
         _, _, self.shardings = st.create_train_state(self.model(), self.optimizer, mesh)
@@ -154,7 +154,6 @@ class Setup:
             self.shardings,
             mesh,
             logprob_chunk=32,
-            logprob_store_mb=store_mb,
             grpo=grpo,
             schedule=st.make_schedule(OPTIM),
             frozen=frozen,
@@ -352,17 +351,6 @@ def test_trained_positions_only_projection_is_exact(one, big, lp0):
         a, b = one.fns.grads(state, micro, kind), one.fns.grads(state, full, kind)
         np.testing.assert_allclose(float(a.loss), float(b.loss), rtol=1e-6)
         assert rel_err(a.grads, b.grads) < 1e-6
-
-
-def test_stored_logprobs_backward_is_exact(one, big, lp0):
-    """model.logprob_store_mb: the backward from the forward's kept log-probs (two vocabulary matmuls) gives
-    the loss and gradient of the one that rebuilds them tile by tile (three)."""
-    stored = Setup(one.mesh, one.graphdef, one.params, store_mb=1024)
-    micro = grpo_inputs(big, lp0, seed=3)
-    for kind in ("sft", "grpo"):
-        a, b = stored.fns.grads(stored.state(), micro, kind), one.fns.grads(one.state(), micro, kind)
-        np.testing.assert_allclose(float(a.loss), float(b.loss), rtol=1e-6)
-        assert rel_err(a.grads, b.grads) < 1e-6, kind
 
 
 def test_exact_accumulation(one, big, lp0, examples):

@@ -5,11 +5,6 @@ The forward pass scans token chunks and keeps only per-token scalars (logsumexp,
 pass rebuilds the logits tile by tile from the hidden states, over vocabulary tiles of all tokens: each
 tile completes its columns of d_W, so no float32 (D, V) accumulator exists, and d_hidden accumulates in
 float32 (the flash-attention recipe, with the vocabulary in the role of the keys).
-
-Where memory allows (`store_mb`: the call's whole (B, T, V) float32 array fits the given budget) the
-forward instead keeps its log-probabilities for the backward, which then needs two vocabulary-sized matmuls
-instead of three (d_W and d_hidden, no rebuilt logits): a quarter of the projection's work for short
-sequences (CPU jobs, benchmarks), never for the 7B recipe's 12k-token samples.
 """
 
 import functools
@@ -25,13 +20,7 @@ _LOGITS = ("act_batch", "act_seq", "act_vocab")
 
 
 def chunked_logprobs(
-    hidden: jax.Array,
-    w: jax.Array,
-    targets: jax.Array,
-    *,
-    temperature: float = 1.0,
-    chunk: int = 256,
-    store_mb: int = 0,
+    hidden: jax.Array, w: jax.Array, targets: jax.Array, *, temperature: float = 1.0, chunk: int = 256
 ) -> tuple[jax.Array, jax.Array]:
     """log softmax(hidden . w / temperature)[target] and the entropy of that distribution, per token.
 
@@ -42,22 +31,14 @@ def chunked_logprobs(
       temperature: logits are divided by it (> 0).
       chunk: tokens per forward chunk; the backward pass tiles the vocabulary instead, with the same
         number of logits per tile (B * chunk * V).
-      store_mb: when the (B, T, V) float32 log-probs of this call (its shapes as traced: the whole batch
-        of the program) take at most this many MiB, the forward keeps them for the backward (one matmul
-        fewer, no chunking); 0 = never.
 
     Returns:
       logprobs (B, T) float32, entropy (B, T) float32; both differentiable in `hidden` and `w`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if store_mb < 0:
-        raise ValueError(f"store_mb must be >= 0, got {store_mb}")
-    b, t = hidden.shape[:2]
-    y = targets.astype(jnp.int32)
-    if b * t * w.shape[1] * 4 <= store_mb * 2**20:
-        return _logprobs_stored(hidden, w, y, float(temperature))
-    return _logprobs(hidden, w, y, float(temperature), max(1, min(chunk, t)))
+    t = hidden.shape[1]
+    return _logprobs(hidden, w, targets.astype(jnp.int32), float(temperature), max(1, min(chunk, t)))
 
 
 def _tempered_logits(h, w, temperature):
@@ -139,36 +120,3 @@ def _backward(temperature, chunk, res, cotangents):
 
 
 _logprobs.defvjp(_forward, _backward)
-
-
-# ------------------------------------------------------------------------------ stored log-probs variant
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _logprobs_stored(h, w, y, temperature):
-    return _forward_stored(h, w, y, temperature)[0]
-
-
-def _forward_stored(h, w, y, temperature):
-    """All tokens at once; the (B, T, V) float32 log-probs are the residual."""
-    logits = _tempered_logits(h, w, temperature)
-    logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    lp = jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    return (lp, ent), (h, w, y, logp, ent)
-
-
-def _backward_stored(temperature, res, cotangents):
-    """The derivative of `_backward` from the kept log-probs: d_hidden and d_W, two matmuls."""
-    h, w, y, logp, ent = res
-    g_lp, g_ent = (g[..., None] for g in cotangents)
-    p = jnp.exp(logp)
-    col = jax.lax.broadcasted_iota(jnp.int32, logp.shape, 2)
-    dz = jnp.where(col == y[..., None], g_lp, 0.0) - p * (g_lp + g_ent * (logp + ent[..., None]))
-    dz = constrain((dz / temperature).astype(w.dtype), _LOGITS)
-    dh = jnp.einsum("BTV,DV->BTD", dz, w, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("BTD,BTV->DV", h, dz, preferred_element_type=jnp.float32)
-    return dh.astype(h.dtype), dw.astype(w.dtype), None
-
-
-_logprobs_stored.defvjp(_forward_stored, _backward_stored)

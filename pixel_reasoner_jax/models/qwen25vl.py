@@ -182,7 +182,6 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     chunk: int = 256,
-    store_mb: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """log p(target) and the entropy of the tempered next-token distribution at every position.
 
@@ -200,9 +199,7 @@ def token_logprobs(
       logprobs (B, T) float32, entropy (B, T) float32.
     """
     w = model.lm_kernel().astype(model.dtype)
-    return chunked_logprobs(
-        hidden.astype(model.dtype), w, targets, temperature=temperature, chunk=chunk, store_mb=store_mb
-    )
+    return chunked_logprobs(hidden.astype(model.dtype), w, targets, temperature=temperature, chunk=chunk)
 
 
 def indexed_token_logprobs(
@@ -214,7 +211,6 @@ def indexed_token_logprobs(
     *,
     temperature: float = 1.0,
     chunk: int = 256,
-    store_mb: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """`token_logprobs` at the positions `index` of each row only; (B, T) results, 0 elsewhere.
 
@@ -229,9 +225,7 @@ def indexed_token_logprobs(
     """
     h_bkd = jnp.take_along_axis(hidden, index[..., None], axis=1)
     y_bk = jnp.take_along_axis(targets, index, axis=1)
-    lp_bk, ent_bk = token_logprobs(
-        model, h_bkd, y_bk, temperature=temperature, chunk=chunk, store_mb=store_mb
-    )
+    lp_bk, ent_bk = token_logprobs(model, h_bkd, y_bk, temperature=temperature, chunk=chunk)
     rows = jnp.arange(index.shape[0])[:, None]
 
     def scatter(x_bk):

@@ -231,8 +231,7 @@ def plan_recipe(
             cfg.grpo, cfg.data.max_seq_len, temperature=cfg.rollout.temperature
         )
     fns = steps.make_train_fns(
-        graphdef, optimizer, shardings, mesh, logprob_chunk=cfg.model.logprob_chunk,
-        logprob_store_mb=cfg.model.logprob_store_mb, grpo=grpo,
+        graphdef, optimizer, shardings, mesh, logprob_chunk=cfg.model.logprob_chunk, grpo=grpo,
         schedule=st.make_schedule(ocfg), frozen=frozen, buffers=abstract.buffers,
         compiler_options=compiler_options,
     )  # fmt: skip
@@ -357,7 +356,6 @@ def plan_recipe(
         "attention": kw["attention"],
         "remat": cfg.model.remat,
         "logprob_chunk": cfg.model.logprob_chunk,
-        "logprob_store_mb": cfg.model.logprob_store_mb,
         "sampler_param_dtype": cfg.rollout.sampler_param_dtype if cfg.mode == "grpo" else None,
         "shapes": dataclasses.asdict(shapes),
         "params": {"text_matmul": n_text, "vision": n_vision, "total": fl.count_params(abstract.params)},

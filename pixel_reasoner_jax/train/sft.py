@@ -139,7 +139,6 @@ def make_fns(ctx: RunContext, grpo=None) -> steps.TrainFns:
         ctx.shardings,
         ctx.mesh,
         logprob_chunk=ctx.cfg.model.logprob_chunk,
-        logprob_store_mb=ctx.cfg.model.logprob_store_mb,
         grpo=grpo,
         schedule=ctx.schedule,
         frozen=ctx.frozen,

@@ -343,7 +343,6 @@ def make_train_fns(
     mesh: Mesh,
     *,
     logprob_chunk: int = 256,
-    logprob_store_mb: int = 0,
     grpo: GRPOLossSettings | None = None,
     rules: sharding.Rules | str = "train",
     schedule: Callable[[jax.Array], jax.Array] | None = None,
@@ -359,8 +358,6 @@ def make_train_fns(
       state_shardings: TrainState of NamedShardings (from `create_train_state`), the out shardings.
       mesh: the training mesh; the batch is sharded over its `act_batch` axes.
       logprob_chunk: sequence chunk of `token_logprobs` (live logits are (B, chunk, V)).
-      logprob_store_mb: keep the forward's (B, T, V) float32 log-probs for the backward when they fit
-        this many MiB (`models.logprobs.chunked_logprobs`'s `store_mb`); 0 = always recompute.
       grpo: GRPO objective settings; None builds no `grpo_step`.
       rules: logical-axis rules used while tracing (model constraints) and for the batch axis.
       schedule: the optimizer's learning-rate schedule; when given, metrics carry `lr` = schedule(step).
@@ -402,10 +399,7 @@ def make_train_fns(
             # Logits are linear in the hidden state: scaling a position's hidden scales its logits.
             hidden = (hidden.astype(jnp.float32) / mb["temperatures"][..., None]).astype(hidden.dtype)
         if "loss_index" not in mb:
-            return token_logprobs(
-                model, hidden, mb["targets"], temperature=temperature, chunk=logprob_chunk,
-                store_mb=logprob_store_mb,
-            )  # fmt: skip
+            return token_logprobs(model, hidden, mb["targets"], temperature=temperature, chunk=logprob_chunk)
         return indexed_token_logprobs(
             model,
             hidden,
@@ -414,7 +408,6 @@ def make_train_fns(
             mb["loss_valid"],
             temperature=temperature,
             chunk=logprob_chunk,
-            store_mb=logprob_store_mb,
         )
 
     def sft_loss_fn(bufs):
