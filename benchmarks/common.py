@@ -41,16 +41,21 @@ def time_calls(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -
 
 
 def time_interleaved(
-    ours: Callable[[], object], peer: Callable[[], object], *, repeats: int = 5
+    ours: Callable[[], object], peer: Callable[[], object], *, repeats: int = 5, settle_s: float = 2.0
 ) -> tuple[list[float], list[float]]:
     """Wall seconds of `repeats` calls of each, alternating ours, peer, ours, peer (no warmup; both must block).
 
     On a shared machine the load drifts over minutes: timing all of one framework and then all of the
-    other lets that drift decide the ratio, alternating puts each pair under about the same load.
+    other lets that drift decide the ratio, alternating puts each pair under about the same load. Each
+    call starts `settle_s` after the previous one ended (untimed): the thread pools of the side that just
+    ran keep spinning for a while (measured on 2 cores, 2026-12-03: our step took 13.4-15.0 s right after
+    a torch step and 9.8 s alone; 10.8 s after a 2 s pause), and would otherwise be billed to the other.
     """
     a, b = [], []
     for _ in range(repeats):
+        time.sleep(settle_s)
         a += time_calls(ours, warmup=0, repeats=1)
+        time.sleep(settle_s)
         b += time_calls(peer, warmup=0, repeats=1)
     return a, b
 
