@@ -266,8 +266,9 @@ def base_config() -> ml_collections.ConfigDict:
     lg.rollouts_every = 16
     lg.rollout_groups = 2
     lg.progress = True
-    # grpo: log `probe/p_call` each step, the probability that the response opens with <tool_call>, averaged
-    # over the first this-many RL prompts (train/probe.py: RaPR without sampling noise); 0 = off.
+    # grpo: log `probe/p_call`, the probability that the response opens with <tool_call>, averaged over the
+    # first this-many RL prompts, read once per rollout batch (train/probe.py: RaPR without sampling noise);
+    # 0 = off. Each read is one log-prob pass of grpo.train_batch_size rows: meant for the CPU jobs.
     lg.call_probe = 0
     return c
 

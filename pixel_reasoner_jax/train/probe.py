@@ -4,8 +4,10 @@ without sampling.
 RaPR counts sampled rollouts: with 32 episodes per step (the CPU jobs) one step's value has a standard
 error of ~0.08 at RaPR 0.25, so a trend shows only over many steps. The probe takes the first
 `log.call_probe` RL prompts, built exactly as the rollouts build them (Episode.start), appends the
-`<tool_call>` token as a one-token response and reads its probability under the current parameters in the
-trainer's own log-prob program. The mean over the prompts is the expected share of responses that open
+`<tool_call>` token as a one-token response and reads its probability in the trainer's own log-prob
+program, under the parameters a rollout batch starts training from: once per rollout batch, logged on each
+of its loop steps (one step per rollout in the CPU jobs; with grpo.steps_per_rollout > 1 the value repeats
+until the next batch). The mean over the prompts is the expected share of responses that open
 with a call: the quantity RaPR samples, for policies that call before writing any text (the CPU jobs' terse
 warm start, configs/trap.py). A released-style policy writes its analysis first, so there the probe reads
 ~0 whatever its RaPR.
