@@ -13,7 +13,7 @@ import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-from common import median, pin_threads, time_calls  # noqa: E402
+from common import add_host_malloc_arg, median, pin_threads, time_calls  # noqa: E402
 
 
 def cases(tokens: int):
@@ -37,8 +37,9 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     parser.add_argument("--tokens", type=int, default=2048, help="sequence length T = S")
     parser.add_argument("--block", type=int, default=None, help="query and key tile (default: the kernel's)")
+    add_host_malloc_arg(parser)
     args = parser.parse_args(argv)
-    threads = pin_threads(args.threads)
+    threads = pin_threads(args.threads, args.host_malloc)
 
     import jax
     import jax.numpy as jnp

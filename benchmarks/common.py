@@ -10,11 +10,30 @@ import time
 from collections.abc import Callable
 
 
-def pin_threads(threads: int | None = None) -> int:
+def add_host_malloc_arg(parser) -> None:
+    """`--host-malloc`, the run config's `host_malloc` (pixel_reasoner_jax/hostmem.py) for a benchmark."""
+    parser.add_argument(
+        "--host-malloc",
+        default="auto",
+        choices=("auto", "reuse", "system"),
+        help="glibc malloc for the whole process, both frameworks: auto/reuse keep freed memory for reuse "
+        "(as `main` does on CPU), system = glibc's defaults",
+    )
+
+
+def pin_threads(threads: int | None = None, host_malloc: str = "auto") -> int:
     """Gives JAX (XLA) and torch the same number of threads before either is imported; returns it.
 
-    Call first thing in a benchmark's main, before importing jax or torch: XLA reads its flags once.
+    Also applies `host_malloc` (see add_host_malloc_arg) and prints which malloc the process runs with.
+    Call first thing in a benchmark's main, before importing jax or torch: XLA reads its flags once, and
+    malloc settings reach only the threads started after them.
     """
+    from pixel_reasoner_jax import hostmem
+
+    kept = hostmem.configure(host_malloc)
+    print(
+        f"malloc ({host_malloc}): {'freed memory kept for reuse' if kept else 'glibc defaults'}", flush=True
+    )
     n = int(threads or os.environ.get("BENCH_THREADS") or os.cpu_count() or 1)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flags = os.environ.get("XLA_FLAGS", "")

@@ -15,7 +15,7 @@ import time
 # Runnable as a script from anywhere: the benchmarks folder (common) and the repository (the package).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-from common import median, pin_threads, ratio_line, spread, time_interleaved  # noqa: E402
+from common import add_host_malloc_arg, median, pin_threads, ratio_line, spread, time_interleaved  # noqa: E402
 
 VOCAB = 151936  # the real Qwen2.5-VL vocabulary: the output projection is a large share of the work
 
@@ -193,8 +193,9 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
+    add_host_malloc_arg(parser)
     args = parser.parse_args(argv)
-    threads = pin_threads(args.threads)
+    threads = pin_threads(args.threads, args.host_malloc)
 
     import jax
     import torch

@@ -20,7 +20,7 @@ import time
 # Runnable as a script from anywhere: the benchmarks folder (common, model_step) and the repository.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-from common import median, pin_threads, ratio_line, time_calls  # noqa: E402
+from common import add_host_malloc_arg, median, pin_threads, ratio_line, time_calls  # noqa: E402
 
 VOCAB = 151936
 
@@ -141,8 +141,9 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--turns", type=int, default=3, help="grpo: generate calls per episode")
     parser.add_argument("--crop-side", type=int, default=112, help="grpo: side of each tool answer's crop")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per framework (after one warmup)")
+    add_host_malloc_arg(parser)
     args = parser.parse_args(argv)
-    threads = pin_threads(args.threads)
+    threads = pin_threads(args.threads, args.host_malloc)
 
     from flax import nnx
     from model_step import build_models, num_params

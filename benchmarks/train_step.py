@@ -13,7 +13,7 @@ import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-from common import median, pin_threads, ratio_line, spread, time_interleaved  # noqa: E402
+from common import add_host_malloc_arg, median, pin_threads, ratio_line, spread, time_interleaved  # noqa: E402
 
 
 def examples_from(ours, cfg):
@@ -65,8 +65,9 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
+    add_host_malloc_arg(parser)
     args = parser.parse_args(argv)
-    threads = pin_threads(args.threads)
+    threads = pin_threads(args.threads, args.host_malloc)
 
     import jax
     import numpy as np

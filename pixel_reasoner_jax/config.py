@@ -289,6 +289,7 @@ class RunConfig:
     seed: int
     workdir: str | None
     compile_cache_dir: str
+    host_malloc: str
     model: ModelConfig
     mesh: MeshConfig
     data: DataConfig

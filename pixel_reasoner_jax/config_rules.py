@@ -31,6 +31,7 @@ from pixel_reasoner_jax.config import (
     mesh_shape,
     rollout_mesh_shape,
 )
+from pixel_reasoner_jax.hostmem import HOST_MALLOC
 from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
 from pixel_reasoner_jax.tools.ops import VIDEO_CROP_INDEXES  # the owner of the numbering choice
 
@@ -70,6 +71,7 @@ def _registry_names() -> dict[str, tuple[str, ...]]:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mode": MODES,
     "variant": VARIANTS,
+    "host_malloc": HOST_MALLOC,
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": REMAT_POLICIES,

@@ -13,6 +13,7 @@ import uuid
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pixel_reasoner_jax import hostmem
 from pixel_reasoner_jax.config import ConfigError, RunConfig, from_config_dict, validate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -251,8 +252,13 @@ def main(argv) -> int:
     try:
         if _CONFIG.value is None:
             raise ConfigError("config", "required: --config=configs/<mode>.py[:variant]")
-        _init_distributed()
         cfg = build_config(_CONFIG.value, _WORKDIR.value)
+        # Before the first computation (the backend's threads take their malloc arenas when they start).
+        try:
+            reuse = hostmem.configure(cfg.host_malloc)
+        except ValueError as e:
+            raise ConfigError("host_malloc", str(e)) from None
+        _init_distributed()
         validate(cfg, jax.device_count())
         if cfg.mode == "grpo":
             from pixel_reasoner_jax.train import grpo
@@ -271,6 +277,7 @@ def main(argv) -> int:
         cfg.mode, cfg.variant, cfg.workdir, jax.device_count(), jax.process_count(),
     )  # fmt: skip
     logging.info("compilation cache: %s", cache or "off")
+    logging.info("malloc: %s", "freed memory kept for reuse (host_malloc)" if reuse else "glibc defaults")
     cfg = prepare_assets(cfg)
     run(cfg)
     logging.info(

@@ -202,6 +202,7 @@ RULES = [
     ("grpo", "tiny", {"eval__num_samples": 4}, "eval.num_samples"),
     ("eval", "tiny", {"eval__batch_size": 12}, "eval.batch_size"),
     ("grpo", "tiny", {"log__every": 0}, "log.every"),
+    ("grpo", "tiny", {"host_malloc": "jemalloc"}, "host_malloc"),
 ]
 
 

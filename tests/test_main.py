@@ -180,7 +180,12 @@ def test_resume_after_sigkill_is_bit_identical(env, assets, full_run, tmp_path):
 
 @pytest.mark.parametrize(
     "override,field",
-    [("--config.grpo.group_size=1", "grpo.group_size"), ("--config.grpo.filter=keep", "grpo.filter")],
+    [
+        ("--config.grpo.group_size=1", "grpo.group_size"),
+        ("--config.grpo.filter=keep", "grpo.filter"),
+        # checked before jax.distributed and the backend start (hostmem must act before them)
+        ("--config.host_malloc=tcmalloc", "host_malloc"),
+    ],
 )
 def test_bad_override_fails_at_start_naming_the_field(env, tmp_path, override, field):
     proc = subprocess.run(
