@@ -71,8 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.remat = "full"  # "none" | "full" | "dots"; the original trains with gradient checkpointing (§8)
     m.freeze_vision = False  # §8.2 does not freeze; SFT does (§8.1)
-    # "auto" (cudnn on GPU with bf16, blocked on CPU and TPU) | "dense" (masked reference) | "blocked"
-    # (tiled online softmax, memory O(T)) | "cudnn" | "xla" (jax.nn.dot_product_attention); models/layers.py
+    # "auto" (cudnn on GPU with bf16, splash on TPU, rows on CPU) | "dense" (masked reference) | "blocked"
+    # (tiled online softmax, memory O(T)) | "rows" (causal query row blocks, unrolled: fastest on CPU) |
+    # "splash" | "cudnn" | "xla" (jax.nn.dot_product_attention); models/layers.py
     m.attention = "auto"
     m.logprob_chunk = 1024  # tokens per chunk of the scanned log-prob/entropy pass (never B x T x V logits)
     # Architecture of the generated checkpoint (variant tiny without model.checkpoint): models/tiny.SIZES.

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from pixel_reasoner_jax import sharding
+from pixel_reasoner_jax.models import layers, row_attention
+from pixel_reasoner_jax.models.blocked_attention import blocked_attention
 from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, attention, resolve_attention
 
 
@@ -77,6 +79,27 @@ def test_blocked_equals_dense(name):
     _check_equals_dense("blocked", CASES[name])
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_rows_equals_dense(name, monkeypatch):
+    """Row blocks of 8 (the causal case spans five, ragged at the end); the other cases (no causality, or
+    explicit cache positions) take the dense path."""
+    monkeypatch.setattr(row_attention, "ROW_BLOCK", 8)
+    _check_equals_dense("rows", CASES[name])
+
+
+def test_rows_falls_back_to_tiles_past_its_score_budget(monkeypatch):
+    """Problems over MAX_SCORES run the tiled kernel (O(T) memory) and still equal the dense path."""
+    monkeypatch.setattr(row_attention, "MAX_SCORES", 0)
+    monkeypatch.setattr(row_attention, "row_block_attention", None)  # would raise if called
+    tiled = []
+    monkeypatch.setattr(
+        layers, "blocked_attention", lambda *a, **k: tiled.append(1) or blocked_attention(*a, **k)
+    )
+    for name in ("causal_padding_gqa", "vision_blocks", "decode_t1"):
+        _check_equals_dense("rows", CASES[name])
+    assert len(tiled) == 3
+
+
 # Splash tiles are 128 x 128 at least, so these cases are longer than CASES: each spans two query and two
 # key tiles, ragged at the end (the module pads to whole tiles). Pallas interpret mode compiles slowly on a
 # CPU (seconds per kernel), hence two cases that together hold every mask kind.
@@ -139,7 +162,7 @@ def test_bfloat16_inputs_keep_dtype_and_stay_close():
 
 
 def test_resolve_attention():
-    assert resolve_attention("auto", jnp.float32, "cpu") == "blocked"
+    assert resolve_attention("auto", jnp.float32, "cpu") == "rows"
     assert resolve_attention("auto", jnp.bfloat16, "gpu") == "cudnn"
     assert resolve_attention("auto", jnp.float32, "gpu") == "xla"
     assert resolve_attention("auto", jnp.bfloat16, "tpu") == "splash"

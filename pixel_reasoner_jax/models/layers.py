@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixel_reasoner_jax.models import row_attention
 from pixel_reasoner_jax.models.blocked_attention import blocked_attention, segment_mask
 from pixel_reasoner_jax.models.splash import splash_attention
 from pixel_reasoner_jax.sharding import constrain, constrain_lookup
@@ -31,7 +32,7 @@ __all__ = [
 
 Names = tuple[str | None, ...]
 # "auto" is resolved per backend by `resolve_attention` when a model is built; the rest are kernels.
-ATTENTION_IMPLS = ("auto", "dense", "blocked", "splash", "cudnn", "xla")
+ATTENTION_IMPLS = ("auto", "dense", "blocked", "rows", "splash", "cudnn", "xla")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -147,8 +148,8 @@ def resolve_attention(impl: str, dtype, platform: str | None = None) -> str:
     """The kernel `impl` names on `platform` (default: JAX's default backend); checks the choice.
 
     "auto": cuDNN on GPU with a 16-bit compute dtype ("xla" with float32, which cuDNN does not take),
-    "splash" on TPU, "blocked" elsewhere (CPU). A CPU host compiling ahead of time for a TPU names
-    "splash" itself (or passes platform="tpu").
+    "splash" on TPU, "rows" elsewhere (CPU: causal row blocks, the tiled kernel for the other calls). A CPU
+    host compiling ahead of time for a TPU names "splash" itself (or passes platform="tpu").
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -160,7 +161,7 @@ def resolve_attention(impl: str, dtype, platform: str | None = None) -> str:
     platform = platform or jax.default_backend()
     if platform == "gpu":
         return "cudnn" if half else "xla"
-    return "splash" if platform == "tpu" else "blocked"
+    return "splash" if platform == "tpu" else "rows"
 
 
 def attention(
@@ -188,7 +189,10 @@ def attention(
       q_segments: (B, T) int; kv_segments: (B, S) int.
       causal: also mask keys whose position is after the query's.
       impl: "dense" (masked softmax in float32 over the whole (T, S), the reference), "blocked" (query x
-        key tiles with online softmax, fully masked tiles skipped, models/blocked_attention.py), "splash"
+        key tiles with online softmax, fully masked tiles skipped, models/blocked_attention.py), "rows"
+        (the CPU kernel: up to `row_attention.MAX_SCORES` score elements, causal calls from slot 0 in
+        unrolled query row blocks, models/row_attention.py, and the other calls "dense"; past it
+        "blocked"), "splash"
         (the TPU Pallas kernel, models/splash.py; Pallas interpret mode off TPU; calls with explicit
         positions, i.e. the KV cache, run "blocked" because splash's causal mask is static), "cudnn" or
         "xla" (`jax.nn.dot_product_attention` with a boolean mask). "auto" must be resolved first
@@ -207,6 +211,14 @@ def attention(
         if q_positions is None and kv_positions is None:
             return splash_attention(q, k, v, q_segments, kv_segments, causal=causal, **blocks)
         impl = "blocked"
+        blocks = {}
+    if impl == "rows":
+        # Small problems: causal ones from slot 0 in row blocks, the rest (vision windows and image blocks,
+        # KV-cache steps) through the dense path, whose one masked softmax beats tiles at these sizes.
+        small = n * t * s <= row_attention.MAX_SCORES
+        if small and causal and q_positions is None and kv_positions is None and t == s:
+            return row_attention.row_block_attention(q, k, v, q_segments, kv_segments)
+        impl = "dense" if small else "blocked"
         blocks = {}
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
