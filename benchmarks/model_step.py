@@ -188,7 +188,7 @@ def main(argv=None) -> str:
         "--attention",
         default="auto",
         help="our attention kernel, one of models.layers.ATTENTION_IMPLS (auto: what model.attention's "
-        "default runs on this backend, blocked on CPU)",
+        "default runs on this backend: rows on CPU)",
     )
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
