@@ -30,8 +30,8 @@ def _apply_tiny_grpo(c) -> None:
 
     Measured on 2 cores (README): with the `narrow_deep` policy and the cosine warm start, SFT-only runs of
     two seeds read 32 of 32 held-out crops and bound every box to the asked quarter after 200 steps. With
-    GRPO on fresh Adam moments (base default) the seed-42 run rose 0.41 / 0.47 / 0.52 in accuracy over the
-    thirds of its 18 steps, valid calls 0.75 -> 0.91; carrying the warm start's moments over it was flat.
+    GRPO on fresh Adam moments (base default) the seed-42 run rose 0.39 / 0.46 / 0.51 in accuracy over the
+    thirds of its 18 steps, valid calls 0.73 -> 0.87; carrying the warm start's moments over it was flat.
     At 2e-3 / 5e-3 the policy lost its calls.
     """
     base.apply_cpu_quarters(c, family="quarters")
