@@ -148,8 +148,9 @@ def resolve_attention(impl: str, dtype, platform: str | None = None) -> str:
     """The kernel `impl` names on `platform` (default: JAX's default backend); checks the choice.
 
     "auto": cuDNN on GPU with a 16-bit compute dtype ("xla" with float32, which cuDNN does not take),
-    "splash" on TPU, "rows" elsewhere (CPU: causal row blocks, the tiled kernel for the other calls). A CPU
-    host compiling ahead of time for a TPU names "splash" itself (or passes platform="tpu").
+    "splash" on TPU, "rows" elsewhere (CPU: causal row blocks, the dense path for the other small calls, the
+    tiled kernel for large ones). A CPU host compiling ahead of time for a TPU names "splash" itself (or
+    passes platform="tpu").
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -215,7 +216,7 @@ def attention(
     if impl == "rows":
         # Small problems: causal ones from slot 0 in row blocks, the rest (vision windows and image blocks,
         # KV-cache steps) through the dense path, whose one masked softmax beats tiles at these sizes.
-        small = n * t * s <= row_attention.MAX_SCORES
+        small = b * n * t * s <= row_attention.MAX_SCORES
         if small and causal and q_positions is None and kv_positions is None and t == s:
             return row_attention.row_block_attention(q, k, v, q_segments, kv_segments)
         impl = "dense" if small else "blocked"

@@ -24,8 +24,8 @@ __all__ = ["MAX_SCORES", "ROW_BLOCK", "row_block_attention"]
 # time; the block grows past it when a sequence would need more than MAX_BLOCKS blocks (trace size).
 ROW_BLOCK = 64
 MAX_BLOCKS = 32
-# Score elements (N * T * S) above which `attention` takes the tiled kernel instead: 2^27 floats, 512 MiB
-# for the full square, about half of it kept per layer for the backward.
+# Score elements of a call (B * N * T * S) above which `attention` takes the tiled kernel instead: 2^27
+# floats, 512 MiB for the full squares, about half of it kept per layer for the backward.
 MAX_SCORES = 1 << 27
 
 
