@@ -21,6 +21,16 @@ def add_host_malloc_arg(parser) -> None:
     )
 
 
+def add_layer_loop_arg(parser) -> None:
+    """`--layer-loop`, the run config's `model.layer_loop` (models/layers.LAYER_LOOPS) for a benchmark."""
+    parser.add_argument(
+        "--layer-loop",
+        default="scan",
+        choices=("scan", "unroll"),
+        help="our decoder / vision layer stacks: scan (model.layer_loop's default) or unroll",
+    )
+
+
 def pin_threads(threads: int | None = None, host_malloc: str = "auto") -> int:
     """Gives JAX (XLA) and torch the same number of threads before either is imported; returns it.
 

@@ -15,7 +15,15 @@ import time
 # Runnable as a script from anywhere: the benchmarks folder (common) and the repository (the package).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-from common import add_host_malloc_arg, median, pin_threads, ratio_line, spread, time_interleaved  # noqa: E402
+from common import (  # noqa: E402
+    add_host_malloc_arg,
+    add_layer_loop_arg,
+    median,
+    pin_threads,
+    ratio_line,
+    spread,
+    time_interleaved,
+)
 
 VOCAB = 151936  # the real Qwen2.5-VL vocabulary: the output projection is a large share of the work
 
@@ -53,7 +61,9 @@ def num_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def build_models(cfg, seed: int = 0, torch_attn: str = "sdpa", attention: str = "auto"):
+def build_models(
+    cfg, seed: int = 0, torch_attn: str = "sdpa", attention: str = "auto", layer_loop: str = "scan"
+):
     """(our Qwen25VL, the same weights in transformers' Qwen2_5_VLForConditionalGeneration), float32.
 
     The torch weights go through our export (`hf_io.export_hf`) and transformers' own loader.
@@ -68,7 +78,7 @@ def build_models(cfg, seed: int = 0, torch_attn: str = "sdpa", attention: str = 
     from pixel_reasoner_jax.sharding import make_mesh, use_mesh
 
     with use_mesh(make_mesh(devices=jax.devices()[:1])):
-        model = Qwen25VL(cfg, attention=attention, rngs=nnx.Rngs(seed))
+        model = Qwen25VL(cfg, attention=attention, layer_loop=layer_loop, rngs=nnx.Rngs(seed))
     with tempfile.TemporaryDirectory(prefix="bench_ckpt_") as tmp:
         folder = hf_io.export_hf(model, cfg, os.path.join(tmp, "ckpt"))
         hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -193,6 +203,7 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
+    add_layer_loop_arg(parser)
     add_host_malloc_arg(parser)
     args = parser.parse_args(argv)
     threads = pin_threads(args.threads, args.host_malloc)
@@ -203,7 +214,9 @@ def main(argv=None) -> str:
 
     cfg = bench_config(args.layers, args.vision_depth)
     t0 = time.perf_counter()
-    model, hf = build_models(cfg, torch_attn=args.torch_attn, attention=args.attention)
+    model, hf = build_models(
+        cfg, torch_attn=args.torch_attn, attention=args.attention, layer_loop=args.layer_loop
+    )
     graphdef, params = nnx.split(model)
     n = num_params(params)
     ours, hf_kw, loss_mask = make_inputs(cfg, text_tokens=args.text_tokens)

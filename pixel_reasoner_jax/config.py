@@ -49,6 +49,7 @@ class ModelConfig:
     remat: str
     freeze_vision: bool
     attention: str
+    layer_loop: str
     logprob_chunk: int
     tiny_size: str
     tiny_init: str

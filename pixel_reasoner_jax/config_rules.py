@@ -32,7 +32,7 @@ from pixel_reasoner_jax.config import (
     rollout_mesh_shape,
 )
 from pixel_reasoner_jax.hostmem import HOST_MALLOC
-from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
+from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, LAYER_LOOPS, REMAT_POLICIES
 from pixel_reasoner_jax.tools.ops import VIDEO_CROP_INDEXES  # the owner of the numbering choice
 
 # Names of the train/ registries, used only when those modules are absent (they are the source of truth).
@@ -76,6 +76,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": DTYPES,
     "model.remat": REMAT_POLICIES,
     "model.attention": ATTENTION_IMPLS,
+    "model.layer_loop": LAYER_LOOPS,
     "data.sft_loss_mask": SFT_LOSS_MASKS,
     "data.synthetic_family": SYNTHETIC_FAMILIES,
     "model.tiny_size": TINY_SIZES,

@@ -7,7 +7,7 @@ import torch
 from flax import nnx
 from test_model_parity import CFG, batch_inputs, forward, ref  # noqa: F401 (ref is a fixture)
 
-from pixel_reasoner_jax.models.qwen25vl import init_cache
+from pixel_reasoner_jax.models.qwen25vl import Qwen25VL, init_cache
 from pixel_reasoner_jax.models.text import write_slots
 from pixel_reasoner_jax.processing import rope
 from pixel_reasoner_jax.processing.batch import pack_vision
@@ -54,6 +54,20 @@ def test_prefill_then_decode_matches_full_forward_and_hf_generate(ref):  # noqa:
         got.append(np.asarray(lg[0]))
     got = np.stack(got)
     np.testing.assert_allclose(got, hf_step_logits, atol=1e-4, rtol=0)
+    # Unrolled layers (the CPU default of runs) write and read the cache like the scan.
+    with nnx.use_eager_sharding(False):
+        unrolled = nnx.graphdef(nnx.eval_shape(lambda: Qwen25VL(CFG, layer_loop="unroll", rngs=nnx.Rngs(0))))
+    prefill_u, step_u = _steppers(unrolled)
+    cache = init_cache(CFG, 1, n + STEPS, jnp.float32)
+    logits, cache = prefill_u(params, ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"], cache)
+    got_u = [np.asarray(logits[0, -1])]
+    for j in range(3):
+        pos = rope.decode_positions(deltas, [n + j])
+        lg, cache = step_u(
+            params, jnp.asarray(new[None, j : j + 1], jnp.int32), jnp.asarray(pos), cache, n + j
+        )
+        got_u.append(np.asarray(lg[0]))
+    np.testing.assert_allclose(np.stack(got_u), got[:4], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(got.argmax(-1), new)  # greedy tokens agree
     # ... and the full (uncached) forward over prompt + generated tokens gives the same rows.
     full_ids = np.concatenate([np.asarray(ours["ids"])[0], new])[None]

@@ -325,6 +325,13 @@ def test_remat_policies_and_attention_kernels_agree(ref, monkeypatch):
         with nnx.use_eager_sharding(False):
             other = grads(nnx.split(hf_io.load_model(ckpt, remat=remat)))[1]
         assert_close_grads(other, base, f"remat={remat}")
+    # Unrolled layers (the CPU default of runs): the same logits and gradients as the scan, with and
+    # without recomputation (the vision tower's layer kinds become static instead of a cond).
+    for remat in ("none", "full"):
+        with nnx.use_eager_sharding(False):
+            got, other = grads(nnx.split(hf_io.load_model(ckpt, remat=remat, layer_loop="unroll")))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        assert_close_grads(other, base, f"unroll, remat={remat}")
     with nnx.use_eager_sharding(False):
         xla = nnx.split(hf_io.load_model(ckpt, attention="xla"))
     got = forward(xla, ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
@@ -346,3 +353,5 @@ def test_constructor_rejects_bad_options():
         Qwen25VL(CFG, attention="flash", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="cudnn attention needs a bfloat16 or float16 compute dtype"):
         Qwen25VL(CFG, attention="cudnn", dtype=jnp.float32, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="layer_loop must be one of"):
+        Qwen25VL(CFG, layer_loop="while", rngs=nnx.Rngs(0))

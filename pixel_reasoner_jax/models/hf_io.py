@@ -395,12 +395,13 @@ def load_model(
     rules="train",
     remat: str = "none",
     attention: str = "dense",
+    layer_loop: str = "scan",
 ):
     """A `Qwen25VL` with the checkpoint's config and weights, sharded over `mesh` by `rules` when given.
 
     Args:
       ckpt_dir: HF checkpoint folder (config.json + safetensors).
-      dtype, param_dtype, remat, attention: see `Qwen25VL`.
+      dtype, param_dtype, remat, attention, layer_loop: see `Qwen25VL`.
       mesh: place each parameter on its logical sharding over this mesh; None = default device.
       rules: logical-axis rules table or its name in `sharding.RULES`.
     """
@@ -411,7 +412,13 @@ def load_model(
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(
             lambda: Qwen25VL(
-                cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, rngs=nnx.Rngs(0)
+                cfg,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                remat=remat,
+                attention=attention,
+                layer_loop=layer_loop,
+                rngs=nnx.Rngs(0),
             )
         )
     graphdef, abs_state = nnx.split(abstract)

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from pixel_reasoner_jax.models.config import ModelConfig
-from pixel_reasoner_jax.models.layers import REMAT_POLICIES, Linear, resolve_attention
+from pixel_reasoner_jax.models.layers import LAYER_LOOPS, REMAT_POLICIES, Linear, resolve_attention
 from pixel_reasoner_jax.models.logprobs import chunked_logprobs
 from pixel_reasoner_jax.models.text import KVCache, Qwen2Decoder, init_cache
 from pixel_reasoner_jax.models.vision import Qwen25VisionTower, VisionInputs, prepare_vision, stack_vision
@@ -78,6 +78,8 @@ class Qwen25VL(nnx.Module):
       param_dtype: parameter storage dtype.
       remat: "none" | "full" | "dots" rematerialisation of each scanned layer.
       attention: `layers.ATTENTION_IMPLS`; "auto" picks the backend's kernel (`layers.resolve_attention`).
+      layer_loop: `layers.LAYER_LOOPS`, for the decoder and the vision tower: "scan" or "unroll"; the
+        parameters are stacked either way (same checkpoints, same state).
     """
 
     def __init__(
@@ -88,14 +90,18 @@ class Qwen25VL(nnx.Module):
         param_dtype=jnp.float32,
         remat: str = "none",
         attention: str = "dense",
+        layer_loop: str = "scan",
         rngs: nnx.Rngs,
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+        if layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
         attention = resolve_attention(attention, dtype)
         self.cfg = cfg
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, rngs=rngs)
+        kw["layer_loop"] = layer_loop
         self.visual = Qwen25VisionTower(cfg.vision, cfg.text.hidden_size, **kw)
         self.model = Qwen2Decoder(cfg.text, **kw)
         if cfg.text.tie_word_embeddings:

@@ -1,6 +1,6 @@
 """Qwen2 text decoder with sectioned multimodal rotary (HF Qwen2_5_VLTextModel) and its KV cache.
 
-Layers are stacked and run under `lax.scan`; one attention path serves training, prefill and decode: keys
+Layers are stacked and run under `lax.scan` (or unrolled: `layers.LAYER_LOOPS`); one attention path serves training, prefill and decode: keys
 are the layer's own tokens, or a fixed-size cache written at a `cache_index` shared by the rows or given per row.
 """
 
@@ -19,6 +19,7 @@ from pixel_reasoner_jax.models.layers import (
     attention,
     constrain,
     remat,
+    run_layers,
 )
 
 __all__ = ["KVCache", "Qwen2Decoder", "init_cache", "mrope_cos_sin", "write_slots"]
@@ -187,12 +188,14 @@ class Qwen2Decoder(nnx.Module):
         param_dtype=jnp.float32,
         remat: str = "none",
         attention: str = "dense",
+        layer_loop: str = "scan",
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
         self.attention = attention
+        self.layer_loop = layer_loop
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
@@ -232,7 +235,7 @@ class Qwen2Decoder(nnx.Module):
                 x, _ = nnx.merge(graphdef, layer_state).layer(x, cos, sin, None, ctx, impl)
                 return x, None
 
-            x, _ = jax.lax.scan(remat(body, self.remat), x, state)
+            x = run_layers(remat(body, self.remat), x, state, cfg.num_hidden_layers, self.layer_loop)
             new_cache = None
         else:
             idx = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
@@ -255,8 +258,12 @@ class Qwen2Decoder(nnx.Module):
                 return (x, k_all, v_all), None
 
             layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-            (x, k_all, v_all), _ = jax.lax.scan(
-                remat(body, self.remat), (x, cache.k, cache.v), (state, layer_ids)
+            x, k_all, v_all = run_layers(
+                remat(body, self.remat),
+                (x, cache.k, cache.v),
+                (state, layer_ids),
+                len(layer_ids),
+                self.layer_loop,
             )
             new_cache = KVCache(k=k_all, v=v_all, mask=kv_mask)
         return self.norm(x), new_cache

@@ -17,7 +17,15 @@ import numpy as np
 from flax import nnx
 
 from pixel_reasoner_jax.models.config import VisionConfig
-from pixel_reasoner_jax.models.layers import Linear, RMSNorm, apply_rotary, attention, constrain, remat
+from pixel_reasoner_jax.models.layers import (
+    Linear,
+    RMSNorm,
+    apply_rotary,
+    attention,
+    constrain,
+    layer_slice,
+    remat,
+)
 
 __all__ = [
     "Qwen25VisionTower",
@@ -271,7 +279,8 @@ class VisionBlocks(nnx.Module):
         self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def layer(self, x, cos, sin, vi: VisionInputs, is_full, impl: str):
-        """One block over (B, Pb, E) rows (called on a single layer's slice inside the scan)."""
+        """One block over (B, Pb, E) rows (called on a single layer's slice; `is_full` a traced flag inside the
+        scan, a bool when the layers are unrolled)."""
         b, pb, e = x.shape
         n = self.attn.num_heads
         qkv = self.attn.qkv(self.norm1(x)).reshape(b, pb, 3, n, e // n)
@@ -301,7 +310,10 @@ class VisionBlocks(nnx.Module):
             )
             return _rows(out.reshape(b, nw * lw, *out.shape[2:]), vi.window_scatter)
 
-        out = jax.lax.cond(is_full, full, windowed, q, k, v)
+        if isinstance(is_full, bool):  # unrolled layers: the kind is static
+            out = (full if is_full else windowed)(q, k, v)
+        else:
+            out = jax.lax.cond(is_full, full, windowed, q, k, v)
         x = x + self.attn.proj(out.reshape(b, pb, e))
         x = x + self.mlp(self.norm2(x))
         return constrain(x, VISION_ACT)
@@ -345,11 +357,13 @@ class Qwen25VisionTower(nnx.Module):
         param_dtype=jnp.float32,
         remat: str = "none",
         attention: str = "dense",
+        layer_loop: str = "scan",
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
         self.remat = remat
         self.attention = attention
+        self.layer_loop = layer_loop
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.patch_embed = PatchEmbed(cfg, **kw)
         self.blocks = VisionBlocks(cfg, **kw)
@@ -374,7 +388,11 @@ class Qwen25VisionTower(nnx.Module):
             layer_state, is_full = xs
             return nnx.merge(graphdef, layer_state).layer(x, cos, sin, vi, is_full, impl), None
 
-        flags = jnp.asarray(self.full_flags)
-        x, _ = jax.lax.scan(remat(body, self.remat), x, (state, flags))
+        if self.layer_loop == "unroll":
+            # Each layer's kind is known here: no cond, a window layer's program holds no full attention.
+            for i, is_full in enumerate(self.full_flags):
+                x, _ = remat(lambda x, s, f=is_full: body(x, (s, f)), self.remat)(x, layer_slice(state, i))
+        else:
+            x, _ = jax.lax.scan(remat(body, self.remat), x, (state, jnp.asarray(self.full_flags)))
         merged = self.merger(x)
         return constrain(_rows(merged, vi.merge_unpermute), VISION_ACT)

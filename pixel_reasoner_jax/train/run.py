@@ -76,7 +76,11 @@ def read_samples(workdir: str | os.PathLike) -> list[dict]:
 def _model_kwargs(cfg: RunConfig) -> dict[str, Any]:
     m = cfg.model
     return dict(
-        dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], remat=m.remat, attention=m.attention
+        dtype=_DTYPES[m.dtype],
+        param_dtype=_DTYPES[m.param_dtype],
+        remat=m.remat,
+        attention=m.attention,
+        layer_loop=m.layer_loop,
     )
 
 
