@@ -52,6 +52,13 @@ OVERRIDES["grpo:7b:h100-8"] = GRPO_FIT + ["--config.mesh.rollout_tensor=2"]
 # the 7B levers make 3B GRPO fit one H100 node (at the recipe's settings it does not).
 EXTRA["grpo:7b:v5p-16:rollout_tensor2"] = OVERRIDES["grpo:7b:h100-8"]
 EXTRA["grpo:3b:h100-8:mb32_rb64"] = GRPO_FIT
+# The 141 GB H200 at the recipe's settings does not fit either (grads 135.5 GiB): the same levers, no
+# `rollout_tensor` (its budget holds the replicated 15.4 GiB copy).
+EXTRA["grpo:7b:h200-8:mb32_rb64"] = GRPO_FIT
+# What full remat costs in FLOPs where memory allows saving the matmul outputs ("dots": the backward
+# recomputes only element-wise work): 7B SFT, which peaks far under these budgets with full remat.
+EXTRA["sft:7b:h100-8:dots"] = ["--config.model.remat=dots"]
+EXTRA["sft:7b:v6e-32:dots"] = OVERRIDES["sft:7b:v6e-32"] + ["--config.model.remat=dots"]
 
 
 def python_for(topology: str) -> str:
@@ -66,8 +73,15 @@ def key_path(key: str) -> pathlib.Path:
     return OUT_DIR / (key.replace(":", "_") + ".json")
 
 
+def split_key(key: str) -> tuple[str, str, str]:
+    """(mode, variant, topology) of a plan key `mode:variant:topology[:name]`; `cpu:N` keeps its count."""
+    parts = key.split(":")
+    topology = ":".join(parts[2:4]) if parts[2] == "cpu" else parts[2]
+    return parts[0], parts[1], topology
+
+
 def run_one(key: str, extra: list[str], timeout: float) -> None:
-    mode, variant, topology = key.split(":")[:3]
+    mode, variant, topology = split_key(key)
     out = key_path(key)
     cmd = [python_for(topology), "-m", "pixel_reasoner_jax.plan", f"--config=configs/{mode}.py:{variant}"]
     cmd += [f"--topology={topology}", f"--out={out}", *extra]

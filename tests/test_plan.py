@@ -290,3 +290,12 @@ def test_cpu_plan_arguments_match_hand_count(tiny_plan):
     # float32 / bool columns are a few KiB per device.
     text = 4 * (total - vision) / 8
     assert text < tiny_plan["programs"]["grads"]["argument_bytes"] < text + 2**20
+
+
+def test_plans_table_keys_keep_the_cpu_device_count():
+    from benchmarks.plans import split_key
+
+    assert split_key("grpo:7b:cpu:8") == ("grpo", "7b", "cpu:8")
+    assert split_key("sft:3b:cpu:8:dots") == ("sft", "3b", "cpu:8")
+    assert split_key("grpo:7b:h100-8:chunk12288") == ("grpo", "7b", "h100-8")
+    assert split_key("sft:3b:v5p-8") == ("sft", "3b", "v5p-8")
