@@ -56,9 +56,8 @@ EXTRA["grpo:3b:h100-8:mb32_rb64"] = GRPO_FIT
 # `rollout_tensor` (its budget holds the replicated 15.4 GiB copy).
 EXTRA["grpo:7b:h200-8:mb32_rb64"] = GRPO_FIT
 # What full remat costs in FLOPs where memory allows saving the matmul outputs ("dots": the backward
-# recomputes only element-wise work): 7B SFT, which peaks far under these budgets with full remat.
+# recomputes only element-wise work): 7B SFT, which peaks far under the H100's budget with full remat.
 EXTRA["sft:7b:h100-8:dots"] = ["--config.model.remat=dots"]
-EXTRA["sft:7b:v6e-32:dots"] = OVERRIDES["sft:7b:v6e-32"] + ["--config.model.remat=dots"]
 
 
 def python_for(topology: str) -> str:
