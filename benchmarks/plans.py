@@ -135,7 +135,8 @@ def _row(key: str) -> str:
         verdict = f"stale: {'fit' if p['fits'] else 'did not fit'} (compiled before {CURRENT_SINCE})"
     return (
         f"| {key}{' ' + flags if flags else ''} | {s['n_micro']}x{s['batch']}x{s['seq']} | {p['remat']}, {p['attention']}"
-        f"{', sampler ' + p['sampler_param_dtype'] if p.get('sampler_param_dtype') else ''} | {mesh} | "
+        f"{', sampler ' + p['sampler_param_dtype'] if p.get('sampler_param_dtype') else ''}"
+        f", pixels {p.get('pixel_dtype', 'float32')} | {mesh} | "
         f"{worst / GIB:.1f} / {p['budget_per_device_bytes'] / GIB:.1f} ({p['memory_per_device_bytes'] / GIB:.0f}) | "
         f"{'; '.join(parts)} | {ratio} | {verdict} |"
     )
@@ -143,7 +144,7 @@ def _row(key: str) -> str:
 
 def write_table(keys: list[str]) -> None:
     head = [
-        "| plan | micro x batch x seq | remat, attention, sampler weights | train mesh | worst total / budget (HBM) GiB | "
+        "| plan | micro x batch x seq | remat, attention, sampler weights, train pixels | train mesh | worst total / budget (HBM) GiB | "
         "per program total GiB | grads FLOPs / 6NT | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -144,7 +144,7 @@ def host_params(seed: int = 0):
 class Setup:
     """A model's host parameters and the train functions of one mesh; `state()` is a fresh TrainState."""
 
-    def __init__(self, mesh, graphdef, params, frozen=None, grpo=GRPO):
+    def __init__(self, mesh, graphdef, params, frozen=None, grpo=GRPO, pixel_dtype=None):
         self.mesh, self.graphdef, self.params = mesh, graphdef, params
         self.optimizer = st.make_optimizer(OPTIM, frozen)
         _, _, self.shardings = st.create_train_state(self.model(), self.optimizer, mesh)
@@ -158,6 +158,7 @@ class Setup:
             schedule=st.make_schedule(OPTIM),
             frozen=frozen,
             compiler_options=FAST_COMPILE,
+            pixel_dtype=pixel_dtype,
         )
 
     def model(self):
@@ -625,3 +626,26 @@ def test_per_token_temperatures(parts, one, big, lp0):
     assert np.abs(cold - lp0)[trained].max() > 1e-2  # the temperature matters on these targets
     # "raw" (the default) ignores the temperatures entirely.
     np.testing.assert_array_equal(np.asarray(one.fns.logprobs(params, micro)), lp0)
+
+
+def test_pixels_in_the_compute_dtype_change_nothing(parts, big):
+    """A bfloat16 model takes its pixels as bfloat16 (half the batch's largest array) with the same loss,
+    gradients and log-probs as from float32 pixels: the vision tower casts them on entry either way."""
+    with nnx.use_eager_sharding(False):
+        graphdef16 = nnx.graphdef(nnx.eval_shape(lambda: Qwen25VL(CFG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    f32 = Setup(mesh, graphdef16, parts[1], grpo=None)
+    b16 = Setup(mesh, graphdef16, parts[1], grpo=None, pixel_dtype="bfloat16")
+    assert big["pixel_values"].dtype == np.float32
+    got, want = b16.fns.grads(b16.state(), big, "sft"), f32.fns.grads(f32.state(), big, "sft")
+    assert float(got.loss) == float(want.loss)
+    for key, g in flat(got.grads).items():
+        np.testing.assert_array_equal(g, flat(want.grads)[key], err_msg=key)
+    np.testing.assert_array_equal(
+        np.asarray(b16.fns.logprobs(b16.params, big)), np.asarray(f32.fns.logprobs(f32.params, big))
+    )
+    # What the program receives: the pixels in bfloat16, the rest as the batch holds it.
+    traced = b16.fns.trace("sft", b16.state(), big)["grads"]
+    micro = traced.args_info[0][1]
+    assert micro["pixel_values"].dtype == jnp.bfloat16 and micro["input_ids"].dtype == np.int32
+    assert steps.cast_pixels({"input_ids": big["input_ids"]}, "bfloat16").keys() == {"input_ids"}

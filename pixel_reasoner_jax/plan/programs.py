@@ -233,7 +233,7 @@ def plan_recipe(
     fns = steps.make_train_fns(
         graphdef, optimizer, shardings, mesh, logprob_chunk=cfg.model.logprob_chunk, grpo=grpo,
         schedule=st.make_schedule(ocfg), frozen=frozen, buffers=abstract.buffers,
-        compiler_options=compiler_options,
+        compiler_options=compiler_options, pixel_dtype=cfg.model.dtype,
     )  # fmt: skip
     max_px = cfg.rollout.model_max_pixels if cfg.mode == "grpo" else cfg.data.sft_image_max_pixels
     micro = micro_structs(mcfg, shapes, max_px)
@@ -357,6 +357,7 @@ def plan_recipe(
         "remat": cfg.model.remat,
         "logprob_chunk": cfg.model.logprob_chunk,
         "sampler_param_dtype": cfg.rollout.sampler_param_dtype if cfg.mode == "grpo" else None,
+        "pixel_dtype": cfg.model.dtype,  # of the training programs' pixel_values (train/steps.cast_pixels)
         "shapes": dataclasses.asdict(shapes),
         "params": {"text_matmul": n_text, "vision": n_vision, "total": fl.count_params(abstract.params)},
         "state_bytes_per_device": state_bytes,

@@ -143,6 +143,8 @@ def make_fns(ctx: RunContext, grpo=None) -> steps.TrainFns:
         schedule=ctx.schedule,
         frozen=ctx.frozen,
         buffers=ctx.state.buffers,
+        # Pixels reach the device in the compute dtype the vision tower casts them to anyway.
+        pixel_dtype=ctx.cfg.model.dtype,
     )
 
 

@@ -221,6 +221,21 @@ def shard_batch(micro: dict[str, Any], mesh: Mesh, rules: sharding.Rules | str =
     return jax.tree.map(_place, micro, batch_shardings(micro, mesh, rules))
 
 
+def cast_pixels(micro: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """`micro` with its `pixel_values` (host, device or abstract) in `dtype`; unchanged for None or no media."""
+    pv = micro.get("pixel_values")
+    if dtype is None or pv is None or pv.dtype == jnp.dtype(dtype):
+        return micro
+    dtype = jnp.dtype(dtype)
+    if isinstance(pv, jax.ShapeDtypeStruct):
+        new = jax.ShapeDtypeStruct(pv.shape, dtype, sharding=pv.sharding)
+    elif isinstance(pv, jax.Array):
+        new = pv.astype(dtype)
+    else:
+        new = np.asarray(pv).astype(dtype)
+    return {**micro, "pixel_values": new}
+
+
 def _place(x, sh: NamedSharding) -> jax.Array:
     if isinstance(x, jax.ShapeDtypeStruct):  # abstract batches (ahead-of-time planning) only get the sharding
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
@@ -349,6 +364,7 @@ def make_train_fns(
     frozen: Callable[[str], bool] | None = None,
     buffers: Any = None,
     compiler_options: dict[str, Any] | None = None,
+    pixel_dtype: Any = None,
 ) -> TrainFns:
     """Builds the jitted SFT / GRPO steps and the log-prob function.
 
@@ -366,6 +382,10 @@ def make_train_fns(
       buffers: the state's non-parameter variables for `logprobs(params, micro)` (the model has none).
       compiler_options: XLA options for every jit, e.g. {"xla_backend_optimization_level": 0} to cut CPU
         compile time 2-3x in tests and tiny runs.
+      pixel_dtype: the dtype the programs take `pixel_values` in (None: as the batch holds them, float32).
+        The model's compute dtype changes no result (the vision tower's first matmul casts its input to
+        it) and halves the batch's largest array in bfloat16: 9.2 of the 13.1 GiB of arguments per device
+        of a 7B GRPO gradient program in float32 (benchmarks/PLANS.md), and its host-to-device copy.
     """
     if logprob_chunk < 1:
         raise ValueError(f"logprob_chunk must be >= 1, got {logprob_chunk}")
@@ -522,10 +542,13 @@ def make_train_fns(
         if kind == "grpo" and grpo is None:
             raise ValueError("a GRPO loss needs make_train_fns(..., grpo=GRPOLossSettings(...))")
 
+    def put(micro):
+        return shard_batch(cast_pixels(micro, pixel_dtype), mesh, rules)
+
     def grads(state, micro, kind="sft"):
         check_kind(kind)
         with sharding.use_mesh(mesh, rules):
-            return grads_jit(state, shard_batch(micro, mesh, rules), kind)
+            return grads_jit(state, put(micro), kind)
 
     def step(kind):
         def call(state, micro):
@@ -537,16 +560,16 @@ def make_train_fns(
 
     def logprobs(params, micro):
         with sharding.use_mesh(mesh, rules):
-            return lp_jit(params, buffers, shard_batch(micro, mesh, rules))
+            return lp_jit(params, buffers, put(micro))
 
     def trace(kind, state, micro):
         if kind == "logprobs":
             params = state.params if isinstance(state, st.TrainState) else state
             with sharding.use_mesh(mesh, rules):
-                return {"logprobs": lp_jit.trace(params, buffers, shard_batch(micro, mesh, rules))}
+                return {"logprobs": lp_jit.trace(params, buffers, put(micro))}
         check_kind(kind)
         with sharding.use_mesh(mesh, rules):
-            g = grads_jit.trace(state, shard_batch(micro, mesh, rules), kind)
+            g = grads_jit.trace(state, put(micro), kind)
             # The accumulator arrives as the gradient program left it: gradients sharded like the params
             # (`accumulate` constrains them), the scalar totals replicated.
             acc = jax.tree.map(
