@@ -377,6 +377,24 @@ def test_trace_places_the_slot_state_as_generate_does(setup):
     assert progs["prefill"].args_info[0][6].shape == batch.pixel_values.shape
 
 
+def test_prefill_takes_pixels_in_the_compute_dtype(setup, tiny_ckpt):
+    # A bfloat16 sampler's prefill receives the prompts' pixels in bfloat16 (`batch.pixels_in`: the vision
+    # tower casts them on entry, so the values it computes with are the same) whatever the batch holds.
+    cfg, image_cfg = setup["cfg"], setup["image_cfg"]
+    sampler = JaxSampler(hf_io.load_model(tiny_ckpt, dtype=jnp.bfloat16), cfg, image_cfg, **KW)
+    ex = [expand_request(r, i, cfg, image_cfg) for i, r in enumerate(mixed_requests()[:2])]
+    batch = pack_prompts(ex, cfg, batch_size=2, seq_buckets=(T_BUCKET,), patch_buckets=(256,))
+    assert batch.pixel_values.dtype == np.float32
+    to_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    structs = PromptBatch(
+        *(to_struct(getattr(batch, f)) for f in ("input_ids", "attention_mask", "positions", "pixel_values")),
+        jax.tree.map(to_struct, batch.vision_inputs),
+    )
+    args = sampler.trace(structs, 2, NEW)["prefill"].args_info[0]
+    assert args[6].dtype == jnp.bfloat16 and args[6].shape == batch.pixel_values.shape
+    assert args[3].dtype == batch.input_ids.dtype
+
+
 def test_bad_requests_name_the_request(setup):
     sampler = setup["sampler"]
     good = mixed_requests()[0]

@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -335,6 +336,21 @@ def pack_vision(
     vis = [prepare_vision(g, vision_cfg, patch_bucket=pb) for g in grids]
     need = max(v.window_gather.shape[0] for v in vis)
     return pixel_values, stack_vision(vis, max(need, min_windows))
+
+
+def pixels_in(x, dtype):
+    """Pixel values `x` (host array, jax.Array or ShapeDtypeStruct) in `dtype`; None stays None.
+
+    The model's compute dtype loses nothing: the vision tower's first matmul casts its input to it, so a
+    bfloat16 model reads the same values from float32 and bfloat16 pixels, and the array (the largest of a
+    vision batch) and its host-to-device copy halve.
+    """
+    if x is None or dtype is None or x.dtype == np.dtype(dtype):
+        return x
+    dtype = np.dtype(dtype)
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype)
 
 
 def collate(

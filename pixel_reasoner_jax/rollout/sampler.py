@@ -20,7 +20,7 @@ from flax import nnx
 from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.models.config import ModelConfig
 from pixel_reasoner_jax.models.qwen25vl import check_vision_tokens, init_cache
-from pixel_reasoner_jax.processing.batch import pick_bucket
+from pixel_reasoner_jax.processing.batch import pick_bucket, pixels_in
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.kv_slots import (
     SlotState,
@@ -115,6 +115,7 @@ class JaxSampler(Policy):
         self.refill_fraction = refill_fraction
         self._mesh, self._rules = mesh, rules
         self._cache_dtype = cache_dtype or model.dtype
+        self._pixel_dtype = model.dtype  # prompts' pixels in the compute dtype (`batch.pixels_in`)
         self._rng = np.random.default_rng(seed)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self._graphdef = graphdef
@@ -268,7 +269,8 @@ class JaxSampler(Policy):
         with self._scope():
             prefill = self._prefill.trace(
                 params, self._rest, state, prompts.input_ids, prompts.positions, prompts.attention_mask,
-                prompts.pixel_values, prompts.vision_inputs, src_b, slot_p, passes=passes,
+                pixels_in(prompts.pixel_values, self._pixel_dtype), prompts.vision_inputs, src_b, slot_p,
+                passes=passes,
             )  # fmt: skip
             decode = self._decode.trace(params, self._rest, state, slot_p, np.int32(slots), passes=passes)
         return {"prefill": prefill, "decode": decode}
@@ -305,7 +307,7 @@ class JaxSampler(Policy):
             batch.input_ids,
             batch.positions,
             batch.attention_mask,
-            batch.pixel_values,
+            pixels_in(batch.pixel_values, self._pixel_dtype),
             batch.vision_inputs,
             src,
             run.params_now(),

@@ -23,7 +23,14 @@ from pixel_reasoner_jax.config import GRPOConfig
 from pixel_reasoner_jax.models.config import VisionConfig
 from pixel_reasoner_jax.models.qwen25vl import indexed_token_logprobs, token_logprobs
 from pixel_reasoner_jax.models.vision import pad_windows
-from pixel_reasoner_jax.processing.batch import Batch, Example, collate, pick_bucket, truncate_example
+from pixel_reasoner_jax.processing.batch import (
+    Batch,
+    Example,
+    collate,
+    pick_bucket,
+    pixels_in,
+    truncate_example,
+)
 from pixel_reasoner_jax.train import losses
 from pixel_reasoner_jax.train import state as st
 
@@ -222,18 +229,9 @@ def shard_batch(micro: dict[str, Any], mesh: Mesh, rules: sharding.Rules | str =
 
 
 def cast_pixels(micro: dict[str, Any], dtype: Any) -> dict[str, Any]:
-    """`micro` with its `pixel_values` (host, device or abstract) in `dtype`; unchanged for None or no media."""
+    """`micro` with its `pixel_values` in `dtype` (`batch.pixels_in`); unchanged for None or no media."""
     pv = micro.get("pixel_values")
-    if dtype is None or pv is None or pv.dtype == jnp.dtype(dtype):
-        return micro
-    dtype = jnp.dtype(dtype)
-    if isinstance(pv, jax.ShapeDtypeStruct):
-        new = jax.ShapeDtypeStruct(pv.shape, dtype, sharding=pv.sharding)
-    elif isinstance(pv, jax.Array):
-        new = pv.astype(dtype)
-    else:
-        new = np.asarray(pv).astype(dtype)
-    return {**micro, "pixel_values": new}
+    return micro if pv is None or dtype is None else {**micro, "pixel_values": pixels_in(pv, dtype)}
 
 
 def _place(x, sh: NamedSharding) -> jax.Array:
