@@ -55,6 +55,12 @@ EXTRA["grpo:3b:h100-8:mb32_rb64"] = GRPO_FIT
 # The 141 GB H200 at the recipe's settings does not fit either (grads 135.5 GiB): the same levers, no
 # `rollout_tensor` (its budget holds the replicated 15.4 GiB copy).
 EXTRA["grpo:7b:h200-8:mb32_rb64"] = GRPO_FIT
+# v6e-32 (32 GB chips) at the recipe's settings: one sample per chip already, but the sampler's replicated
+# 15.4 GiB bf16 copy sits beside every program; split over 4 chips, with 64 sampler slots.
+EXTRA["grpo:7b:v6e-32:rt4_rb64"] = ["--config.mesh.rollout_tensor=4", "--config.rollout.batch_size=64"]
+# v5p-8 (4 chips) refuses the recipe's gradient program (155.6 GB of temporaries: 8 samples per chip): one
+# sample per chip (64 micro-batches of 4, the same 256-sample update) and 32 sampler slots (8 per chip).
+EXTRA["grpo:7b:v5p-8:mb64_rb32"] = ["--config.grpo.micro_batches=64", "--config.rollout.batch_size=32"]
 # What full remat costs in FLOPs where memory allows saving the matmul outputs ("dots": the backward
 # recomputes only element-wise work): 7B SFT, which peaks far under the H100's budget with full remat.
 EXTRA["sft:7b:h100-8:dots"] = ["--config.model.remat=dots"]
