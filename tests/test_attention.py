@@ -87,6 +87,34 @@ def test_rows_equals_dense(name, monkeypatch):
     _check_equals_dense("rows", CASES[name])
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_xla_equals_dense(name):
+    """`jax.nn.dot_product_attention` (the "xla" implementation; "cudnn" is the same call on a GPU)."""
+    _check_equals_dense("xla", CASES[name])
+
+
+def test_causal_from_slot_0_hands_causality_to_the_kernel(monkeypatch):
+    """A causal call without cache positions passes `is_causal=True` and a mask of segments only (cuDNN
+    then skips the tiles above the diagonal instead of running them under a dense mask); cache calls keep
+    causality in the mask."""
+    calls = []
+    original = jax.nn.dot_product_attention
+
+    def spy(*args, mask=None, is_causal=False, **kw):
+        calls.append((np.asarray(mask), is_causal))
+        return original(*args, mask=mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    for name in ("causal_padding_gqa", "cache_prefill", "vision_blocks"):
+        qkv, kw = _inputs(CASES[name])
+        attention(*qkv, impl="xla", **kw)
+    (text_mask, text_causal), (cache_mask, cache_causal), (_, vision_causal) = calls
+    assert text_causal and not cache_causal and not vision_causal
+    seg = np.asarray(CASES["causal_padding_gqa"][6])
+    np.testing.assert_array_equal(text_mask[:, 0], seg[:, :, None] == seg[:, None, :])
+    assert not cache_mask[0, 0, 0, 15:].any()  # query at slot 14 sees no later slot
+
+
 def test_rows_falls_back_to_tiles_past_its_score_budget(monkeypatch):
     """Problems over MAX_SCORES run the tiled kernel (O(T) memory) and still equal the dense path."""
     monkeypatch.setattr(row_attention, "MAX_SCORES", 0)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jex_core
 from jax.sharding import PartitionSpec as P
 
 from configs import sft as sft_config
@@ -156,6 +157,26 @@ def test_flops_splash_counts_the_tiles_its_mask_runs():
 
         traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg)
         assert fl.jaxpr_flops(traced.jaxpr) == pytest.approx(9 * share * product, rel=1e-3)
+
+
+def test_flops_cudnn_attention_counts_the_causal_triangle_under_its_causal_mask_type():
+    # cuDNN's fused attention cannot be traced without a GPU: a stand-in primitive with its name and its
+    # mask_type parameter. 2 products forward over (T, S) = (1024, 1024): all 8 x 8 tiles of 128 under a
+    # dense mask, the 36 on and below the diagonal under CAUSAL / PADDING_CAUSAL (`is_causal`).
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType  # reason: the enum JAX binds, no GPU
+
+    prim = jex_core.Primitive(fl._CUDNN_FWD[1])
+    prim.def_abstract_eval(lambda q, k, v, **params: q)
+    q = jax.ShapeDtypeStruct((2, 1024, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)
+    product = 2 * 2 * 4 * 1024 * 1024 * 128
+    for mask_type, share in (
+        (MaskType.NO_MASK, 1.0),
+        (MaskType.CAUSAL, 36 / 64),
+        (MaskType.PADDING_CAUSAL, 36 / 64),
+    ):
+        traced = jax.make_jaxpr(lambda q, k, v, m=mask_type: prim.bind(q, k, v, mask_type=m))(q, kv, kv)
+        assert fl.jaxpr_flops(traced) == pytest.approx(2 * share * product, rel=1e-9)
 
 
 def test_prefill_patches_is_the_sampler_worst_call():

@@ -203,7 +203,8 @@ def attention(
         "blocked"), "splash"
         (the TPU Pallas kernel, models/splash.py; Pallas interpret mode off TPU; calls with explicit
         positions, i.e. the KV cache, run "blocked" because splash's causal mask is static), "cudnn" or
-        "xla" (`jax.nn.dot_product_attention` with a boolean mask). "auto" must be resolved first
+        "xla" (`jax.nn.dot_product_attention` with a boolean mask; causal calls from slot 0 pass their
+        causality as `is_causal`, the kernel's own mask type). "auto" must be resolved first
         (`resolve_attention`).
       q_positions, kv_positions: (B, T) / (B, S) slot indices for the causal test; default arange.
       **blocks: `block_q` / `block_k` tile sizes of "blocked", `block` of "splash" (benchmarks, tests).
@@ -220,14 +221,19 @@ def attention(
             return splash_attention(q, k, v, q_segments, kv_segments, causal=causal, **blocks)
         impl = "blocked"
         blocks = {}
+    from_zero = q_positions is None and kv_positions is None and t == s  # no KV cache
     if impl == "rows":
         # Small problems: causal ones from slot 0 in row blocks, the rest (vision windows and image blocks,
         # KV-cache steps) through the dense path, whose one masked softmax beats tiles at these sizes.
         small = b * n * t * s <= row_attention.MAX_SCORES
-        if small and causal and q_positions is None and kv_positions is None and t == s:
+        if small and causal and from_zero:
             return row_attention.row_block_attention(q, k, v, q_segments, kv_segments)
         impl = "dense" if small else "blocked"
         blocks = {}
+    # A causal call from slot 0 (training, log-probs): cuDNN applies causality itself (its CAUSAL mask type
+    # skips the tiles above the diagonal) and takes only the segment part as a dense mask; a dense causal
+    # mask would make it run every tile.
+    own_causal = impl in ("cudnn", "xla") and causal and from_zero
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     if kv_positions is None:
@@ -236,7 +242,8 @@ def attention(
         return blocked_attention(
             q, k, v, q_segments, kv_segments, q_positions, kv_positions, causal=causal, **blocks
         )
-    mask = segment_mask(q_segments, kv_segments, q_positions, kv_positions, causal)  # (B, T, S)
+    causal_mask = causal and not own_causal
+    mask = segment_mask(q_segments, kv_segments, q_positions, kv_positions, causal_mask)  # (B, T, S)
     scale = 1.0 / math.sqrt(h)
     if impl == "dense":
         g = n // kh
@@ -248,7 +255,7 @@ def attention(
         return out.reshape(b, t, n, h)
     if impl in ("cudnn", "xla"):
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask[:, None], scale=scale, implementation=impl
+            q, k, v, mask=mask[:, None], scale=scale, is_causal=own_causal, implementation=impl
         ).astype(q.dtype)
     raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS[1:]} (resolved), got {impl!r}")
 

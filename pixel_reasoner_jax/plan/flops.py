@@ -38,11 +38,22 @@ def _conv_flops(eqn) -> float:
     return 2.0 * math.prod(out.shape) * kernel * in_features / max(1, groups) * groups
 
 
+# cuDNN's flash kernels run query x key tiles of this size; under a causal mask type they skip the tiles
+# wholly above the diagonal (the count keeps the diagonal tiles whole).
+_CUDNN_TILE = 128
+
+
 def _attention_flops(eqn, products: int) -> float:
+    """cuDNN attention: `products` matmuls of (T, S, H) per batch row and head, over the tiles it runs:
+    all of them, or the causal triangle when its mask type is causal (`is_causal`, T == S)."""
     q, k = eqn.invars[0].aval, eqn.invars[1].aval
     b, t, n, h = q.shape
     s = k.shape[1]
-    return 2.0 * products * b * n * t * s * h
+    tiles = 1.0
+    if "CAUSAL" in str(eqn.params.get("mask_type", "")) and t == s:
+        nb = -(-t // _CUDNN_TILE)
+        tiles = (nb + 1) / (2 * nb)
+    return 2.0 * products * b * n * t * s * h * tiles
 
 
 def _sub_jaxprs(params: dict[str, Any]):
