@@ -62,8 +62,9 @@ EXTRA["grpo:7b:v6e-32:rt4_rb64"] = ["--config.mesh.rollout_tensor=4", "--config.
 # sample per chip (64 micro-batches of 4, the same 256-sample update) and 32 sampler slots (8 per chip).
 EXTRA["grpo:7b:v5p-8:mb64_rb32"] = ["--config.grpo.micro_batches=64", "--config.rollout.batch_size=32"]
 # What full remat costs in FLOPs where memory allows saving the matmul outputs ("dots": the backward
-# recomputes only element-wise work): 7B SFT, which peaks far under the H100's budget with full remat.
+# recomputes only element-wise work): 7B SFT, which peaks far under the H100 and v5p budgets with full remat.
 EXTRA["sft:7b:h100-8:dots"] = ["--config.model.remat=dots"]
+EXTRA["sft:7b:v5p-16:dots"] = ["--config.model.remat=dots"]
 
 
 def python_for(topology: str) -> str:
