@@ -100,8 +100,14 @@ class Qwen25VL(nnx.Module):
         attention = resolve_attention(attention, dtype)
         self.cfg = cfg
         self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, rngs=rngs)
-        kw["layer_loop"] = layer_loop
+        kw = dict(
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            attention=attention,
+            layer_loop=layer_loop,
+            rngs=rngs,
+        )
         self.visual = Qwen25VisionTower(cfg.vision, cfg.text.hidden_size, **kw)
         self.model = Qwen2Decoder(cfg.text, **kw)
         if cfg.text.tie_word_embeddings:

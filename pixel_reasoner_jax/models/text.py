@@ -1,7 +1,8 @@
 """Qwen2 text decoder with sectioned multimodal rotary (HF Qwen2_5_VLTextModel) and its KV cache.
 
-Layers are stacked and run under `lax.scan` (or unrolled: `layers.LAYER_LOOPS`); one attention path serves training, prefill and decode: keys
-are the layer's own tokens, or a fixed-size cache written at a `cache_index` shared by the rows or given per row.
+Layers are stacked and run under `lax.scan` (or unrolled: `layers.LAYER_LOOPS`); one attention path serves
+training, prefill and decode: keys are the layer's own tokens, or a fixed-size cache written at a `cache_index`
+shared by the rows or given per row.
 """
 
 import dataclasses
