@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     # below bf16's relative precision (~4e-3) and would round to nothing on bf16 weights.
     m.param_dtype = "float32"
     m.remat = "full"  # "none" | "full" | "dots"; the original trains with gradient checkpointing (§8)
+    # The vision tower's own policy: "same" (as model.remat) | "none" | "full" | "dots". With remat=dots a
+    # GRPO sample's 65,536 patch rows would keep every vision matmul output; "full" there saves the memory
+    # where the decoder's dots save the most recompute (benchmarks/PLANS.md).
+    m.vision_remat = "same"
     m.freeze_vision = False  # §8.2 does not freeze; SFT does (§8.1)
     # "auto" (cudnn on GPU with bf16, splash on TPU, rows on CPU) | "dense" (masked reference) | "blocked"
     # (tiled online softmax, memory O(T)) | "rows" (causal query row blocks, unrolled: fastest on CPU) |

@@ -47,6 +47,7 @@ class ModelConfig:
     dtype: str
     param_dtype: str
     remat: str
+    vision_remat: str
     freeze_vision: bool
     attention: str
     layer_loop: str

@@ -75,6 +75,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": REMAT_POLICIES,
+    "model.vision_remat": ("same", *REMAT_POLICIES),
     "model.attention": ATTENTION_IMPLS,
     "model.layer_loop": LAYER_LOOPS,
     "data.sft_loss_mask": SFT_LOSS_MASKS,

@@ -115,6 +115,7 @@ RULES = [
     ("grpo", "tiny", {"model__dtype": "fp16"}, "model.dtype"),
     ("grpo", "tiny", {"model__param_dtype": "float64"}, "model.param_dtype"),
     ("grpo", "tiny", {"model__remat": "some"}, "model.remat"),
+    ("grpo", "tiny", {"model__vision_remat": "some"}, "model.vision_remat"),
     ("grpo", "tiny", {"model__attention": "flash"}, "model.attention"),
     ("grpo", "tiny", {"model__layer_loop": "while"}, "model.layer_loop"),
     ("grpo", "tiny", {"model__logprob_chunk": 0}, "model.logprob_chunk"),

@@ -321,10 +321,11 @@ def test_remat_policies_and_attention_kernels_agree(ref, monkeypatch):
             assert err <= 1e-5, f"{what}: {path} relative error {err:.1e}"
 
     want, base = grads((graphdef, params))
-    for remat in ("full", "dots"):
+    # The decoder's policy with the tower's own (vision_remat): dots in the decoder, full in the tower.
+    for remat, vision in (("full", "same"), ("dots", "same"), ("dots", "full")):
         with nnx.use_eager_sharding(False):
-            other = grads(nnx.split(hf_io.load_model(ckpt, remat=remat)))[1]
-        assert_close_grads(other, base, f"remat={remat}")
+            other = grads(nnx.split(hf_io.load_model(ckpt, remat=remat, vision_remat=vision)))[1]
+        assert_close_grads(other, base, f"remat={remat}, vision_remat={vision}")
     # Unrolled layers (the CPU default of runs): the same logits and gradients as the scan, with and
     # without recomputation (the vision tower's layer kinds become static instead of a cond).
     for remat in ("none", "full"):
@@ -349,6 +350,11 @@ def test_remat_policies_and_attention_kernels_agree(ref, monkeypatch):
 def test_constructor_rejects_bad_options():
     with pytest.raises(ValueError, match="remat must be one of"):
         Qwen25VL(CFG, remat="some", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="vision_remat must be 'same' or one of"):
+        Qwen25VL(CFG, vision_remat="some", rngs=nnx.Rngs(0))
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Qwen25VL(CFG, remat="dots", vision_remat="full", rngs=nnx.Rngs(0)))
+    assert (model.model.remat, model.visual.remat) == ("dots", "full")
     with pytest.raises(ValueError, match="attention must be one of"):
         Qwen25VL(CFG, attention="flash", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="cudnn attention needs a bfloat16 or float16 compute dtype"):

@@ -218,18 +218,17 @@ def test_flops_shard_map_body_counts_once_per_device():
 def test_vision_structs_fill_the_patch_bucket():
     # Square images as large as the pixel cap allows (64 patches: 8 x 8), the last one taking the rows
     # left over (1000 = 15 x 64 + 40): the vision tower runs exactly the bucket's rows, per sample, in the
-    # layout pack_vision gives real samples (the sampler's with its window floor).
+    # layout pack_vision gives real samples (the sampler's with its window floor and one full-attention slot).
     cfg = PRESETS["tiny"]
     for bucket in (1024, 1000):
         for floor in (False, True):
-            pv, vi = programs.vision_structs(
-                cfg, 3, bucket, 64 * programs.PIXELS_PER_PATCH, window_floor=floor
-            )
+            pv, vi = programs.vision_structs(cfg, 3, bucket, 64 * programs.PIXELS_PER_PATCH, prompt=floor)
             assert pv.shape == (3, bucket, cfg.vision.patch_dim) and pv.dtype == jnp.float32
             grids = np.array([(1, 8, 8)] * 15 + ([(1, 2, 20)] if bucket == 1000 else [(1, 8, 8)]))
             real_pv, real_vi = pack_vision(
                 [np.zeros((bucket, cfg.vision.patch_dim), np.float32)] * 3, [grids] * 3, cfg.vision,
                 patch_buckets=(bucket,), min_windows=prompt_min_windows(cfg.vision, bucket) if floor else 1,
+                one_slot=floor,
             )  # fmt: skip
             assert pv.shape == real_pv.shape
             got = jax.tree.map(lambda x: (x.shape, x.dtype), vi)

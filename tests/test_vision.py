@@ -11,7 +11,15 @@ from transformers import vision_utils
 
 from pixel_reasoner_jax.models import hf_io
 from pixel_reasoner_jax.models.qwen25vl import splice_vision
-from pixel_reasoner_jax.models.vision import pad_windows, prepare_vision, stack_vision, vision_rotary
+from pixel_reasoner_jax.models.vision import (
+    pad_slots,
+    pad_windows,
+    prepare_vision,
+    slice_sizes,
+    slot_bucket,
+    stack_vision,
+    vision_rotary,
+)
 from pixel_reasoner_jax.processing.batch import pack_vision
 
 VC = CFG.vision
@@ -117,6 +125,63 @@ def test_bucket_padding_does_not_change_rows(tower):
     np.testing.assert_allclose(bucketed[: p // 4], exact, atol=1e-6, rtol=0)
 
 
+def test_slot_bucket_steps():
+    assert [slot_bucket(n) for n in (1, 2, 3, 4, 5, 7, 9, 13, 100, 7744)] == [
+        1,
+        2,
+        3,
+        4,
+        6,
+        8,
+        12,
+        16,
+        128,
+        8192,
+    ]
+
+
+@pytest.mark.parametrize("name", list(GRID_SETS))
+def test_slots_hold_each_image_whole(name):
+    grid = np.array(GRID_SETS[name])
+    vi = prepare_vision(grid, VC, patch_bucket=512)
+    ns, ls = vi.slot_gather.shape
+    sizes = slice_sizes(grid)
+    assert ls == slot_bucket(max(sizes)) and ns >= -(-sum(sizes) // ls)
+    real = np.flatnonzero(vi.full_segments > 0)
+    # Every real window-order row sits in exactly one slot position, and reads its own row back.
+    filled = vi.slot_segments.reshape(-1) > 0
+    assert filled.sum() == real.size == int(vi.num_patches)
+    np.testing.assert_array_equal(vi.slot_gather.reshape(-1)[vi.slot_scatter[real]], real)
+    np.testing.assert_array_equal(vi.slot_segments.reshape(-1)[vi.slot_scatter[real]], vi.full_segments[real])
+    # Each image / frame slice lies whole in one slot; padding rows are in none; empty positions are unique.
+    for seg in range(1, len(sizes) + 1):
+        assert len(set((vi.slot_scatter[vi.full_segments == seg] // ls).tolist())) == 1
+    assert (vi.slot_scatter[vi.full_segments == 0] == ns * ls).all()
+    empty = vi.slot_segments[vi.slot_segments <= 0]
+    assert (empty < 0).all() and np.unique(empty).size == empty.size
+
+
+def test_packed_slots_equal_one_slot_over_the_bucket(tower):
+    """Full attention packed into image-sized slots (several images to a slot where they fit) gives the
+    rows attention over the whole bucket under segment ids gives, on both kernels; garbage padding rows
+    stay out of the real ones."""
+    _, dense, xla, _ = tower
+    grid = np.array([(1, 10, 14), (2, 4, 8), (1, 4, 6), (1, 6, 6)])
+    p = int(grid.prod(-1).sum())
+    rng = np.random.default_rng(5)
+    pix = np.full((512, VC.patch_dim), 7.0, np.float32)
+    pix[:p] = rng.standard_normal((p, VC.patch_dim))
+    packed = prepare_vision(grid, VC, patch_bucket=512)
+    assert packed.slot_gather.shape == (2, 192)  # 140 | 32 + 32 + 24 + 36: two slots, the second shared
+    whole = prepare_vision(grid, VC, patch_bucket=512, slot_len=512, num_slots=1)
+    for run in (dense, xla):
+        want = run(jnp.asarray(pix), whole)[: p // 4]
+        np.testing.assert_allclose(run(jnp.asarray(pix), packed)[: p // 4], want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            run(jnp.asarray(pix), pad_slots(packed, 3))[: p // 4], want, atol=1e-5, rtol=0
+        )
+
+
 def test_xla_attention_kernel_matches_dense(tower):
     _, dense, xla, _ = tower
     grid = np.array(GRID_SETS["video_and_image"])
@@ -137,6 +202,21 @@ def test_prepare_vision_errors():
         prepare_vision([[1, 4, 6]], VC, patch_bucket=26)
     with pytest.raises(ValueError, match="window_bucket 1 is smaller than the 4 windows"):
         prepare_vision([[1, 10, 14]], VC, window_bucket=1)
+    with pytest.raises(
+        ValueError, match=r"slot_len 100 is smaller than the largest image / frame slice \(140"
+    ):
+        prepare_vision([[1, 10, 14]], VC, slot_len=100)
+    with pytest.raises(ValueError, match="num_slots 1 is smaller than the 2 slots needed"):
+        prepare_vision([[1, 10, 14], [1, 10, 14]], VC, num_slots=1)
+    with pytest.raises(ValueError, match="different slot lengths"):
+        stack_vision(
+            [
+                prepare_vision([[1, 4, 6]], VC, patch_bucket=64),
+                prepare_vision([[1, 4, 8]], VC, patch_bucket=64),
+            ]
+        )
+    with pytest.raises(ValueError, match="num_slots 1 is smaller than the 2 slots present"):
+        pad_slots(prepare_vision([[1, 4, 6], [1, 4, 6]], VC, slot_len=24), 1)
 
 
 def test_window_bucket_default_is_power_of_two():

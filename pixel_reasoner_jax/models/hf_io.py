@@ -394,6 +394,7 @@ def load_model(
     mesh: jax.sharding.Mesh | None = None,
     rules="train",
     remat: str = "none",
+    vision_remat: str = "same",
     attention: str = "dense",
     layer_loop: str = "scan",
 ):
@@ -401,7 +402,7 @@ def load_model(
 
     Args:
       ckpt_dir: HF checkpoint folder (config.json + safetensors).
-      dtype, param_dtype, remat, attention, layer_loop: see `Qwen25VL`.
+      dtype, param_dtype, remat, vision_remat, attention, layer_loop: see `Qwen25VL`.
       mesh: place each parameter on its logical sharding over this mesh; None = default device.
       rules: logical-axis rules table or its name in `sharding.RULES`.
     """
@@ -416,6 +417,7 @@ def load_model(
                 dtype=dtype,
                 param_dtype=param_dtype,
                 remat=remat,
+                vision_remat=vision_remat,
                 attention=attention,
                 layer_loop=layer_loop,
                 rngs=nnx.Rngs(0),

@@ -77,6 +77,7 @@ class Qwen25VL(nnx.Module):
       dtype: compute dtype (float32 | bfloat16); norms, softmax and logits stay float32.
       param_dtype: parameter storage dtype.
       remat: "none" | "full" | "dots" rematerialisation of each scanned layer.
+      vision_remat: the vision tower's policy; "same" = `remat`.
       attention: `layers.ATTENTION_IMPLS`; "auto" picks the backend's kernel (`layers.resolve_attention`).
       layer_loop: `layers.LAYER_LOOPS`, for the decoder and the vision tower: "scan" or "unroll"; the
         parameters are stacked either way (same checkpoints, same state).
@@ -89,12 +90,15 @@ class Qwen25VL(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         remat: str = "none",
+        vision_remat: str = "same",
         attention: str = "dense",
         layer_loop: str = "scan",
         rngs: nnx.Rngs,
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+        if vision_remat not in ("same", *REMAT_POLICIES):
+            raise ValueError(f"vision_remat must be 'same' or one of {REMAT_POLICIES}, got {vision_remat!r}")
         if layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
         attention = resolve_attention(attention, dtype)
@@ -108,7 +112,8 @@ class Qwen25VL(nnx.Module):
             layer_loop=layer_loop,
             rngs=rngs,
         )
-        self.visual = Qwen25VisionTower(cfg.vision, cfg.text.hidden_size, **kw)
+        vision_kw = dict(kw, remat=remat if vision_remat == "same" else vision_remat)
+        self.visual = Qwen25VisionTower(cfg.vision, cfg.text.hidden_size, **vision_kw)
         self.model = Qwen2Decoder(cfg.text, **kw)
         if cfg.text.tie_word_embeddings:
             self.lm_head = None

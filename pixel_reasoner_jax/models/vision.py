@@ -5,7 +5,11 @@ permutation, 2-D rotary ids, window / frame segments, padding to a patch bucket)
 samples on a leading batch axis; the jitted tower only gathers and masks. The tower runs per sample (its
 batch axis is sharded like the token batch), so no attention ever spans two samples and each device
 encodes the images of its own sequences. Window blocks attend inside gathered (windows, 64) batches, so
-their cost is O(P * 64), not O(P^2); full blocks are O(P^2) in a sample's own patches P.
+their cost is O(P * 64), not O(P^2). Full blocks attend inside gathered (slots, L) batches: each image
+(each frame slice of a video) lies whole in one slot of L rows, several small ones may share a slot
+(told apart by segment ids), and the padding rows of the bucket are in none. Their cost is slots * L^2,
+about the sum of the squared image sizes, where attention over the whole bucket would cost Pb^2 (eight
+2000-token images in a 65,536-row bucket: 12 slots of 8,192 rows, 0.19 of it).
 """
 
 import dataclasses
@@ -30,8 +34,11 @@ from pixel_reasoner_jax.models.layers import (
 __all__ = [
     "Qwen25VisionTower",
     "VisionInputs",
+    "pad_slots",
     "pad_windows",
     "prepare_vision",
+    "slice_sizes",
+    "slot_bucket",
     "stack_vision",
     "vision_rotary",
 ]
@@ -55,6 +62,11 @@ class VisionInputs:
       perm: (Pb,) window-order row -> input row.
       pos_hw: (Pb, 2) 2-D rotary (h, w) ids in window order (0 for padding).
       full_segments: (Pb,) frame-slice id in window order (1-based; 0 = padding, its own segment).
+      slot_gather: (S, L) window-order row gathered into each full-attention slot position.
+      slot_segments: (S, L) frame-slice id of each slot position; an empty position has its own negative id
+        (it sees only itself, so the blocked kernel skips its tiles off the diagonal).
+      slot_scatter: (Pb,) flat slot position (slot * L + j) holding each window-order row; padding rows
+        point past the last slot (S * L, a zero row: they are in no slot).
       window_gather: (W, Lw) window-order row gathered into each window slot (Lw = 64 patches).
       window_segments: (W, Lw) 1 for a filled slot, 0 for an empty one.
       window_scatter: (Pb,) flat slot (window * Lw + j) holding each window-order row.
@@ -66,6 +78,9 @@ class VisionInputs:
     perm: np.ndarray
     pos_hw: np.ndarray
     full_segments: np.ndarray
+    slot_gather: np.ndarray
+    slot_segments: np.ndarray
+    slot_scatter: np.ndarray
     window_gather: np.ndarray
     window_segments: np.ndarray
     window_scatter: np.ndarray
@@ -79,12 +94,43 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def slot_bucket(n: int) -> int:
+    """The smallest 2^k or 3 * 2^(k-1) >= n (>= 1): full-attention slot lengths and counts. Buckets 1.33x
+    apart keep the compile count small and a shape at most 1/3 over its need (1, 2, 3, 4, 6, 8, 12, ...)."""
+    p = _next_pow2(n)
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+
+
+def slice_sizes(grid_thw) -> list[int]:
+    """Patch rows of each full-attention segment of `grid_thw`: one per image, one per video frame slice."""
+    return [
+        int(h * w) for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3).tolist() for _ in range(t)
+    ]
+
+
+def _pack_slots(sizes: Sequence[int], slot_len: int) -> list[list[int]]:
+    """Segment indices per slot: first fit, largest segment first (each segment whole in one slot)."""
+    slots: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        j = next((j for j, f in enumerate(free) if f >= sizes[i]), None)
+        if j is None:
+            slots.append([])
+            free.append(slot_len)
+            j = len(slots) - 1
+        slots[j].append(i)
+        free[j] -= sizes[i]
+    return slots
+
+
 def prepare_vision(
     grid_thw,
     cfg: VisionConfig,
     *,
     patch_bucket: int | None = None,
     window_bucket: int | None = None,
+    slot_len: int | None = None,
+    num_slots: int | None = None,
 ) -> VisionInputs:
     """Index arrays of one tower call over the vision items `grid_thw` (images and videos alike).
 
@@ -94,6 +140,9 @@ def prepare_vision(
       cfg: the vision config.
       patch_bucket: pad the patch rows to this many (>= P, a multiple of merge^2); None = exactly P.
       window_bucket: number of attention windows to pad to; None = the next power of two of the need.
+      slot_len: rows per full-attention slot (>= the largest image / frame slice); None = `slot_bucket` of
+        the largest, at most the patch bucket. A batch shares one (`processing.batch.pack_vision`).
+      num_slots: full-attention slots to pad to; None = `slot_bucket` of the need.
 
     Raises:
       ValueError: malformed grids or buckets too small.
@@ -154,6 +203,9 @@ def prepare_vision(
         wseg[i, :s] = 1
         scatter[start : start + s] = i * lw_slots + np.arange(s)
         start += s
+    slot_gather, slot_segments, slot_scatter = _slot_layout(
+        seg_all, slice_sizes(grids), pb, slot_len, num_slots
+    )
     mb = pb // mu
     unpermute = np.concatenate([np.argsort(unit_perm, kind="stable"), np.arange(unit_perm.size, mb)])
     valid = np.arange(pb) < n_p
@@ -162,6 +214,9 @@ def prepare_vision(
         perm=i32(perm),
         pos_hw=i32(pos_all),
         full_segments=i32(seg_all),
+        slot_gather=i32(slot_gather),
+        slot_segments=i32(slot_segments),
+        slot_scatter=i32(slot_scatter),
         window_gather=i32(gather),
         window_segments=i32(wseg),
         window_scatter=i32(scatter),
@@ -169,6 +224,60 @@ def prepare_vision(
         valid=valid,
         num_patches=np.asarray(n_p, np.int32),
         num_merged=np.asarray(n_p // mu, np.int32),
+    )
+
+
+def _slot_layout(seg_all: np.ndarray, sizes: list[int], pb: int, slot_len: int | None, num_slots: int | None):
+    """(gather (S, L), segments (S, L), scatter (Pb,)) of the full-attention slots (`VisionInputs`) for the
+    window-order segment ids `seg_all` (1-based frame slices of `sizes` rows, 0 = padding)."""
+    big = max(sizes, default=1)
+    ls = min(pb, slot_bucket(big)) if slot_len is None else int(slot_len)
+    if ls < big:
+        raise ValueError(
+            f"slot_len {slot_len} is smaller than the largest image / frame slice ({big} patches)"
+        )
+    slots = _pack_slots(sizes, ls)
+    need = max(1, len(slots))
+    ns = slot_bucket(need) if num_slots is None else int(num_slots)
+    if ns < need:
+        raise ValueError(f"num_slots {num_slots} is smaller than the {need} slots needed")
+    order = np.argsort(seg_all, kind="stable")  # window-order rows grouped by segment, padding first
+    starts = np.concatenate([[0], np.cumsum(np.bincount(seg_all, minlength=len(sizes) + 1))])
+    gather = np.zeros((ns, ls), np.int64)
+    segments = -1 - np.arange(ns * ls, dtype=np.int64).reshape(ns, ls)
+    scatter = np.full((pb,), ns * ls, np.int64)
+    for j, members in enumerate(slots):
+        at = 0
+        for i in members:
+            rows = order[starts[i + 1] : starts[i + 2]]
+            gather[j, at : at + rows.size] = rows
+            segments[j, at : at + rows.size] = i + 1
+            scatter[rows] = j * ls + at + np.arange(rows.size)
+            at += rows.size
+    return gather, segments, scatter
+
+
+def pad_slots(vi: VisionInputs, num_slots: int) -> VisionInputs:
+    """The same inputs with `num_slots` full-attention slots; the added slots are empty (nothing reads them;
+    the padding rows' scatter index moves to the new end). One sample's inputs or stacked ones.
+
+    Raises:
+      ValueError: fewer slots than `vi` already has.
+    """
+    ns, ls = vi.slot_gather.shape[-2:]
+    if num_slots < ns:
+        raise ValueError(f"pad_slots: num_slots {num_slots} is smaller than the {ns} slots present")
+    widths = [(0, 0)] * (vi.slot_gather.ndim - 2) + [(0, num_slots - ns), (0, 0)]
+    empty = -1 - np.arange(ns * ls, num_slots * ls, dtype=np.int64).reshape(num_slots - ns, ls)
+    segments = np.concatenate(
+        [vi.slot_segments, np.broadcast_to(empty, (*vi.slot_segments.shape[:-2], *empty.shape))], axis=-2
+    )
+    scatter = np.where(vi.slot_scatter == ns * ls, num_slots * ls, vi.slot_scatter)
+    return dataclasses.replace(
+        vi,
+        slot_gather=np.pad(vi.slot_gather, widths),
+        slot_segments=segments.astype(vi.slot_segments.dtype),
+        slot_scatter=scatter.astype(vi.slot_scatter.dtype),
     )
 
 
@@ -191,23 +300,30 @@ def pad_windows(vi: VisionInputs, num_windows: int) -> VisionInputs:
     )
 
 
-def stack_vision(samples: Sequence[VisionInputs], num_windows: int | None = None) -> VisionInputs:
+def stack_vision(
+    samples: Sequence[VisionInputs], num_windows: int | None = None, num_slots: int | None = None
+) -> VisionInputs:
     """One sample's `prepare_vision` outputs per batch row, stacked on a leading axis B.
 
     Args:
-      samples: per-sample inputs, all at one patch bucket.
+      samples: per-sample inputs, all at one patch bucket and slot length.
       num_windows: windows per sample after padding (None = the largest sample's count).
+      num_slots: full-attention slots per sample after padding (None = the largest sample's count).
 
     Raises:
-      ValueError: no samples, or samples at different patch buckets.
+      ValueError: no samples, or samples at different patch buckets or slot lengths.
     """
     if not samples:
         raise ValueError("stack_vision needs at least one sample, got none")
     buckets = [v.perm.shape[0] for v in samples]
     if len(set(buckets)) > 1:
         raise ValueError(f"stack_vision: samples have different patch buckets {buckets}; use one bucket")
+    lengths = [v.slot_gather.shape[1] for v in samples]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"stack_vision: samples have different slot lengths {lengths}; use one slot_len")
     w = max(v.window_gather.shape[0] for v in samples) if num_windows is None else num_windows
-    padded = [pad_windows(v, w) for v in samples]
+    ns = max(v.slot_gather.shape[0] for v in samples) if num_slots is None else num_slots
+    padded = [pad_slots(pad_windows(v, w), ns) for v in samples]
     return jax.tree.map(lambda *xs: np.stack(xs), *padded)
 
 
@@ -290,25 +406,14 @@ class VisionBlocks(nnx.Module):
         k = apply_rotary(k.astype(jnp.float32), cos[:, :, None], sin[:, :, None]).astype(x.dtype)
 
         def full(q, k, v):
-            seg = vi.full_segments
-            # cuDNN / XLA attention take segments only as a dense (B, 1, Pb, Pb) bias: over a sample's
-            # whole patch bucket (up to 65,536 rows) 8 GiB per sample and layer. The blocked kernel keeps
-            # O(Pb) memory and skips the tiles between images; the windows (64 rows) stay on `impl`.
+            # Each image's rows attend inside their slot (segment ids tell a slot's images apart). cuDNN /
+            # XLA take segments only as a dense (slots, 1, L, L) bias, 256 MiB per 8,192-row slot and
+            # layer: the blocked kernel keeps O(L) memory and skips the tiles between a slot's images.
             full_impl = "blocked" if impl in ("cudnn", "xla") else impl
-            return attention(q, k, v, q_segments=seg, kv_segments=seg, causal=False, impl=full_impl)
+            return _slotted(q, k, v, vi.slot_gather, vi.slot_segments, vi.slot_scatter, full_impl, True)
 
         def windowed(q, k, v):
-            nw, lw = vi.window_gather.shape[1:]
-            flat = vi.window_gather.reshape(b, nw * lw)
-
-            def gather(a):  # (B, Pb, N, H) -> (B * W, Lw, N, H): every window of every sample is a row
-                return _rows(a, flat).reshape(b * nw, lw, *a.shape[2:])
-
-            seg = vi.window_segments.reshape(b * nw, lw)
-            out = attention(
-                gather(q), gather(k), gather(v), q_segments=seg, kv_segments=seg, causal=False, impl=impl
-            )
-            return _rows(out.reshape(b, nw * lw, *out.shape[2:]), vi.window_scatter)
+            return _slotted(q, k, v, vi.window_gather, vi.window_segments, vi.window_scatter, impl)
 
         if isinstance(is_full, bool):  # unrolled layers: the kind is static
             out = (full if is_full else windowed)(q, k, v)
@@ -317,6 +422,24 @@ class VisionBlocks(nnx.Module):
         x = x + self.attn.proj(out.reshape(b, pb, e))
         x = x + self.mlp(self.norm2(x))
         return constrain(x, VISION_ACT)
+
+
+def _slotted(q, k, v, gather, segments, scatter, impl: str, spare_row: bool = False) -> jax.Array:
+    """Attention inside slots: (B, Pb, N, H) rows gathered into (B * S, L) slot batches by `gather` (B, S, L),
+    masked by `segments` (B, S, L), and each row read back from its slot position `scatter` (B, Pb). With
+    `spare_row`, position S * L reads zeros (rows in no slot)."""
+    b, ns, ls = gather.shape
+    flat = gather.reshape(b, ns * ls)
+
+    def take(a):  # (B, Pb, N, H) -> (B * S, L, N, H): every slot of every sample is a row
+        return _rows(a, flat).reshape(b * ns, ls, *a.shape[2:])
+
+    seg = segments.reshape(b * ns, ls)
+    out = attention(take(q), take(k), take(v), q_segments=seg, kv_segments=seg, causal=False, impl=impl)
+    out = out.reshape(b, ns * ls, *out.shape[2:])
+    if spare_row:
+        out = jnp.concatenate([out, jnp.zeros_like(out[:, :1])], axis=1)
+    return _rows(out, scatter)
 
 
 def _rows(x: jax.Array, index: jax.Array) -> jax.Array:

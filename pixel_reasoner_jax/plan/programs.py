@@ -49,18 +49,19 @@ def _struct(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
 
 
-def vision_structs(
-    mcfg: ModelConfig, batch: int, patch_bucket: int, max_image_pixels: int, window_floor: bool
-):
+def vision_structs(mcfg: ModelConfig, batch: int, patch_bucket: int, max_image_pixels: int, prompt: bool):
     """(pixel_values (B, Pb, C), vision_inputs stacked on B) structs of `batch` samples, each filling the
     per-sample patch bucket (`processing.batch.pack_vision`'s layout): square images as large as
-    `max_image_pixels` allows, the last one taking the remaining rows (the window count follows)."""
+    `max_image_pixels` allows, the last one taking the remaining rows (the window and full-attention slot
+    counts follow). `prompt`: the sampler's layout (`sampler_inputs.pack_prompts`): its floor on the window
+    count, full attention in one slot of the whole bucket."""
     v = mcfg.vision
     side = int(math.isqrt(max(4, min(patch_bucket, max_image_pixels // PIXELS_PER_PATCH)))) // 2 * 2
     k, rest = divmod(patch_bucket, side * side)
     grids = [(1, side, side)] * k + ([(1, 2, rest // 2)] if rest else [])
-    vi = prepare_vision(np.array(grids), v, patch_bucket=patch_bucket)
-    if window_floor:  # the sampler's floor on the window count (sampler_inputs.pack_prompts)
+    slots = dict(slot_len=patch_bucket, num_slots=1) if prompt else {}
+    vi = prepare_vision(np.array(grids), v, patch_bucket=patch_bucket, **slots)
+    if prompt:
         vi = pad_windows(vi, max(vi.window_gather.shape[0], prompt_min_windows(v, patch_bucket)))
     # Every sample alike: stack_vision of identical samples is the one sample with a leading B.
     return _struct((batch, patch_bucket, v.patch_dim), np.float32), jax.tree.map(
@@ -132,7 +133,7 @@ def micro_structs(mcfg: ModelConfig, s: Shapes, max_image_pixels: int, media: bo
         loss_valid=_struct((n, b, k), np.bool_),
     )
     if media and s.patches:
-        pv, vi = vision_structs(mcfg, b, s.patches, max_image_pixels, window_floor=False)
+        pv, vi = vision_structs(mcfg, b, s.patches, max_image_pixels, prompt=False)
         out["pixel_values"] = _struct((n, *pv.shape), pv.dtype)
         out["vision_inputs"] = jax.tree.map(lambda x: _struct((n, *x.shape), x.dtype), vi)
     return out
@@ -143,7 +144,7 @@ def prompt_structs(mcfg: ModelConfig, s: Shapes, max_image_pixels: int, media: b
     k, t = s.rollout_rows, s.prompt
     pv = vi = None
     if media and s.prompt_patches:
-        pv, vi = vision_structs(mcfg, k, s.prompt_patches, max_image_pixels, window_floor=True)
+        pv, vi = vision_structs(mcfg, k, s.prompt_patches, max_image_pixels, prompt=True)
     i32 = _struct((k, t), np.int32)
     return PromptBatch(i32, i32, _struct((3, k, t), np.int32), pv, vi)
 
@@ -355,6 +356,7 @@ def plan_recipe(
         "mesh": dict(zip(sharding.MESH_AXES, mesh_shape(cfg.mesh, n))),
         "attention": kw["attention"],
         "remat": cfg.model.remat,
+        "vision_remat": cfg.model.vision_remat,
         "logprob_chunk": cfg.model.logprob_chunk,
         "sampler_param_dtype": cfg.rollout.sampler_param_dtype if cfg.mode == "grpo" else None,
         "pixel_dtype": cfg.model.dtype,  # of the training programs' pixel_values (train/steps.cast_pixels)

@@ -21,7 +21,13 @@ import numpy as np
 from PIL import Image
 
 from pixel_reasoner_jax.models.config import ModelConfig, VisionConfig
-from pixel_reasoner_jax.models.vision import VisionInputs, prepare_vision, stack_vision
+from pixel_reasoner_jax.models.vision import (
+    VisionInputs,
+    prepare_vision,
+    slice_sizes,
+    slot_bucket,
+    stack_vision,
+)
 from pixel_reasoner_jax.processing import chat
 from pixel_reasoner_jax.processing.rope import get_rope_index
 from pixel_reasoner_jax.processing.tokenizer import QwenTokenizer
@@ -295,6 +301,7 @@ def pack_vision(
     *,
     patch_buckets: Sequence[int] | None,
     min_windows: int = 1,
+    one_slot: bool = False,
     labels: Sequence[str] | None = None,
 ) -> tuple[np.ndarray | None, VisionInputs | None]:
     """The per-sample vision layout of B batch rows: (B, Pb, C) patch rows and their stacked index arrays.
@@ -310,6 +317,10 @@ def pack_vision(
       patch_buckets: allowed per-sample patch counts (None = powers of two), multiples of merge^2.
       min_windows: at least this many attention windows per sample (a compile dimension; the count is
         otherwise the largest sample's power-of-two need).
+      one_slot: full attention over one slot of the whole bucket (no compile dimension beyond Pb, at Pb^2
+        cost per sample: the sampler's prompts); otherwise the batch's images are packed into slots as
+        long as its largest image or frame slice (`vision.slot_bucket`), as many as the fullest sample
+        needs (bucketed), at about the sum of the squared image sizes.
       labels: per row, a name for errors (default "sample i").
 
     Returns:
@@ -333,9 +344,16 @@ def pack_vision(
     pixel_values = np.zeros((len(pixels), pb, width), np.float32)
     for i, p in enumerate(pixels):
         pixel_values[i, : p.shape[0]] = p
-    vis = [prepare_vision(g, vision_cfg, patch_bucket=pb) for g in grids]
+    if one_slot:
+        slot_len, num_slots = pb, 1
+    else:
+        slot_len, num_slots = min(pb, slot_bucket(max(max(slice_sizes(g), default=1) for g in grids))), None
+    vis = [
+        prepare_vision(g, vision_cfg, patch_bucket=pb, slot_len=slot_len, num_slots=num_slots) for g in grids
+    ]
     need = max(v.window_gather.shape[0] for v in vis)
-    return pixel_values, stack_vision(vis, max(need, min_windows))
+    slots = slot_bucket(max(v.slot_gather.shape[0] for v in vis))
+    return pixel_values, stack_vision(vis, max(need, min_windows), slots)
 
 
 def pixels_in(x, dtype):

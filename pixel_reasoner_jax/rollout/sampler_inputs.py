@@ -240,6 +240,7 @@ def pack_prompts(
         cfg.vision,
         patch_buckets=patch_buckets,
         min_windows=prompt_min_windows(cfg.vision, pb or 0),
+        one_slot=True,
     )
     return PromptBatch(ids, mask, positions, pixel_values, vision_inputs)
 

@@ -79,6 +79,7 @@ def _model_kwargs(cfg: RunConfig) -> dict[str, Any]:
         dtype=_DTYPES[m.dtype],
         param_dtype=_DTYPES[m.param_dtype],
         remat=m.remat,
+        vision_remat=m.vision_remat,
         attention=m.attention,
         layer_loop=m.layer_loop,
     )
