@@ -63,6 +63,13 @@ EXTRA["grpo:7b:v6e-32:rt4_rb64"] = ["--config.mesh.rollout_tensor=4", "--config.
 EXTRA["grpo:7b:v5p-8:mb64_rb32"] = ["--config.grpo.micro_batches=64", "--config.rollout.batch_size=32"]
 # What full remat costs in FLOPs where memory allows saving the matmul outputs ("dots": the backward
 # recomputes only element-wise work): 7B SFT, which peaks far under the H100 and v5p budgets with full remat.
+# GRPO's vision rows (65,536 patch rows per sample) do not fit "dots" in the tower; the decoder's dots with
+# the tower's full remat (`model.vision_remat`) do where the chip has the memory.
+EXTRA["grpo:7b:h200-8:mb32_rb64_dots"] = GRPO_FIT + [
+    "--config.model.remat=dots",
+    "--config.model.vision_remat=full",
+]
+EXTRA["grpo:7b:v5p-16:dots"] = GRPO_FIT + ["--config.model.remat=dots", "--config.model.vision_remat=full"]
 EXTRA["sft:7b:h100-8:dots"] = ["--config.model.remat=dots"]
 EXTRA["sft:7b:v5p-16:dots"] = ["--config.model.remat=dots"]
 

@@ -12,6 +12,7 @@ from flax import nnx
 from jax.extend import core as jex_core
 from jax.sharding import PartitionSpec as P
 
+from configs import grpo as grpo_config
 from configs import sft as sft_config
 from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.config import from_config_dict
@@ -213,6 +214,16 @@ def test_flops_shard_map_body_counts_once_per_device():
     w = jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=jax.NamedSharding(mesh, P()))
     f = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P("fsdp"), P()), out_specs=P("fsdp"))
     assert fl.jaxpr_flops(jax.make_jaxpr(f)(x, w)) == 2 * 16 * 8 * 8
+
+
+def test_largest_image_is_what_episodes_and_sft_hold():
+    # GRPO: query images at most data.image_max_pixels (2000 * 784: 8,000 patches), not the model view's
+    # 5120 * 784 cap, which only shrinks larger ones; SFT: its processor's cap.
+    grpo = grpo_config.get_config("7b")
+    assert programs.largest_image_pixels(from_config_dict(grpo)) == 2000 * 28 * 28
+    assert programs.largest_image_pixels(from_config_dict(sft_config.get_config("7b"))) == 5120 * 28 * 28
+    grpo.rollout.model_max_pixels = 1000 * 28 * 28
+    assert programs.largest_image_pixels(from_config_dict(grpo)) == 1000 * 28 * 28
 
 
 def test_vision_structs_fill_the_patch_bucket():

@@ -105,6 +105,18 @@ def recipe_shapes(cfg: RunConfig) -> Shapes:
     return Shapes(n, total // n, seq, patches, seq, r.batch_size, seq, new)
 
 
+def largest_image_pixels(cfg: RunConfig) -> int:
+    """Pixels of the largest image a recipe's samples hold (the planned layout's image size). GRPO: query
+    images are resized to at most `data.image_max_pixels`, crops to `rollout.crop_max_pixels`, frames to
+    their caps, and the model's view (`rollout.model_*_pixels`) only shrinks above its max or grows below its
+    min (rollout/episode.py). SFT: the SFT processor's cap."""
+    d, r = cfg.data, cfg.rollout
+    if cfg.mode != "grpo":
+        return d.sft_image_max_pixels
+    largest = max(d.image_max_pixels, r.crop_max_pixels, r.select_max_pixels, d.video_frame_max_pixels)
+    return min(r.model_max_pixels, max(largest, r.model_min_pixels))
+
+
 def prefill_patches(patch_buckets, rows: int, shards: int) -> int:
     """Patch rows per prompt of the sampler's most padded prefill call. The sampler admits prompts into a
     call while their patch rows fit the largest bucket together (`sampler._Run.take`) and pads each to the
@@ -236,7 +248,7 @@ def plan_recipe(
         schedule=st.make_schedule(ocfg), frozen=frozen, buffers=abstract.buffers,
         compiler_options=compiler_options, pixel_dtype=cfg.model.dtype,
     )  # fmt: skip
-    max_px = cfg.rollout.model_max_pixels if cfg.mode == "grpo" else cfg.data.sft_image_max_pixels
+    max_px = largest_image_pixels(cfg)
     micro = micro_structs(mcfg, shapes, max_px)
     text_micro = micro_structs(mcfg, shapes, max_px, media=False)
 
