@@ -14,7 +14,7 @@ from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.config import GRPOConfig
 from pixel_reasoner_jax.models.config import PRESETS
 from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
-from pixel_reasoner_jax.processing.batch import Example
+from pixel_reasoner_jax.processing.batch import Example, pack_vision
 from pixel_reasoner_jax.processing.rope import get_rope_index
 from pixel_reasoner_jax.train import replay, steps
 from pixel_reasoner_jax.train import state as st
@@ -233,6 +233,7 @@ def test_micro_batches_share_buckets_and_stack(examples):
     assert len(batches) == 4 and all(b.input_ids.shape == (2, 64) for b in batches)
     assert {b.pixel_values.shape for b in batches} == {(2, 64, PATCH_DIM)}  # per sample: 24 rows -> 64
     assert len({b.vision_inputs.window_gather.shape for b in batches}) == 1
+    assert len({b.vision_inputs.slot_gather.shape for b in batches}) == 1
     micro = steps.stack(batches)
     assert micro["positions"].shape == (4, 3, 2, 64) and micro["advantages"].shape == (4, 2)
     assert micro["vision_inputs"].perm.shape == (4, 2, 64)
@@ -251,6 +252,20 @@ def test_micro_batches_share_buckets_and_stack(examples):
         steps.stack([batches[0], no_media])
     with pytest.raises(ValueError, match="does not divide over the 8 data-parallel devices"):
         steps.shard_batch(micro, sharding.make_mesh(2, 4, 1))
+
+
+def test_micro_batches_share_the_slot_layout(examples):
+    """Groups whose images differ in size still stack: one full-attention slot length for all groups (from
+    the largest image of any), the slot count padded to the largest group's."""
+    small = [(1, 2, 4)] * 3  # the same 24 patch rows and 6 merged tokens as (1, 4, 4) + (1, 2, 4)
+    exs = [dataclasses.replace(ex, grid_thw=np.array(small)) for ex in examples[:2]] + list(examples[2:])
+    alone = [pack_vision([e.pixel_values for e in g], [e.grid_thw for e in g], CFG.vision, patch_buckets=(64,))[1]
+             for g in (exs[:2], exs[2:4])]  # fmt: skip
+    assert [v.slot_gather.shape[1:] for v in alone] == [(3, 8), (2, 16)]  # apart they would not stack
+    batches = split(exs, 4)
+    assert {b.vision_inputs.slot_gather.shape for b in batches} == {(2, 2, 16)}
+    micro = steps.stack(batches)
+    assert micro["vision_inputs"].slot_gather.shape == (4, 2, 2, 16)
 
 
 def test_trained_values_round_trip_in_example_order(examples):

@@ -39,6 +39,7 @@ __all__ = [
     "prepare_vision",
     "slice_sizes",
     "slot_bucket",
+    "slot_length",
     "stack_vision",
     "vision_rotary",
 ]
@@ -106,6 +107,12 @@ def slice_sizes(grid_thw) -> list[int]:
     return [
         int(h * w) for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3).tolist() for _ in range(t)
     ]
+
+
+def slot_length(grids: Sequence, patch_bucket: int) -> int:
+    """The full-attention slot length of samples with these (I, 3) grids at `patch_bucket`: `slot_bucket` of
+    their largest image / frame slice, at most the bucket (batches that stack share one)."""
+    return min(patch_bucket, slot_bucket(max((max(slice_sizes(g), default=1) for g in grids), default=1)))
 
 
 def _pack_slots(sizes: Sequence[int], slot_len: int) -> list[list[int]]:

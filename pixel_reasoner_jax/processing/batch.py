@@ -24,8 +24,8 @@ from pixel_reasoner_jax.models.config import ModelConfig, VisionConfig
 from pixel_reasoner_jax.models.vision import (
     VisionInputs,
     prepare_vision,
-    slice_sizes,
     slot_bucket,
+    slot_length,
     stack_vision,
 )
 from pixel_reasoner_jax.processing import chat
@@ -302,6 +302,7 @@ def pack_vision(
     patch_buckets: Sequence[int] | None,
     min_windows: int = 1,
     one_slot: bool = False,
+    slot_len: int | None = None,
     labels: Sequence[str] | None = None,
 ) -> tuple[np.ndarray | None, VisionInputs | None]:
     """The per-sample vision layout of B batch rows: (B, Pb, C) patch rows and their stacked index arrays.
@@ -321,6 +322,8 @@ def pack_vision(
         cost per sample: the sampler's prompts); otherwise the batch's images are packed into slots as
         long as its largest image or frame slice (`vision.slot_bucket`), as many as the fullest sample
         needs (bucketed), at about the sum of the squared image sizes.
+      slot_len: the slot length when packing (None = `vision.slot_length` of these rows; micro-batches
+        that stack pass their common one).
       labels: per row, a name for errors (default "sample i").
 
     Returns:
@@ -347,7 +350,7 @@ def pack_vision(
     if one_slot:
         slot_len, num_slots = pb, 1
     else:
-        slot_len, num_slots = min(pb, slot_bucket(max(max(slice_sizes(g), default=1) for g in grids))), None
+        slot_len, num_slots = slot_len or slot_length(grids, pb), None
     vis = [
         prepare_vision(g, vision_cfg, patch_bucket=pb, slot_len=slot_len, num_slots=num_slots) for g in grids
     ]
@@ -379,6 +382,7 @@ def collate(
     seq_buckets: Sequence[int] | None = None,
     patch_buckets: Sequence[int] | None = None,
     min_windows: int = 1,
+    slot_len: int | None = None,
     truncate: bool = False,
 ) -> Batch:
     """Pads examples into one Batch; T and the patch rows go to the smallest bucket that fits.
@@ -390,6 +394,7 @@ def collate(
       seq_buckets, patch_buckets: allowed sizes (patch rows per sample); None = powers of two. Patch
         buckets must be multiples of spatial_merge_size**2.
       min_windows: at least this many attention windows per sample (`pack_vision`).
+      slot_len: full-attention slot length (`pack_vision`; None = the batch's own).
       truncate: a sequence longer than the largest seq bucket is cut (truncate_example) instead of raising.
 
     Raises:
@@ -436,6 +441,7 @@ def collate(
         vision_cfg,
         patch_buckets=patch_buckets,
         min_windows=min_windows,
+        slot_len=slot_len,
         labels=[f"sample {i} ({ex.qid!r})" for i, ex in enumerate(exs)],
     )
     return Batch(

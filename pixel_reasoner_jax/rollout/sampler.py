@@ -341,7 +341,8 @@ class JaxSampler(Policy):
         with self._lock:
             self._traces["prefill"] += 1
             if pixel_values is not None:
-                self._vision_shapes.add((*pixel_values.shape, *vision_inputs.window_gather.shape))
+                vi = vision_inputs
+                self._vision_shapes.add((*pixel_values.shape, *vi.window_gather.shape, *vi.slot_gather.shape))
         model = self._model(params, rest)
         prompt = init_cache(self.cfg, ids_kt.shape[0], ids_kt.shape[1], self._cache_dtype)
         hidden_ktd, prompt = model.hidden_states(

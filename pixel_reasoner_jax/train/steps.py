@@ -22,7 +22,7 @@ from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.config import GRPOConfig
 from pixel_reasoner_jax.models.config import VisionConfig
 from pixel_reasoner_jax.models.qwen25vl import indexed_token_logprobs, token_logprobs
-from pixel_reasoner_jax.models.vision import pad_windows
+from pixel_reasoner_jax.models.vision import pad_slots, pad_windows, slot_length
 from pixel_reasoner_jax.processing.batch import (
     Batch,
     Example,
@@ -67,7 +67,8 @@ def micro_batches(
     patch_buckets: Sequence[int] | None,
     truncate: bool = True,
 ) -> list[Batch]:
-    """`n_micro` contiguous equal groups of `examples`, collated to ONE sequence, patch and window bucket.
+    """`n_micro` contiguous equal groups of `examples`, collated to ONE sequence, patch, window and slot
+    bucket.
 
     Sharing the buckets makes the batches stackable (`stack`), so one compiled step body serves them all.
     Examples longer than the largest sequence bucket are cut by `truncate_example` (or raise without
@@ -105,14 +106,20 @@ def micro_batches(
     kw = dict(
         pad_id=pad_id, vision_cfg=vision_cfg, seq_buckets=(t,), patch_buckets=(pb,) if pb else patch_buckets
     )
+    if pb:
+        kw["slot_len"] = slot_length([ex.grid_thw for ex in exs], pb)
     out = [
         dataclasses.replace(collate(g, **kw), truncated=cut[i * size : (i + 1) * size])
         for i, g in enumerate(groups)
     ]
     if all(patches):
-        # The window count depends on the grids; the largest group's (a power of two) fits every group.
+        # Window and slot counts depend on the grids; the largest group's (a bucket) fits every group.
         window = max(b.vision_inputs.window_gather.shape[-2] for b in out)
-        out = [dataclasses.replace(b, vision_inputs=pad_windows(b.vision_inputs, window)) for b in out]
+        slots = max(b.vision_inputs.slot_gather.shape[-2] for b in out)
+        out = [
+            dataclasses.replace(b, vision_inputs=pad_slots(pad_windows(b.vision_inputs, window), slots))
+            for b in out
+        ]
     return out
 
 
