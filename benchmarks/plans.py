@@ -61,6 +61,13 @@ EXTRA["grpo:7b:v6e-32:rt4_rb64"] = ["--config.mesh.rollout_tensor=4", "--config.
 # v5p-8 (4 chips) refuses the recipe's gradient program (155.6 GB of temporaries: 8 samples per chip): one
 # sample per chip (64 micro-batches of 4, the same 256-sample update) and 32 sampler slots (8 per chip).
 EXTRA["grpo:7b:v5p-8:mb64_rb32"] = ["--config.grpo.micro_batches=64", "--config.rollout.batch_size=32"]
+# v6e-16 (16 chips of 32 GB): one sample per chip per micro-batch (16 micro-batches of 16, the same 256-sample
+# update), the sampler's copy over 4 chips and 32 slots (8 prompts per data shard, as on v6e-32).
+EXTRA["grpo:7b:v6e-16:mb16_rt4_rb32"] = [
+    "--config.grpo.micro_batches=16",
+    "--config.mesh.rollout_tensor=4",
+    "--config.rollout.batch_size=32",
+]
 # What full remat costs in FLOPs where memory allows saving the matmul outputs ("dots": the backward
 # recomputes only element-wise work): 7B SFT, which peaks far under the H100 and v5p budgets with full remat.
 # GRPO's vision rows (65,536 patch rows per sample) do not fit "dots" in the tower; the decoder's dots with
@@ -140,6 +147,9 @@ def _row(key: str) -> str:
             )
     g = progs["grads"]
     ratio = f"{g['flops'] / g['model_flops']:.2f}" if "flops" in g else "—"
+    if "flops" in g and s["patches"] and "vision_full_attention" not in p:
+        ratio += " †"  # compiled before the tower's full attention ran in image slots
+    remat = p["remat"] + (f" (vision {p['vision_remat']})" if p.get("vision_remat", "same") != "same" else "")
     mesh = "x".join(f"{k}{v}" for k, v in p["mesh"].items() if v > 1) or "1"
     worst = max(v.get("total_bytes", v.get("temp_bytes", 0)) for v in progs.values())
     stale = p.get("planned_on", "") < CURRENT_SINCE
@@ -148,7 +158,7 @@ def _row(key: str) -> str:
     if stale:
         verdict = f"stale: {'fit' if p['fits'] else 'did not fit'} (compiled before {CURRENT_SINCE})"
     return (
-        f"| {key}{' ' + flags if flags else ''} | {s['n_micro']}x{s['batch']}x{s['seq']} | {p['remat']}, {p['attention']}"
+        f"| {key}{' ' + flags if flags else ''} | {s['n_micro']}x{s['batch']}x{s['seq']} | {remat}, {p['attention']}"
         f"{', sampler ' + p['sampler_param_dtype'] if p.get('sampler_param_dtype') else ''}"
         f", pixels {p.get('pixel_dtype', 'float32')} | {mesh} | "
         f"{worst / GIB:.1f} / {p['budget_per_device_bytes'] / GIB:.1f} ({p['memory_per_device_bytes'] / GIB:.0f}) | "

@@ -8,8 +8,9 @@ encodes the images of its own sequences. Window blocks attend inside gathered (w
 their cost is O(P * 64), not O(P^2). Full blocks attend inside gathered (slots, L) batches: each image
 (each frame slice of a video) lies whole in one slot of L rows, several small ones may share a slot
 (told apart by segment ids), and the padding rows of the bucket are in none. Their cost is slots * L^2,
-about the sum of the squared image sizes, where attention over the whole bucket would cost Pb^2 (eight
-2000-token images in a 65,536-row bucket: 12 slots of 8,192 rows, 0.19 of it).
+about the sum of the squared image sizes, where attention over the whole bucket would cost Pb^2 (a 7B GRPO
+sample of eight 88 x 88-patch images and one of 3,584 patches in a 65,536-row bucket: 12 slots of 8,192
+rows, 0.19 of it).
 """
 
 import dataclasses

@@ -369,6 +369,8 @@ def plan_recipe(
         "attention": kw["attention"],
         "remat": cfg.model.remat,
         "vision_remat": cfg.model.vision_remat,
+        # How the vision tower's full-attention layers were laid out (older plans: over the whole bucket).
+        "vision_full_attention": "image slots",
         "logprob_chunk": cfg.model.logprob_chunk,
         "sampler_param_dtype": cfg.rollout.sampler_param_dtype if cfg.mode == "grpo" else None,
         "pixel_dtype": cfg.model.dtype,  # of the training programs' pixel_values (train/steps.cast_pixels)
