@@ -77,6 +77,15 @@ EXTRA["grpo:7b:h200-8:mb32_rb64_dots"] = GRPO_FIT + [
     "--config.model.vision_remat=full",
 ]
 EXTRA["grpo:7b:v5p-16:dots"] = GRPO_FIT + ["--config.model.remat=dots", "--config.model.vision_remat=full"]
+# And the attention kernels' forward outputs (cuDNN / splash): the backward does not run them again.
+EXTRA["grpo:7b:h200-8:mb32_rb64_dots_attention"] = GRPO_FIT + [
+    "--config.model.remat=dots_attention",
+    "--config.model.vision_remat=full",
+]
+EXTRA["grpo:7b:v5p-16:dots_attention"] = GRPO_FIT + [
+    "--config.model.remat=dots_attention",
+    "--config.model.vision_remat=full",
+]
 EXTRA["sft:7b:h100-8:dots"] = ["--config.model.remat=dots"]
 EXTRA["sft:7b:v5p-16:dots"] = ["--config.model.remat=dots"]
 

@@ -69,8 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Master weights stay float32 (DeepSpeed bf16 keeps fp32 masters, §8.2): an update of lr 1e-6 is far
     # below bf16's relative precision (~4e-3) and would round to nothing on bf16 weights.
     m.param_dtype = "float32"
-    m.remat = "full"  # "none" | "full" | "dots"; the original trains with gradient checkpointing (§8)
-    # The vision tower's own policy: "same" (as model.remat) | "none" | "full" | "dots". With remat=dots a
+    # "none" | "full" | "dots" (keep matmul outputs) | "dots_attention" (and the attention kernels' forward
+    # outputs: cuDNN / splash do not run again in the backward); the original checkpoints gradients (§8)
+    m.remat = "full"
+    # The vision tower's own policy: "same" (as model.remat) or one of model.remat's. With remat=dots a
     # GRPO sample's 65,536 patch rows would keep every vision matmul output; "full" there saves the memory
     # where the decoder's dots save the most recompute (benchmarks/PLANS.md).
     m.vision_remat = "same"

@@ -115,6 +115,36 @@ def test_causal_from_slot_0_hands_causality_to_the_kernel(monkeypatch):
     assert not cache_mask[0, 0, 0, 15:].any()  # query at slot 14 sees no later slot
 
 
+def test_dots_attention_remat_keeps_the_splash_forward():
+    """Remat policy "dots_attention" saves the splash kernel's forward outputs (output and logsumexp, the
+    backward's residuals): the backward no longer runs the forward kernel again. "dots" recomputes it, and
+    every policy gives the same gradients."""
+    from pixel_reasoner_jax.plan import flops as fl
+
+    t, n, h = 256, 2, 128
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, t, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, n * h)) / 8, jnp.float32)
+
+    def body(x, w):
+        q = (x @ w).reshape(1, t, n, h)
+        seg = jnp.zeros((1, t), jnp.int32)
+        return (
+            attention(q, q, q, q_segments=seg, kv_segments=seg, causal=True, impl="splash").reshape(1, t, -1)
+            @ w.T
+        )
+
+    def grad(policy):
+        loss = lambda x, w: jnp.sum(jnp.tanh(layers.remat(body, policy)(x, w)))
+        return jax.make_jaxpr(jax.grad(loss, argnums=1))(x, w), jax.grad(loss, argnums=1)(x, w)
+
+    (dots, g_dots), (kept, g_kept), (_, g_none) = grad("dots"), grad("dots_attention"), grad("none")
+    forward = 2 * 2 * n * h * t * t / 2  # QK^T and PV over the causal half, counted per 128-tile
+    assert fl.jaxpr_flops(dots) - fl.jaxpr_flops(kept) >= forward
+    np.testing.assert_allclose(np.asarray(g_kept), np.asarray(g_none), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_dots), np.asarray(g_none), rtol=1e-5, atol=1e-5)
+
+
 def test_rows_falls_back_to_tiles_past_its_score_budget(monkeypatch):
     """Problems over MAX_SCORES run the tiled kernel (O(T) memory) and still equal the dense path."""
     monkeypatch.setattr(row_attention, "MAX_SCORES", 0)

@@ -36,7 +36,7 @@ __all__ = [
 Names = tuple[str | None, ...]
 # "auto" is resolved per backend by `resolve_attention` when a model is built; the rest are kernels.
 ATTENTION_IMPLS = ("auto", "dense", "blocked", "rows", "splash", "cudnn", "xla")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "dots_attention")
 # How a stack of layers runs: "scan" (`lax.scan`: one layer body in the program) | "unroll" (one copy per
 # layer: no per-step slicing of the stacked weights and carried residuals; on CPU 6 % faster per step at 12
 # layers for 1.75x the compile time, no gain at the tiny job's 2: benchmarks/CPU_SPEED.md).
@@ -280,12 +280,27 @@ def run_layers(body: Callable, carry, xs, num_layers: int, loop: str):
     return carry
 
 
+def _dots_and_attention(prim, *avals, **params) -> bool:
+    """Save matmul outputs (no batch dims) and the attention kernels' forward outputs."""
+    if jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params):
+        return True
+    name = prim.name
+    if name in ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"):
+        return True
+    return name == "pallas_call" and str(params.get("name", "")).startswith("splash_mha_fwd")
+
+
 def remat(fn: Callable, policy: str) -> Callable:
-    """Wraps a scan body in jax.checkpoint by policy name: "none", "full" (save nothing), "dots"."""
+    """Wraps a scan body in jax.checkpoint by policy name: "none", "full" (save nothing), "dots" (save matmul
+    outputs without batch dimensions), "dots_attention" (those and the cuDNN / splash attention forward's
+    outputs, so the backward does not run the attention forward again; the blocked, rows and dense kernels
+    are made of matmuls with batch dimensions and are recomputed as under "dots")."""
     if policy == "none":
         return fn
     if policy == "full":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
     if policy == "dots":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if policy == "dots_attention":
+        return jax.checkpoint(fn, policy=_dots_and_attention)
     raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")

@@ -76,7 +76,7 @@ class Qwen25VL(nnx.Module):
       cfg: architecture.
       dtype: compute dtype (float32 | bfloat16); norms, softmax and logits stay float32.
       param_dtype: parameter storage dtype.
-      remat: "none" | "full" | "dots" rematerialisation of each scanned layer.
+      remat: `layers.REMAT_POLICIES` rematerialisation of each scanned layer (`layers.remat`).
       vision_remat: the vision tower's policy; "same" = `remat`.
       attention: `layers.ATTENTION_IMPLS`; "auto" picks the backend's kernel (`layers.resolve_attention`).
       layer_loop: `layers.LAYER_LOOPS`, for the decoder and the vision tower: "scan" or "unroll"; the
