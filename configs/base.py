@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.freeze_vision = False  # §8.2 does not freeze; SFT does (§8.1)
     # "auto" (cudnn on GPU with bf16, splash on TPU, rows on CPU) | "dense" (masked reference) | "blocked"
     # (tiled online softmax, memory O(T)) | "rows" (causal query row blocks, unrolled: fastest on CPU) |
-    # "splash" | "cudnn" | "xla" (jax.nn.dot_product_attention); models/layers.py
+    # "splash" | "splash_fused" (splash with its fused backward kernel: fewer FLOPs, a transient unreduced dq)
+    # | "cudnn" | "xla" (jax.nn.dot_product_attention); models/layers.py
     m.attention = "auto"
     # "scan" (`lax.scan` over the stacked layers) | "unroll" (one traced copy per layer: on CPU 6 % faster
     # per step at 12 layers, 1.75x the compile time, no gain at 2 layers; benchmarks/CPU_SPEED.md)

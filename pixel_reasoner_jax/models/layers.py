@@ -35,7 +35,7 @@ __all__ = [
 
 Names = tuple[str | None, ...]
 # "auto" is resolved per backend by `resolve_attention` when a model is built; the rest are kernels.
-ATTENTION_IMPLS = ("auto", "dense", "blocked", "rows", "splash", "cudnn", "xla")
+ATTENTION_IMPLS = ("auto", "dense", "blocked", "rows", "splash", "splash_fused", "cudnn", "xla")
 REMAT_POLICIES = ("none", "full", "dots", "dots_attention")
 # How a stack of layers runs: "scan" (`lax.scan`: one layer body in the program) | "unroll" (one copy per
 # layer: no per-step slicing of the stacked weights and carried residuals; on CPU 6 % faster per step at 12
@@ -202,7 +202,8 @@ def attention(
         unrolled query row blocks, models/row_attention.py, and the other calls "dense"; past it
         "blocked"), "splash"
         (the TPU Pallas kernel, models/splash.py; Pallas interpret mode off TPU; calls with explicit
-        positions, i.e. the KV cache, run "blocked" because splash's causal mask is static), "cudnn" or
+        positions, i.e. the KV cache, run "blocked" because splash's causal mask is static), "splash_fused"
+        (the same with splash's fused backward kernel), "cudnn" or
         "xla" (`jax.nn.dot_product_attention` with a boolean mask; causal calls from slot 0 pass their
         causality as `is_causal`, the kernel's own mask type). "auto" must be resolved first
         (`resolve_attention`).
@@ -216,9 +217,12 @@ def attention(
     s, kh = k.shape[1], k.shape[2]
     if n % kh:
         raise ValueError(f"attention: {n} query heads is not a multiple of {kh} kv heads")
-    if impl == "splash":
+    if impl in ("splash", "splash_fused"):
         if q_positions is None and kv_positions is None:
-            return splash_attention(q, k, v, q_segments, kv_segments, causal=causal, **blocks)
+            fused = impl == "splash_fused"
+            return splash_attention(
+                q, k, v, q_segments, kv_segments, causal=causal, fused_backward=fused, **blocks
+            )
         impl = "blocked"
         blocks = {}
     from_zero = q_positions is None and kv_positions is None and t == s  # no KV cache

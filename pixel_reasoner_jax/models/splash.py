@@ -46,14 +46,19 @@ def splash_attention(
     *,
     causal: bool,
     block: int | None = None,
+    fused_backward: bool = False,
 ) -> jax.Array:
     """`layers.attention` with default positions (key j visible to query i iff the segment ids match, and
     j <= i when causal): q (B, T, N, H), k / v (B, S, K, H), segments (B, T) / (B, S); returns (B, T, N, H)
-    in q's dtype. `block` overrides BLOCK (a multiple of 128)."""
+    in q's dtype. `block` overrides BLOCK (a multiple of 128).
+
+    `fused_backward`: one backward kernel for dq, dk and dv, which forms each tile's scores once (5 matmuls
+    per tile, against 7 in the separate dq and dk/dv kernels) and writes dq unreduced, one partial per key
+    tile ((S / tile) x q's size, summed after the kernel): fewer FLOPs for a transient buffer."""
     block = block or BLOCK
     if block % LANES:
         raise ValueError(f"splash attention: block must be a multiple of {LANES}, got {block}")
-    local = functools.partial(_padded, causal=causal, block=block)
+    local = functools.partial(_padded, causal=causal, block=block, fused=fused_backward)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q, k, v, q_segments, kv_segments)
@@ -77,7 +82,7 @@ def _mesh_axes(mesh, batch: int, heads: tuple[int, ...]):
     return fit(spec[0], (batch,)), fit(spec[1], heads)
 
 
-def _padded(q, k, v, q_segments, kv_segments, *, causal, block):
+def _padded(q, k, v, q_segments, kv_segments, *, causal, block, fused):
     """One device's share: pad T and S to whole tiles, run the kernel per batch row, drop the padding."""
     b, t, n, h = q.shape
     s = k.shape[1]
@@ -95,7 +100,7 @@ def _padded(q, k, v, q_segments, kv_segments, *, causal, block):
         q=pad(q_segments.astype(jnp.int32), tp, PAD_SEGMENT),
         kv=pad(kv_segments.astype(jnp.int32), sp, PAD_SEGMENT),
     )
-    kernel = functools.partial(_kernel, (n, tp, sp), causal, bq, bk)
+    kernel = functools.partial(_kernel, (n, tp, sp), causal, bq, bk, fused)
     per_row = jax.vmap(lambda *xs: jax.lax.platform_dependent(*xs, tpu=kernel(False), default=kernel(True)))
     out = per_row(q, k, v, segments)
     return jnp.swapaxes(out, 1, 2)[:, :t]
@@ -107,7 +112,7 @@ def _tiles(length: int, block: int) -> tuple[int, int]:
     return tile, -(-length // tile) * tile
 
 
-def _kernel(shape: tuple[int, int, int], causal: bool, bq: int, bk: int, interpret: bool):
+def _kernel(shape: tuple[int, int, int], causal: bool, bq: int, bk: int, fused: bool, interpret: bool):
     """The splash kernel for (N heads, T, S). Built per trace: it holds its mask tables as arrays of the
     trace; the NumPy work behind them (quadratic in T) is cached by the library per mask and tile."""
     n, t, s = shape
@@ -119,8 +124,9 @@ def _kernel(shape: tuple[int, int, int], causal: bool, bq: int, bk: int, interpr
         block_q_dkv=bq,
         block_kv_dkv=bk,
         block_kv_dkv_compute=bk,
-        block_q_dq=bq,
-        block_kv_dq=bk,
+        block_q_dq=None if fused else bq,
+        block_kv_dq=None if fused else bk,
+        use_fused_bwd_kernel=fused,
     )
     return sa.make_splash_mha_single_device(
         sa.MultiHeadMask([head] * n), block_sizes=sizes, interpret=interpret
