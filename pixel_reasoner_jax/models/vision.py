@@ -211,9 +211,8 @@ def prepare_vision(
         wseg[i, :s] = 1
         scatter[start : start + s] = i * lw_slots + np.arange(s)
         start += s
-    slot_gather, slot_segments, slot_scatter = _slot_layout(
-        seg_all, slice_sizes(grids), pb, slot_len, num_slots
-    )
+    ls = slot_length([grids], pb) if slot_len is None else int(slot_len)
+    slot_gather, slot_segments, slot_scatter = _slot_layout(seg_all, slice_sizes(grids), pb, ls, num_slots)
     mb = pb // mu
     unpermute = np.concatenate([np.argsort(unit_perm, kind="stable"), np.arange(unit_perm.size, mb)])
     valid = np.arange(pb) < n_p
@@ -235,15 +234,12 @@ def prepare_vision(
     )
 
 
-def _slot_layout(seg_all: np.ndarray, sizes: list[int], pb: int, slot_len: int | None, num_slots: int | None):
-    """(gather (S, L), segments (S, L), scatter (Pb,)) of the full-attention slots (`VisionInputs`) for the
-    window-order segment ids `seg_all` (1-based frame slices of `sizes` rows, 0 = padding)."""
+def _slot_layout(seg_all: np.ndarray, sizes: list[int], pb: int, ls: int, num_slots: int | None):
+    """(gather (S, L), segments (S, L), scatter (Pb,)) of the full-attention slots (`VisionInputs`) of length
+    `ls` for the window-order segment ids `seg_all` (1-based frame slices of `sizes` rows, 0 = padding)."""
     big = max(sizes, default=1)
-    ls = min(pb, slot_bucket(big)) if slot_len is None else int(slot_len)
     if ls < big:
-        raise ValueError(
-            f"slot_len {slot_len} is smaller than the largest image / frame slice ({big} patches)"
-        )
+        raise ValueError(f"slot_len {ls} is smaller than the largest image / frame slice ({big} patches)")
     slots = _pack_slots(sizes, ls)
     need = max(1, len(slots))
     ns = slot_bucket(need) if num_slots is None else int(num_slots)

@@ -24,7 +24,6 @@ from pixel_reasoner_jax.models.config import ModelConfig, VisionConfig
 from pixel_reasoner_jax.models.vision import (
     VisionInputs,
     prepare_vision,
-    slot_bucket,
     slot_length,
     stack_vision,
 )
@@ -355,8 +354,8 @@ def pack_vision(
         prepare_vision(g, vision_cfg, patch_bucket=pb, slot_len=slot_len, num_slots=num_slots) for g in grids
     ]
     need = max(v.window_gather.shape[0] for v in vis)
-    slots = slot_bucket(max(v.slot_gather.shape[0] for v in vis))
-    return pixel_values, stack_vision(vis, max(need, min_windows), slots)
+    # Each sample's slot count is already a `slot_bucket` step: stack_vision pads to the largest.
+    return pixel_values, stack_vision(vis, max(need, min_windows))
 
 
 def pixels_in(x, dtype):
