@@ -90,6 +90,17 @@ EXTRA["grpo:7b:v5p-16:dots_attention"] = GRPO_FIT + [
 EXTRA["grpo:7b:v5p-16:dots_attention_fused"] = EXTRA["grpo:7b:v5p-16:dots_attention"] + [
     "--config.model.attention=splash_fused"
 ]
+# The H100's 80 GB has no room for the decoder's dots beside one 12,288-token sample (grads 64.8 of 59.3
+# GiB): the same residuals kept in host memory instead ("offload_*", moved over PCIe and back each layer).
+EXTRA["grpo:7b:h100-8:offload_dots_attention"] = OVERRIDES["grpo:7b:h100-8"] + [
+    "--config.model.remat=offload_dots_attention",
+    "--config.model.vision_remat=full",
+]
+# And the tower's matmul outputs too (65,536 patch rows per sample: far past HBM, within the host's share).
+EXTRA["grpo:7b:h100-8:offload_all"] = OVERRIDES["grpo:7b:h100-8"] + [
+    "--config.model.remat=offload_dots_attention",
+    "--config.model.vision_remat=offload_dots",
+]
 EXTRA["sft:7b:h100-8:dots"] = ["--config.model.remat=dots"]
 EXTRA["sft:7b:v5p-16:dots"] = ["--config.model.remat=dots"]
 

@@ -70,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
     # below bf16's relative precision (~4e-3) and would round to nothing on bf16 weights.
     m.param_dtype = "float32"
     # "none" | "full" | "dots" (keep matmul outputs) | "dots_attention" (and the attention kernels' forward
-    # outputs: cuDNN / splash do not run again in the backward); the original checkpoints gradients (§8)
+    # outputs: cuDNN / splash do not run again in the backward) | "offload_dots" / "offload_dots_attention"
+    # (the same, kept in host memory); the original checkpoints gradients (§8)
     m.remat = "full"
     # The vision tower's own policy: "same" (as model.remat) or one of model.remat's. With remat=dots a
     # GRPO sample's 65,536 patch rows would keep every vision matmul output; "full" there saves the memory

@@ -143,6 +143,24 @@ def test_dots_attention_remat_keeps_the_splash_forward():
     assert fl.jaxpr_flops(dots) - fl.jaxpr_flops(kept) >= forward
     np.testing.assert_allclose(np.asarray(g_kept), np.asarray(g_none), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(g_dots), np.asarray(g_none), rtol=1e-5, atol=1e-5)
+    # "offload_dots_attention": the same residuals, moved to host memory and back: the FLOPs of
+    # "dots_attention", the same gradients, and transfers to the host that the on-device policy has none of.
+    offloaded, g_off = grad("offload_dots_attention")
+    assert fl.jaxpr_flops(offloaded) == fl.jaxpr_flops(kept)
+    np.testing.assert_allclose(np.asarray(g_off), np.asarray(g_none), rtol=1e-5, atol=1e-5)
+    assert _host_transfers(offloaded) >= 2 and _host_transfers(kept) == 0  # 2: the projection and splash
+
+
+def _host_transfers(closed) -> int:
+    """Outputs of `device_put`s to host memory in a jaxpr and the jaxprs nested in it."""
+    from pixel_reasoner_jax.plan import flops as fl
+
+    count = 0
+    for eqn in getattr(closed, "jaxpr", closed).eqns:
+        if eqn.primitive.name == "device_put":
+            count += sum(str(d).endswith("Host") for d in eqn.params["devices"])
+        count += sum(_host_transfers(sub) for sub in fl._sub_jaxprs(eqn.params))
+    return count
 
 
 def test_rows_falls_back_to_tiles_past_its_score_budget(monkeypatch):

@@ -63,6 +63,30 @@ def test_parse_topology_cpu_and_errors():
             tp.parse_topology(bad)
 
 
+def test_offloaded_bytes_count_against_the_host_budget():
+    """Residuals that remat "offload_*" keeps on the host are read from XLA's host memory space and must fit
+    half of the device's share of host RAM (an 8-GPU H100 node: 1,872 GB); device bytes keep their budget."""
+    h100 = programs.Target(tp.parse_topology("h100-8"), [None] * 8)
+    assert h100.host_budget == int(1872 * 10**9 // 8 * tp.HOST_OFFLOAD_SHARE)
+    assert programs.Target(tp.parse_topology("v5p-16"), [None] * 8).host_budget == 448 * 10**9 // 8
+    assert h100.fits(h100.budget, h100.host_budget) and not h100.fits(h100.budget, h100.host_budget + 1)
+    assert not h100.fits(h100.budget + 1, 0)
+    cpu = programs.Target(tp.parse_topology("cpu:8"), [None] * 8)
+    assert cpu.host_budget == 0 and cpu.fits(cpu.budget, 2**40)  # a CPU counts host bytes in its total
+
+    sizes = dict(argument=100, output=40, alias=30, temp=500)
+    analysis = {f"{k}_size_in_bytes": v for k, v in sizes.items()}
+    analysis.update({f"host_{k}_size_in_bytes": v // 10 for k, v in sizes.items()}, peak_memory_in_bytes=700)
+
+    class Compiled:
+        def memory_analysis(self):
+            return type("Analysis", (), analysis)()
+
+    got = programs.memory(Compiled(), "gpu")
+    assert got["peak_bytes"] == 700 and got["temp_bytes"] == 500
+    assert got["host_bytes"] == 10 + 4 - 3 + 50
+
+
 def _abstract(model_fn):
     with sharding.use_mesh(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
         return nnx.eval_shape(model_fn)

@@ -36,7 +36,7 @@ __all__ = [
 Names = tuple[str | None, ...]
 # "auto" is resolved per backend by `resolve_attention` when a model is built; the rest are kernels.
 ATTENTION_IMPLS = ("auto", "dense", "blocked", "rows", "splash", "splash_fused", "cudnn", "xla")
-REMAT_POLICIES = ("none", "full", "dots", "dots_attention")
+REMAT_POLICIES = ("none", "full", "dots", "dots_attention", "offload_dots", "offload_dots_attention")
 # How a stack of layers runs: "scan" (`lax.scan`: one layer body in the program) | "unroll" (one copy per
 # layer: no per-step slicing of the stacked weights and carried residuals; on CPU 6 % faster per step at 12
 # layers for 1.75x the compile time, no gain at the tiny job's 2: benchmarks/CPU_SPEED.md).
@@ -294,17 +294,33 @@ def _dots_and_attention(prim, *avals, **params) -> bool:
     return name == "pallas_call" and str(params.get("name", "")).startswith("splash_mha_fwd")
 
 
+def _to_host(saves: Callable) -> Callable:
+    """`saves` turned into an offload policy: what it saves goes to pinned host memory in the forward and
+    comes back for the backward; the rest is recomputed."""
+    to_host = jax.ad_checkpoint.Offloadable(src="device", dst="pinned_host")
+
+    def policy(prim, *avals, **params):
+        return to_host if saves(prim, *avals, **params) else False
+
+    return policy
+
+
 def remat(fn: Callable, policy: str) -> Callable:
     """Wraps a scan body in jax.checkpoint by policy name: "none", "full" (save nothing), "dots" (save matmul
     outputs without batch dimensions), "dots_attention" (those and the cuDNN / splash attention forward's
     outputs, so the backward does not run the attention forward again; the blocked, rows and dense kernels
-    are made of matmuls with batch dimensions and are recomputed as under "dots")."""
+    are made of matmuls with batch dimensions and are recomputed as under "dots"); "offload_dots" and
+    "offload_dots_attention" keep the same residuals in host memory instead of the device's (the FLOPs of
+    "dots" for about the device memory of "full"; the residuals cross PCIe / the host link twice)."""
     if policy == "none":
         return fn
     if policy == "full":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-    if policy == "dots":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    if policy == "dots_attention":
-        return jax.checkpoint(fn, policy=_dots_and_attention)
+    saves = {
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "dots_attention": _dots_and_attention,
+    }
+    base = policy.removeprefix("offload_")
+    if base in saves:
+        return jax.checkpoint(fn, policy=saves[base] if base == policy else _to_host(saves[base]))
     raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")

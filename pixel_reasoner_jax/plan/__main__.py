@@ -57,6 +57,7 @@ def make_plan(cfg, topo: tp.Topology, log=print, compiler_options=None, text_onl
         "memory_per_device_bytes": target.memory,
         "headroom": topo.headroom,
         "budget_per_device_bytes": target.budget,
+        "host_budget_per_device_bytes": target.host_budget,  # for residuals offloaded by remat "offload_*"
         "planned_on": datetime.date.today().isoformat(),  # plans.md marks plans older than the code as stale
         "jax": jax.__version__,
         **recipe,
@@ -71,18 +72,28 @@ def table(plan: dict) -> str:
         f"GiB after {plan['headroom']:.0%} headroom); mesh {plan['mesh']}, attention {plan['attention']}, "
         f"remat {plan['remat']}"
     )
-    cols = f"{'program':<9}{'args':>8}{'temp':>8}{'peak':>8}{'resid.':>8}{'total':>8}{'TFLOP/dev':>11}{'x 6NT':>7}  fits"
+    cols = f"{'program':<9}{'args':>8}{'temp':>8}{'peak':>8}{'resid.':>8}{'total':>8}{'host':>8}{'TFLOP/dev':>11}{'x 6NT':>7}  fits"
     rows = [head, cols]
     for name, p in plan["programs"].items():
         sizes = "".join(
             f"{p[k] / GIB:8.2f}" if k in p else " " * 8
-            for k in ("argument_bytes", "temp_bytes", "peak_bytes", "resident_bytes", "total_bytes")
+            for k in (
+                "argument_bytes",
+                "temp_bytes",
+                "peak_bytes",
+                "resident_bytes",
+                "total_bytes",
+                "host_bytes",
+            )
         )
         ratio = f"{p['flops'] / p['model_flops']:7.2f}" if p.get("model_flops") else " " * 7
         tflops = f"{p['flops'] / 1e12:11.1f}" if "flops" in p else " " * 11
         verdict = "yes" if p["fits"] else "NO" + (f" ({p['error']})" if "error" in p else "")
         rows.append(f"{name:<9}{sizes}{tflops}{ratio}  {verdict}")
-    rows.append(f"fits: {'yes' if plan['fits'] else 'NO'} (GiB per device; total = peak + resident)")
+    rows.append(
+        f"fits: {'yes' if plan['fits'] else 'NO'} (GiB per device; total = peak + resident; host = offloaded "
+        f"residuals in host memory, budget {plan.get('host_budget_per_device_bytes', 0) / GIB:.1f})"
+    )
     return "\n".join(rows)
 
 

@@ -24,7 +24,7 @@ from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
 from pixel_reasoner_jax.models.tiny import SIZES
 from pixel_reasoner_jax.models.vision import pad_windows, prepare_vision
 from pixel_reasoner_jax.plan import flops as fl
-from pixel_reasoner_jax.plan.topology import Topology, memory_per_device
+from pixel_reasoner_jax.plan.topology import HOST_OFFLOAD_SHARE, Topology, memory_per_device
 from pixel_reasoner_jax.processing.batch import pick_bucket
 from pixel_reasoner_jax.processing.vision import ImageProcessorConfig
 from pixel_reasoner_jax.rollout.sampler import JaxSampler
@@ -172,7 +172,8 @@ def per_device_bytes(tree) -> int:
 
 def memory(compiled: jax.stages.Compiled, platform: str) -> dict[str, int]:
     """XLA's per-device buffer sizes; peak = the compiler's own figure on TPU/GPU, arguments + outputs -
-    aliased + temporaries on CPU (whose reported peak covers the arguments only)."""
+    aliased + temporaries on CPU (whose reported peak covers the arguments only). `host_bytes`: the same
+    sum in the device's host memory space (residuals a remat "offload_*" policy keeps on the host)."""
     m = compiled.memory_analysis()
     out = {
         "argument_bytes": int(m.argument_size_in_bytes),
@@ -183,6 +184,8 @@ def memory(compiled: jax.stages.Compiled, platform: str) -> dict[str, int]:
     summed = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
     reported = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
     out["peak_bytes"] = reported if platform != "cpu" and reported > 0 else summed
+    host = [getattr(m, f"host_{k}_size_in_bytes", 0) or 0 for k in ("argument", "output", "alias", "temp")]
+    out["host_bytes"] = int(host[0] + host[1] - host[2] + host[3])
     return out
 
 
@@ -200,6 +203,18 @@ class Target:
     @property
     def budget(self) -> int:
         return int(self.memory * (1.0 - self.topo.headroom))
+
+    @property
+    def host_budget(self) -> int:
+        """Host bytes per device that offloaded residuals may use (cpu: none apart, they count in `budget`)."""
+        host = self.topo.host_memory_per_chip * self.topo.chips // max(self.topo.chips, len(self.devices))
+        return int(host * HOST_OFFLOAD_SHARE)
+
+    def fits(self, total_bytes: int, host_bytes: int = 0) -> bool:
+        """Device bytes within the budget and offloaded bytes within the host budget (a CPU device's
+        memory is host memory: there both are in `total_bytes`)."""
+        host_fits = self.topo.platform == "cpu" or host_bytes <= self.host_budget
+        return total_bytes <= self.budget and host_fits
 
 
 def _attention(cfg: RunConfig, target: Target) -> str:
@@ -334,9 +349,11 @@ def plan_recipe(
         total = fl.jaxpr_flops(traced.jaxpr, trips)
         vision = total - fl.jaxpr_flops(text_traced.jaxpr, trips) if text_traced is not None else 0.0
         resident = sampler_weights if rules == "train" else state_bytes
+        # A CPU device's memory is host memory: what it offloads stays in the same budget.
+        on_host = entry["host_bytes"] if target.topo.platform == "cpu" else 0
         entry.update(
             resident_bytes=resident,
-            total_bytes=entry["peak_bytes"] + resident,
+            total_bytes=entry["peak_bytes"] + resident + on_host,
             flops=total / n,
             flops_global=total,
             vision_flops=vision,
@@ -344,7 +361,7 @@ def plan_recipe(
             model_flops=model_flops / n,
             compile_s=round(time.perf_counter() - t0, 1),
         )
-        entry["fits"] = entry["total_bytes"] <= target.budget
+        entry["fits"] = target.fits(entry["total_bytes"], entry["host_bytes"])
         programs[name] = entry
         log(f"  {name}: peak {entry['peak_bytes'] / 2**30:.2f} GiB, compiled in {entry['compile_s']} s")
         del compiled
@@ -353,13 +370,15 @@ def plan_recipe(
         # Between the two programs the state and the gradient accumulator are live: both are `update`'s
         # arguments, so each program's own peak already holds what the other leaves behind.
         peak = max(g["peak_bytes"], u["peak_bytes"])
+        host = max(g["host_bytes"], u["host_bytes"])
         programs["step"] = {
             "peak_bytes": peak,
             "resident_bytes": sampler_weights,
             "total_bytes": peak + sampler_weights,
+            "host_bytes": host,
             "flops": g["flops"] + u["flops"],
             "model_flops": g["model_flops"],
-            "fits": peak + sampler_weights <= target.budget,
+            "fits": target.fits(peak + sampler_weights, host),
         }
     return {
         "mode": cfg.mode,

@@ -11,13 +11,15 @@ import pathlib
 import re
 
 # Cloud TPU generations: the topology prefix libtpu takes, Cloud names' unit (TensorCores per chip: v4 and
-# v5p count 2 per chip, v5e and v6e 1), HBM per chip (Cloud TPU system-architecture pages) and chip grids.
+# v5p count 2 per chip, v5e and v6e 1), HBM per chip (Cloud TPU system-architecture pages), chip grids, and
+# the TPU VM's host RAM per chip (v4: 407 GB per 4 chips, v5p: 448 GB per 4, v5e: 512 GiB per 8, v6e:
+# ct6e-standard-8t's 1,440 GB per 8), which offloaded residuals (remat "offload_*") use.
 TPU_GENERATIONS = {
-    "v4": dict(prefix="v4", cores_per_chip=2, hbm=32 * 2**30, dims=3),
-    "v5p": dict(prefix="v5p", cores_per_chip=2, hbm=95 * 2**30, dims=3),
-    "v5e": dict(prefix="v5e", cores_per_chip=1, hbm=16 * 2**30, dims=2),
-    "v5litepod": dict(prefix="v5e", cores_per_chip=1, hbm=16 * 2**30, dims=2),
-    "v6e": dict(prefix="v6e", cores_per_chip=1, hbm=32 * 2**30, dims=2),
+    "v4": dict(prefix="v4", cores_per_chip=2, hbm=32 * 2**30, dims=3, host=407 * 10**9 // 4),
+    "v5p": dict(prefix="v5p", cores_per_chip=2, hbm=95 * 2**30, dims=3, host=448 * 10**9 // 4),
+    "v5e": dict(prefix="v5e", cores_per_chip=1, hbm=16 * 2**30, dims=2, host=512 * 2**30 // 8),
+    "v5litepod": dict(prefix="v5e", cores_per_chip=1, hbm=16 * 2**30, dims=2, host=512 * 2**30 // 8),
+    "v6e": dict(prefix="v6e", cores_per_chip=1, hbm=32 * 2**30, dims=2, host=1440 * 10**9 // 8),
 }
 # Chip grids by chip count: 2-D slices (v5e, v6e) and 3-D tori (v4, v5p), as Cloud TPU builds them.
 GRIDS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -32,8 +34,10 @@ GRIDS_3D = {
 }
 GRIDS_3D.update({n: (4, 4, n // 16) for n in (128, 256, 512)})
 
-# NVIDIA nodes: XLA's GpuTargetConfigProto of each part (specs/, copied from openxla/xla) and GPUs per node.
+# NVIDIA nodes: XLA's GpuTargetConfigProto of each part (specs/, copied from openxla/xla), GPUs per node, and
+# host RAM per GPU of the usual 8-GPU machine (a3-highgpu-8g: 1,872 GB; a3-ultragpu-8g: 2,952 GB).
 GPU_SPECS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
+GPU_HOST = {"h100": 1872 * 10**9 // 8, "h200": 2952 * 10**9 // 8}
 GPUS_PER_NODE = 8
 SPECS_DIR = pathlib.Path(__file__).with_name("specs")
 
@@ -41,6 +45,9 @@ SPECS_DIR = pathlib.Path(__file__).with_name("specs")
 # GPU keeps 25 %: NCCL and cuBLAS workspaces and allocator fragmentation are not in XLA's numbers, and
 # fusion/GEMM choices made without autotuning can differ from a compile on the device.
 HEADROOM = {"tpu": 0.10, "gpu": 0.25, "cpu": 0.10}
+# Share of each device's host RAM that offloaded residuals may use: the rest holds the process, the data
+# pipeline, rollout buffers and the checkpoint's host copies.
+HOST_OFFLOAD_SHARE = 0.5
 
 
 class TopologyError(ValueError):
@@ -59,6 +66,7 @@ class Topology:
       memory_per_chip: HBM bytes of one chip (host memory share for cpu).
       topology: the string `topologies.get_topology_desc` takes ("v5p:2x2x2", "1x2x8"; "" for cpu).
       spec_file: GpuTargetConfigProto text file (gpu only).
+      host_memory_per_chip: host RAM bytes per chip (cpu: 0, its device memory is host memory already).
     """
 
     name: str
@@ -68,6 +76,7 @@ class Topology:
     memory_per_chip: int
     topology: str = ""
     spec_file: str = ""
+    host_memory_per_chip: int = 0
 
     @property
     def headroom(self) -> float:
@@ -113,7 +122,7 @@ def parse_topology(name: str) -> Topology:
             )
         hosts, per_host = (1, n) if n <= GPUS_PER_NODE else (n // GPUS_PER_NODE, GPUS_PER_NODE)
         spec = GPU_SPECS[gen]
-        return Topology(name, "gpu", n, n, _gpu_memory(spec), f"1x{hosts}x{per_host}", spec)
+        return Topology(name, "gpu", n, n, _gpu_memory(spec), f"1x{hosts}x{per_host}", spec, GPU_HOST[gen])
     if gen not in TPU_GENERATIONS:
         raise TopologyError(
             f"topology {name!r}: unknown generation {gen!r}; expected one of "
@@ -128,7 +137,9 @@ def parse_topology(name: str) -> Topology:
         raise TopologyError(f"topology {name!r}: {gen}-N counts {unit}; N must be one of {sizes}")
     grid = "x".join(str(d) for d in grids[chips])
     # Devices per chip are known once libtpu describes the slice (v4 may show 2 per chip); see devices().
-    return Topology(name, "tpu", chips, chips, g["hbm"], f"{g['prefix']}:{grid}")
+    return Topology(
+        name, "tpu", chips, chips, g["hbm"], f"{g['prefix']}:{grid}", host_memory_per_chip=g["host"]
+    )
 
 
 def _host_memory() -> int:
