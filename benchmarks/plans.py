@@ -173,8 +173,10 @@ def _row(key: str) -> str:
         if name in progs:
             q = progs[name]
             size = q.get("total_bytes", q.get("temp_bytes", 0))
+            host = f" + host {q['host_bytes'] / GIB:.1f}" if q.get("host_bytes") else ""
             parts.append(
                 f"{name} {'temp ' if 'error' in q else ''}{size / GIB:.1f}{' (refused)' if 'error' in q else ''}"
+                f"{host}"
             )
     g = progs["grads"]
     ratio = f"{g['flops'] / g['model_flops']:.2f}" if "flops" in g else "—"
