@@ -16,6 +16,7 @@ from configs import grpo as grpo_config
 from configs import sft as sft_config
 from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.config import from_config_dict
+from pixel_reasoner_jax.models import layers
 from pixel_reasoner_jax.models.config import PRESETS
 from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
 from pixel_reasoner_jax.plan import __main__ as cli
@@ -61,6 +62,15 @@ def test_parse_topology_cpu_and_errors():
     ]:
         with pytest.raises(tp.TopologyError, match=says):
             tp.parse_topology(bad)
+
+
+def test_cudnn_attention_primitive_names_are_the_ones_jax_defines():
+    """Remat "dots_attention" and the FLOP counter find cuDNN attention by primitive name; a rename in JAX
+    would make both miss the kernel without an error (the policy would turn into "dots")."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # reason: where JAX binds them, no GPU
+
+    defined = {v.name for v in vars(cudnn).values() if isinstance(v, jex_core.Primitive)}
+    assert set(layers.CUDNN_ATTENTION_FWD + layers.CUDNN_ATTENTION_BWD) <= defined, sorted(defined)
 
 
 def test_offloaded_bytes_count_against_the_host_budget():

@@ -41,6 +41,11 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_attention", "offload_dots", "off
 # layer: no per-step slicing of the stacked weights and carried residuals; on CPU 6 % faster per step at 12
 # layers for 1.75x the compile time, no gain at the tiny job's 2: benchmarks/CPU_SPEED.md).
 LAYER_LOOPS = ("scan", "unroll")
+# Primitive names of JAX's cuDNN fused attention (jax._src.cudnn.fused_attention_stablehlo), by which remat
+# "dots_attention" keeps the forward's outputs and the planner counts the kernels' FLOPs (a test checks
+# that JAX still defines them: a rename would make both miss the kernel silently).
+CUDNN_ATTENTION_FWD = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+CUDNN_ATTENTION_BWD = ("dot_product_attention_bwd", "dot_product_attention_bwd_wrapper")
 
 
 def _normal(stddev: float) -> Callable:
@@ -289,7 +294,7 @@ def _dots_and_attention(prim, *avals, **params) -> bool:
     if jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params):
         return True
     name = prim.name
-    if name in ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"):
+    if name in CUDNN_ATTENTION_FWD:
         return True
     return name == "pallas_call" and str(params.get("name", "")).startswith("splash_mha_fwd")
 

@@ -14,11 +14,11 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-# Primitive names of JAX's cuDNN fused attention (jax._src.cudnn.fused_attention_stablehlo): custom calls
-# to XLA, counted from the q/k shapes here (QK^T and PV forward; the backward recomputes QK^T and adds dV,
-# dP, dQ, dK: 5 products).
-_CUDNN_FWD = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
-_CUDNN_BWD = ("dot_product_attention_bwd", "dot_product_attention_bwd_wrapper")
+from pixel_reasoner_jax.models.layers import CUDNN_ATTENTION_BWD as _CUDNN_BWD
+from pixel_reasoner_jax.models.layers import CUDNN_ATTENTION_FWD as _CUDNN_FWD
+
+# JAX's cuDNN fused attention primitives are custom calls to XLA, counted from the q/k shapes here (QK^T and
+# PV forward; the backward recomputes QK^T and adds dV, dP, dQ, dK: 5 products).
 
 
 def _dot_flops(eqn) -> float:
