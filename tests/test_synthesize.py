@@ -525,7 +525,7 @@ class _CountingPolicy:
         return getattr(self.policy, name)
 
 
-def test_end_to_end_against_our_server(tmp_path, tiny_ckpt):
+def test_end_to_end_against_our_server(tmp_path, tiny_ckpt, monkeypatch):
     """Our /v1/chat/completions with the tiny random checkpoint writes garbage: every pixel trajectory fails
     the part format and every textual answer is wrong, each counted; usage comes from the server; a rerun
     with more seeds asks the server only for the new ones."""
@@ -536,7 +536,9 @@ def test_end_to_end_against_our_server(tmp_path, tiny_ckpt):
     backend = JaxBackend(str(tiny_ckpt), "0", max_batch=1, seq_buckets=(1024,), patch_buckets=(1024,),
                          decode_bucket=16)  # fmt: skip
     counting = _CountingPolicy(backend.policy)
-    type(backend).policy = property(lambda self: counting)  # noqa: B010 - this instance only serves here
+    # The class's own property goes back after the test (a bare `del` would leave JaxBackend without one,
+    # breaking every later JaxBackend in the process).
+    monkeypatch.setattr(type(backend), "policy", property(lambda self: counting))
     srv = SGLangServer(backend, port=portpicker.pick_unused_port(), max_batch=1, batch_wait_s=0.0).start()
     try:
         cfg = config(seeds, tmp_path / "out", srv.url + "/v1", **{"max_seeds": 3})
@@ -545,7 +547,6 @@ def test_end_to_end_against_our_server(tmp_path, tiny_ckpt):
         second = synthesize.run(dataclasses.replace(cfg, max_seeds=0))
     finally:
         srv.stop()
-        del type(backend).policy
     assert counting.count == 5 and second.done_before == 3 and second.processed_now == 2
     kinds = synthesize.assign_kinds(load_seeds(seeds)[0], cfg)
     states = {s["id"]: s for s in _rows(tmp_path / "out" / "sft.state.jsonl")}
