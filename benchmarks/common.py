@@ -21,13 +21,20 @@ def add_host_malloc_arg(parser) -> None:
     )
 
 
-def add_layer_loop_arg(parser) -> None:
-    """`--layer-loop`, the run config's `model.layer_loop` (models/layers.LAYER_LOOPS) for a benchmark."""
+def add_model_args(parser) -> None:
+    """`--layer-loop` and `--weight-grad`, the run config's `model.layer_loop` and `model.weight_grad`
+    (models/layers.LAYER_LOOPS, WEIGHT_GRADS) for a benchmark."""
     parser.add_argument(
         "--layer-loop",
         default="scan",
         choices=("scan", "unroll"),
         help="our decoder / vision layer stacks: scan (model.layer_loop's default) or unroll",
+    )
+    parser.add_argument(
+        "--weight-grad",
+        default="auto",
+        choices=("auto", "xla", "transposed"),
+        help="how our weight gradients are formed (model.weight_grad; auto: transposed on CPU)",
     )
 
 

@@ -17,7 +17,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 from common import (  # noqa: E402
     add_host_malloc_arg,
-    add_layer_loop_arg,
+    add_model_args,
     median,
     pin_threads,
     ratio_line,
@@ -62,7 +62,12 @@ def num_params(params) -> int:
 
 
 def build_models(
-    cfg, seed: int = 0, torch_attn: str = "sdpa", attention: str = "auto", layer_loop: str = "scan"
+    cfg,
+    seed: int = 0,
+    torch_attn: str = "sdpa",
+    attention: str = "auto",
+    layer_loop: str = "scan",
+    weight_grad: str = "auto",
 ):
     """(our Qwen25VL, the same weights in transformers' Qwen2_5_VLForConditionalGeneration), float32.
 
@@ -78,7 +83,9 @@ def build_models(
     from pixel_reasoner_jax.sharding import make_mesh, use_mesh
 
     with use_mesh(make_mesh(devices=jax.devices()[:1])):
-        model = Qwen25VL(cfg, attention=attention, layer_loop=layer_loop, rngs=nnx.Rngs(seed))
+        model = Qwen25VL(
+            cfg, attention=attention, layer_loop=layer_loop, weight_grad=weight_grad, rngs=nnx.Rngs(seed)
+        )
     with tempfile.TemporaryDirectory(prefix="bench_ckpt_") as tmp:
         folder = hf_io.export_hf(model, cfg, os.path.join(tmp, "ckpt"))
         hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -203,7 +210,7 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
-    add_layer_loop_arg(parser)
+    add_model_args(parser)
     add_host_malloc_arg(parser)
     args = parser.parse_args(argv)
     threads = pin_threads(args.threads, args.host_malloc)
@@ -215,7 +222,11 @@ def main(argv=None) -> str:
     cfg = bench_config(args.layers, args.vision_depth)
     t0 = time.perf_counter()
     model, hf = build_models(
-        cfg, torch_attn=args.torch_attn, attention=args.attention, layer_loop=args.layer_loop
+        cfg,
+        torch_attn=args.torch_attn,
+        attention=args.attention,
+        layer_loop=args.layer_loop,
+        weight_grad=args.weight_grad,
     )
     graphdef, params = nnx.split(model)
     n = num_params(params)

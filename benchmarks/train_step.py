@@ -15,7 +15,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 from common import (  # noqa: E402
     add_host_malloc_arg,
-    add_layer_loop_arg,
+    add_model_args,
     median,
     pin_threads,
     ratio_line,
@@ -73,7 +73,7 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
-    add_layer_loop_arg(parser)
+    add_model_args(parser)
     add_host_malloc_arg(parser)
     args = parser.parse_args(argv)
     threads = pin_threads(args.threads, args.host_malloc)
@@ -94,7 +94,11 @@ def main(argv=None) -> str:
         raise ValueError(f"--seq-len {args.seq_len} leaves no text around the {n_pad + 2} image tokens")
     t0 = time.perf_counter()
     model, hf = build_models(
-        cfg, torch_attn=args.torch_attn, attention=args.attention, layer_loop=args.layer_loop
+        cfg,
+        torch_attn=args.torch_attn,
+        attention=args.attention,
+        layer_loop=args.layer_loop,
+        weight_grad=args.weight_grad,
     )
     ours, hf_kw, loss_mask = make_inputs(
         cfg, batch=args.batch, text_tokens=text_tokens, image_side=args.image_side

@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "scan" (`lax.scan` over the stacked layers) | "unroll" (one traced copy per layer: on CPU 6 % faster
     # per step at 12 layers, 1.75x the compile time, no gain at 2 layers; benchmarks/CPU_SPEED.md)
     m.layer_loop = "scan"
+    # How weight gradients are formed: "auto" ("transposed" on CPU, "xla" elsewhere) | "xla" (autodiff's
+    # product over the tokens) | "transposed" (the input transposed first: XLA CPU runs that product 1.7x
+    # faster); same gradients up to float rounding. models/layers.py WEIGHT_GRADS, benchmarks/CPU_SPEED.md
+    m.weight_grad = "auto"
     m.logprob_chunk = 1024  # tokens per chunk of the scanned log-prob/entropy pass (never B x T x V logits)
     # Architecture of the generated checkpoint (variant tiny without model.checkpoint): models/tiny.SIZES.
     m.tiny_size = "tiny"

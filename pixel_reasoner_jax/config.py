@@ -51,6 +51,7 @@ class ModelConfig:
     freeze_vision: bool
     attention: str
     layer_loop: str
+    weight_grad: str
     logprob_chunk: int
     tiny_size: str
     tiny_init: str

@@ -32,7 +32,7 @@ from pixel_reasoner_jax.config import (
     rollout_mesh_shape,
 )
 from pixel_reasoner_jax.hostmem import HOST_MALLOC
-from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, LAYER_LOOPS, REMAT_POLICIES
+from pixel_reasoner_jax.models.layers import ATTENTION_IMPLS, LAYER_LOOPS, REMAT_POLICIES, WEIGHT_GRADS
 from pixel_reasoner_jax.tools.ops import VIDEO_CROP_INDEXES  # the owner of the numbering choice
 
 # Names of the train/ registries, used only when those modules are absent (they are the source of truth).
@@ -78,6 +78,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.vision_remat": ("same", *REMAT_POLICIES),
     "model.attention": ATTENTION_IMPLS,
     "model.layer_loop": LAYER_LOOPS,
+    "model.weight_grad": WEIGHT_GRADS,
     "data.sft_loss_mask": SFT_LOSS_MASKS,
     "data.synthetic_family": SYNTHETIC_FAMILIES,
     "model.tiny_size": TINY_SIZES,

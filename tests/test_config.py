@@ -118,6 +118,7 @@ RULES = [
     ("grpo", "tiny", {"model__vision_remat": "some"}, "model.vision_remat"),
     ("grpo", "tiny", {"model__attention": "flash"}, "model.attention"),
     ("grpo", "tiny", {"model__layer_loop": "while"}, "model.layer_loop"),
+    ("grpo", "tiny", {"model__weight_grad": "fast"}, "model.weight_grad"),
     ("grpo", "tiny", {"model__logprob_chunk": 0}, "model.logprob_chunk"),
     ("grpo", "tiny", {"model__tiny_size": "huge"}, "model.tiny_size"),
     ("grpo", "tiny", {"mesh__data": 2, "mesh__fsdp": 2}, "mesh"),

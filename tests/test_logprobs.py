@@ -128,10 +128,16 @@ def test_kernel_equals_autodiff(chunk, temperature):
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
-    ours = loss(lambda h, w: chunked_logprobs(h, w, y, temperature=temperature, chunk=chunk))(h, w)
     ref = loss(lambda h, w: _plain(h, w, y, temperature))(h, w)
-    for a, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-        _close(a, r)
+    # Both ways of forming d_W (models/layers.py WEIGHT_GRADS): autodiff's product, or h transposed once.
+    for weight_grad in ("xla", "transposed"):
+        ours = loss(
+            lambda h, w, wg=weight_grad: chunked_logprobs(
+                h, w, y, temperature=temperature, chunk=chunk, weight_grad=wg
+            )
+        )(h, w)
+        for a, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+            _close(a, r)
 
 
 def test_indexed_equals_full_at_listed_positions(parts):

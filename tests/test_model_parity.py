@@ -333,6 +333,12 @@ def test_remat_policies_and_attention_kernels_agree(ref, monkeypatch):
             got, other = grads(nnx.split(hf_io.load_model(ckpt, remat=remat, layer_loop="unroll")))
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
         assert_close_grads(other, base, f"unroll, remat={remat}")
+    # Weight gradients formed from transposed inputs (the CPU default of runs), with and without remat.
+    for remat in ("none", "full", "dots"):
+        with nnx.use_eager_sharding(False):
+            got, other = grads(nnx.split(hf_io.load_model(ckpt, remat=remat, weight_grad="transposed")))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        assert_close_grads(other, base, f"weight_grad=transposed, remat={remat}")
     with nnx.use_eager_sharding(False):
         xla = nnx.split(hf_io.load_model(ckpt, attention="xla"))
     got = forward(xla, ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
@@ -361,3 +367,5 @@ def test_constructor_rejects_bad_options():
         Qwen25VL(CFG, attention="cudnn", dtype=jnp.float32, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="layer_loop must be one of"):
         Qwen25VL(CFG, layer_loop="while", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="weight_grad must be one of"):
+        Qwen25VL(CFG, weight_grad="fast", rngs=nnx.Rngs(0))

@@ -397,12 +397,13 @@ def load_model(
     vision_remat: str = "same",
     attention: str = "dense",
     layer_loop: str = "scan",
+    weight_grad: str = "xla",
 ):
     """A `Qwen25VL` with the checkpoint's config and weights, sharded over `mesh` by `rules` when given.
 
     Args:
       ckpt_dir: HF checkpoint folder (config.json + safetensors).
-      dtype, param_dtype, remat, vision_remat, attention, layer_loop: see `Qwen25VL`.
+      dtype, param_dtype, remat, vision_remat, attention, layer_loop, weight_grad: see `Qwen25VL`.
       mesh: place each parameter on its logical sharding over this mesh; None = default device.
       rules: logical-axis rules table or its name in `sharding.RULES`.
     """
@@ -420,6 +421,7 @@ def load_model(
                 vision_remat=vision_remat,
                 attention=attention,
                 layer_loop=layer_loop,
+                weight_grad=weight_grad,
                 rngs=nnx.Rngs(0),
             )
         )

@@ -4,6 +4,7 @@ Everything here is layout-agnostic about a leading stacked-layer axis: parameter
 (`num_layers=L`) and used without it inside `lax.scan`, where each step sees one layer's slice.
 """
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -23,14 +24,18 @@ __all__ = [
     "Embed",
     "Linear",
     "RMSNorm",
+    "WEIGHT_GRADS",
     "apply_rotary",
     "attention",
     "constrain",
     "resolve_attention",
+    "resolve_weight_grad",
     "layer_slice",
     "remat",
     "rotate_half",
     "run_layers",
+    "set_weight_grad",
+    "transposed_rows",
 ]
 
 Names = tuple[str | None, ...]
@@ -46,6 +51,13 @@ LAYER_LOOPS = ("scan", "unroll")
 # that JAX still defines them: a rename would make both miss the kernel silently).
 CUDNN_ATTENTION_FWD = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
 CUDNN_ATTENTION_BWD = ("dot_product_attention_bwd", "dot_product_attention_bwd_wrapper")
+# How a weight's gradient (x^T . g, a sum over the tokens) is formed: "xla" (autodiff's product, which
+# contracts the token axis of both operands) or "transposed" (the input copied into its transpose first,
+# then a row-major product). XLA's CPU backend hands only row-major products to its fast GEMM library
+# (YNNPACK) and the other to Eigen's, 1.7x slower at the CPU benchmark's shapes (benchmarks/CPU_SPEED.md);
+# accelerators take either form natively, where the copy would only cost memory traffic. "auto" is
+# resolved per backend by `resolve_weight_grad`: "transposed" on CPU, "xla" elsewhere.
+WEIGHT_GRADS = ("auto", "xla", "transposed")
 
 
 def _normal(stddev: float) -> Callable:
@@ -87,6 +99,7 @@ class Linear(nnx.Module):
             raise ValueError(f"Linear names {names} do not match kernel shape {in_shape + out_shape}")
         self.n_in = len(in_shape)
         self.dtype = dtype
+        self.weight_grad = "xla"  # WEIGHT_GRADS, set model-wide by `set_weight_grad`
         shape, full_names = _stack(in_shape + out_shape, names, num_layers)
         self.kernel = nnx.Param(_normal(init_std)(rngs.params(), shape, param_dtype), out_sharding=full_names)
         if bias_names is not None:
@@ -99,10 +112,58 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
-        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.n_in)
+        x = x.astype(self.dtype)
+        if self.weight_grad == "transposed":
+            y = _dense_transposed_grad(x, kernel, self.n_in)
+        else:
+            y = jnp.tensordot(x, kernel, axes=self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def resolve_weight_grad(mode: str, platform: str | None = None) -> str:
+    """The `WEIGHT_GRADS` form `mode` names on `platform` (default: JAX's default backend)."""
+    if mode not in WEIGHT_GRADS:
+        raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "transposed" if (platform or jax.default_backend()) == "cpu" else "xla"
+
+
+def set_weight_grad(module: nnx.Module, mode: str) -> None:
+    """Every `Linear` inside `module` forms its kernel gradient the resolved `mode` way."""
+    for _, m in nnx.iter_modules(module):
+        if isinstance(m, Linear):
+            m.weight_grad = mode
+
+
+def transposed_rows(x: jax.Array) -> jax.Array:
+    """(N, D) -> (D, N) in a buffer of its own: the optimization barrier keeps XLA from folding the transpose
+    back into the product that reads it (which would turn that product into the non-row-major form)."""
+    return jax.lax.optimization_barrier(x.T)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_transposed_grad(x, kernel, n_in):
+    """`jnp.tensordot(x, kernel, n_in)` whose kernel gradient is `transposed_rows(x) . g` (WEIGHT_GRADS)."""
+    return jnp.tensordot(x, kernel, axes=n_in)
+
+
+def _dense_fwd(x, kernel, n_in):
+    return jnp.tensordot(x, kernel, axes=n_in), (x, kernel)
+
+
+def _dense_bwd(n_in, res, g):
+    x, kernel = res
+    lead = g.ndim - (kernel.ndim - n_in)
+    dx = jnp.tensordot(g, kernel, axes=(tuple(range(lead, g.ndim)), tuple(range(n_in, kernel.ndim))))
+    k_in = math.prod(kernel.shape[:n_in])
+    dk = transposed_rows(x.reshape(-1, k_in)) @ g.reshape(-1, kernel.size // k_in)
+    return dx, dk.reshape(kernel.shape)
+
+
+_dense_transposed_grad.defvjp(_dense_fwd, _dense_bwd)
 
 
 class RMSNorm(nnx.Module):

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pixel_reasoner_jax.models.layers import resolve_weight_grad, transposed_rows
 from pixel_reasoner_jax.sharding import constrain
 
 __all__ = ["chunked_logprobs"]
@@ -20,7 +21,13 @@ _LOGITS = ("act_batch", "act_seq", "act_vocab")
 
 
 def chunked_logprobs(
-    hidden: jax.Array, w: jax.Array, targets: jax.Array, *, temperature: float = 1.0, chunk: int = 256
+    hidden: jax.Array,
+    w: jax.Array,
+    targets: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk: int = 256,
+    weight_grad: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
     """log softmax(hidden . w / temperature)[target] and the entropy of that distribution, per token.
 
@@ -31,6 +38,8 @@ def chunked_logprobs(
       temperature: logits are divided by it (> 0).
       chunk: tokens per forward chunk; the backward pass tiles the vocabulary instead, with the same
         number of logits per tile (B * chunk * V).
+      weight_grad: `layers.WEIGHT_GRADS`: "transposed" forms each tile's d_W from the hidden states
+        transposed once before the tiles (a row-major product: XLA CPU's fast path).
 
     Returns:
       logprobs (B, T) float32, entropy (B, T) float32; both differentiable in `hidden` and `w`.
@@ -38,7 +47,10 @@ def chunked_logprobs(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     t = hidden.shape[1]
-    return _logprobs(hidden, w, targets.astype(jnp.int32), float(temperature), max(1, min(chunk, t)))
+    transposed = resolve_weight_grad(weight_grad) == "transposed"
+    return _logprobs(
+        hidden, w, targets.astype(jnp.int32), float(temperature), max(1, min(chunk, t)), transposed
+    )
 
 
 def _tempered_logits(h, w, temperature):
@@ -47,12 +59,12 @@ def _tempered_logits(h, w, temperature):
     return constrain(logits, _LOGITS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _logprobs(h, w, y, temperature, chunk):
-    return _forward(h, w, y, temperature, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _logprobs(h, w, y, temperature, chunk, transposed):
+    return _forward(h, w, y, temperature, chunk, transposed)[0]
 
 
-def _forward(h, w, y, temperature, chunk):
+def _forward(h, w, y, temperature, chunk, transposed):
     """Token chunks under `lax.scan`: each sees the whole vocabulary, so its logsumexp is exact."""
     b, t, d = h.shape
     n = -(-t // chunk)
@@ -82,7 +94,7 @@ def _vocab_tile(vocab: int, tokens: int, chunk: int) -> int:
     return min(vocab, 128 * -(-want // 128))
 
 
-def _backward(temperature, chunk, res, cotangents):
+def _backward(temperature, chunk, transposed, res, cotangents):
     """Vocabulary tiles of all tokens; per tile, with z the tempered logits and p = exp(z - lse),
 
         d/dz [g_lp log p_y + g_ent H] = g_lp (onehot_y - p) - g_ent p (log p + H),
@@ -96,6 +108,7 @@ def _backward(temperature, chunk, res, cotangents):
     d, vocab = w.shape
     tile = _vocab_tile(vocab, h.shape[1], chunk)
     n = -(-vocab // tile)
+    h_t = transposed_rows(h.reshape(-1, d)) if transposed else None
 
     def body(carry, j):
         dw, dh = carry
@@ -108,7 +121,10 @@ def _backward(temperature, chunk, res, cotangents):
         col = start + jax.lax.broadcasted_iota(jnp.int32, logp.shape, 2)
         dz = jnp.where(col == y, g_lp, 0.0) - p * (g_lp + g_ent * (logp + ent))
         dz = (dz / temperature).astype(w.dtype)
-        dw_v = jnp.einsum("BTD,BTV->DV", h, dz, preferred_element_type=jnp.float32)
+        if transposed:
+            dw_v = jnp.dot(h_t, dz.reshape(-1, tile), preferred_element_type=jnp.float32)
+        else:
+            dw_v = jnp.einsum("BTD,BTV->DV", h, dz, preferred_element_type=jnp.float32)
         dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_v.astype(dw.dtype), start, axis=1)
         dz = jnp.where(col >= j * tile, dz, jnp.zeros((), dz.dtype))
         dh = dh + jnp.einsum("BTV,DV->BTD", dz, w_v, preferred_element_type=jnp.float32)

@@ -10,7 +10,14 @@ import numpy as np
 from flax import nnx
 
 from pixel_reasoner_jax.models.config import ModelConfig
-from pixel_reasoner_jax.models.layers import LAYER_LOOPS, REMAT_POLICIES, Linear, resolve_attention
+from pixel_reasoner_jax.models.layers import (
+    LAYER_LOOPS,
+    REMAT_POLICIES,
+    Linear,
+    resolve_attention,
+    resolve_weight_grad,
+    set_weight_grad,
+)
 from pixel_reasoner_jax.models.logprobs import chunked_logprobs
 from pixel_reasoner_jax.models.text import KVCache, Qwen2Decoder, init_cache
 from pixel_reasoner_jax.models.vision import Qwen25VisionTower, VisionInputs, prepare_vision, stack_vision
@@ -81,6 +88,8 @@ class Qwen25VL(nnx.Module):
       attention: `layers.ATTENTION_IMPLS`; "auto" picks the backend's kernel (`layers.resolve_attention`).
       layer_loop: `layers.LAYER_LOOPS`, for the decoder and the vision tower: "scan" or "unroll"; the
         parameters are stacked either way (same checkpoints, same state).
+      weight_grad: `layers.WEIGHT_GRADS`, how every weight's gradient is formed (the linear layers' and
+        the vocabulary head's); "auto" picks the backend's (`layers.resolve_weight_grad`).
     """
 
     def __init__(
@@ -93,6 +102,7 @@ class Qwen25VL(nnx.Module):
         vision_remat: str = "same",
         attention: str = "dense",
         layer_loop: str = "scan",
+        weight_grad: str = "xla",
         rngs: nnx.Rngs,
     ):
         if remat not in REMAT_POLICIES:
@@ -102,6 +112,7 @@ class Qwen25VL(nnx.Module):
         if layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
         attention = resolve_attention(attention, dtype)
+        weight_grad = resolve_weight_grad(weight_grad)
         self.cfg = cfg
         self.dtype = dtype
         kw = dict(
@@ -126,6 +137,8 @@ class Qwen25VL(nnx.Module):
                 param_dtype=param_dtype,
                 rngs=rngs,
             )
+        self.weight_grad = weight_grad
+        set_weight_grad(self, weight_grad)
 
     # ------------------------------------------------------------------------------ pieces
 
@@ -216,7 +229,14 @@ def token_logprobs(
       logprobs (B, T) float32, entropy (B, T) float32.
     """
     w = model.lm_kernel().astype(model.dtype)
-    return chunked_logprobs(hidden.astype(model.dtype), w, targets, temperature=temperature, chunk=chunk)
+    return chunked_logprobs(
+        hidden.astype(model.dtype),
+        w,
+        targets,
+        temperature=temperature,
+        chunk=chunk,
+        weight_grad=model.weight_grad,
+    )
 
 
 def indexed_token_logprobs(

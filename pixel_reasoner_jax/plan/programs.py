@@ -19,7 +19,7 @@ from flax import nnx
 from pixel_reasoner_jax import sharding
 from pixel_reasoner_jax.config import RunConfig, mesh_shape, rollout_mesh_shape
 from pixel_reasoner_jax.models.config import PRESETS, ModelConfig
-from pixel_reasoner_jax.models.layers import resolve_attention
+from pixel_reasoner_jax.models.layers import resolve_attention, resolve_weight_grad
 from pixel_reasoner_jax.models.qwen25vl import Qwen25VL
 from pixel_reasoner_jax.models.tiny import SIZES
 from pixel_reasoner_jax.models.vision import pad_windows, prepare_vision
@@ -245,7 +245,11 @@ def plan_recipe(
     shapes = recipe_shapes(cfg)
     if text_only:
         shapes = dataclasses.replace(shapes, patches=0)
-    kw = dict(_model_kwargs(cfg), attention=_attention(cfg, target))
+    kw = dict(
+        _model_kwargs(cfg),
+        attention=_attention(cfg, target),
+        weight_grad=resolve_weight_grad(cfg.model.weight_grad, target.topo.platform),
+    )
     mesh = sharding.make_mesh(*mesh_shape(cfg.mesh, n), devices=target.devices)
     frozen = st.freeze_prefixes(st.VISION_TOWER) if cfg.model.freeze_vision else None
     ocfg = optim_config(cfg, 1000)

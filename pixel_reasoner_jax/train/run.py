@@ -82,6 +82,7 @@ def _model_kwargs(cfg: RunConfig) -> dict[str, Any]:
         vision_remat=m.vision_remat,
         attention=m.attention,
         layer_loop=m.layer_loop,
+        weight_grad=m.weight_grad,
     )
 
 
