@@ -103,11 +103,6 @@ EXTRA["grpo:7b:h100-8:offload_all"] = OVERRIDES["grpo:7b:h100-8"] + [
 ]
 # v6e-32's 32 GB chips: the same offload for 7B GRPO (full remat: 1.60x at 25.0 of 28.8 GiB), and 7B SFT,
 # which peaks at 7.5 GiB there with full remat, keeping its residuals on the chip.
-EXTRA["grpo:7b:v6e-32:rt4_rb64_offload"] = EXTRA["grpo:7b:v6e-32:rt4_rb64"] + [
-    "--config.model.remat=offload_dots_attention",
-    "--config.model.vision_remat=full",
-]
-EXTRA["sft:7b:v6e-32:dots_attention"] = OVERRIDES["sft:7b:v6e-32"] + ["--config.model.remat=dots_attention"]
 EXTRA["sft:7b:h100-8:dots"] = ["--config.model.remat=dots"]
 EXTRA["sft:7b:v5p-16:dots"] = ["--config.model.remat=dots"]
 
