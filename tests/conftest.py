@@ -102,3 +102,25 @@ def toy_grpo_config(tiny_ckpt):
         return entry.prepare_assets(cfg)
 
     return make
+
+
+# Files that take minutes (measured: the trap's two training runs ~5 min, the tiny job's and the two-process
+# runs 2-3 min each) go first. The suite runs on two worker processes, each handed whole files in this
+# order (pyproject's addopts: --dist loadfile --no-loadscope-reorder): a long file started last would run
+# alone at the end while the other worker sits idle.
+SLOW_FILES_FIRST = (
+    "test_trap_direction.py",
+    "test_main.py",
+    "test_distributed.py",
+    "test_grpo_async.py",
+    "test_grpo_loop.py",
+    "test_model_parity.py",
+    "test_grpo_learns.py",
+    "test_steps.py",
+    "test_sampler.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
