@@ -318,8 +318,9 @@ def test_cpu_plan_of_tiny_sft(tiny_plan):
     assert p["programs"]["grads"]["flops"] > p["programs"]["grads"]["model_flops"] > 0
     assert p["programs"]["grads"]["vision_flops"] == 0
     assert p["fits"] is True and p["attention"] == "dense"
+    # The step's peak: the larger of the two programs' totals (their own peaks and the state they leave out).
     assert p["programs"]["step"]["peak_bytes"] == max(
-        p["programs"][k]["peak_bytes"] for k in ("grads", "update")
+        p["programs"][k]["peak_bytes"] + p["programs"][k]["unused_state_bytes"] for k in ("grads", "update")
     )
     assert "step" in cli.table(tiny_plan)
 
@@ -355,6 +356,13 @@ def test_cpu_plan_arguments_match_hand_count(tiny_plan):
     # float32 / bool columns are a few KiB per device.
     text = 4 * (total - vision) / 8
     assert text < tiny_plan["programs"]["grads"]["argument_bytes"] < text + 2**20
+    # What it leaves out stays allocated all the while, beside its own peak: Adam's moments and the vision
+    # tower's weights (the update program takes the whole state).
+    left_out = (8 * (total - vision) + 4 * vision) / 8
+    grads = tiny_plan["programs"]["grads"]
+    assert left_out <= grads["unused_state_bytes"] <= left_out + 64 * 1024, (grads["unused_state_bytes"], left_out)
+    assert grads["resident_bytes"] == grads["unused_state_bytes"]  # no sampler in SFT
+    assert tiny_plan["programs"]["update"]["unused_state_bytes"] == 0
 
 
 def test_plans_table_keys_keep_the_cpu_device_count():

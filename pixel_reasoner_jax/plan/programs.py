@@ -49,12 +49,12 @@ def _struct(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
 
 
-def vision_structs(mcfg: ModelConfig, batch: int, patch_bucket: int, max_image_pixels: int, prompt: bool):
-    """(pixel_values (B, Pb, C), vision_inputs stacked on B) structs of `batch` samples, each filling the
-    per-sample patch bucket (`processing.batch.pack_vision`'s layout): square images as large as
-    `max_image_pixels` allows, the last one taking the remaining rows (the window and full-attention slot
-    counts follow). `prompt`: the sampler's layout (`sampler_inputs.pack_prompts`): its floor on the window
-    count, full attention in one slot of the whole bucket."""
+def vision_layout(mcfg: ModelConfig, patch_bucket: int, max_image_pixels: int, prompt: bool):
+    """One sample's vision inputs (NumPy) filling the per-sample patch bucket (`processing.batch.pack_vision`'s
+    layout): square images as large as `max_image_pixels` allows, the last one taking the remaining rows
+    (the window and full-attention slot counts follow). `prompt`: the sampler's layout
+    (`sampler_inputs.pack_prompts`): its floor on the window count, full attention in one slot of the whole
+    bucket."""
     v = mcfg.vision
     side = int(math.isqrt(max(4, min(patch_bucket, max_image_pixels // PIXELS_PER_PATCH)))) // 2 * 2
     k, rest = divmod(patch_bucket, side * side)
@@ -63,8 +63,15 @@ def vision_structs(mcfg: ModelConfig, batch: int, patch_bucket: int, max_image_p
     vi = prepare_vision(np.array(grids), v, patch_bucket=patch_bucket, **slots)
     if prompt:
         vi = pad_windows(vi, max(vi.window_gather.shape[0], prompt_min_windows(v, patch_bucket)))
+    return vi
+
+
+def vision_structs(mcfg: ModelConfig, batch: int, patch_bucket: int, max_image_pixels: int, prompt: bool):
+    """(pixel_values (B, Pb, C), vision_inputs stacked on B) structs of `batch` samples laid out as
+    `vision_layout`'s one."""
+    vi = vision_layout(mcfg, patch_bucket, max_image_pixels, prompt)
     # Every sample alike: stack_vision of identical samples is the one sample with a leading B.
-    return _struct((batch, patch_bucket, v.patch_dim), np.float32), jax.tree.map(
+    return _struct((batch, patch_bucket, mcfg.vision.patch_dim), np.float32), jax.tree.map(
         lambda x: _struct((batch, *x.shape), x.dtype), vi
     )
 
@@ -217,40 +224,55 @@ class Target:
         return total_bytes <= self.budget and host_fits
 
 
-def _attention(cfg: RunConfig, target: Target) -> str:
+def model_kwargs(cfg: RunConfig, target: Target) -> dict[str, Any]:
+    """The trainer's model keyword arguments (`train.run._model_kwargs`) with the attention kernel and the
+    weight-gradient form resolved for the target's platform."""
     kw = _model_kwargs(cfg)
-    return resolve_attention(cfg.model.attention, kw["dtype"], target.topo.platform)
+    return dict(
+        kw,
+        attention=resolve_attention(cfg.model.attention, kw["dtype"], target.topo.platform),
+        weight_grad=resolve_weight_grad(cfg.model.weight_grad, target.topo.platform),
+    )
 
 
-def plan_recipe(
-    cfg: RunConfig,
-    target: Target,
-    log=print,
-    compiler_options: dict[str, Any] | None = None,
-    text_only: bool = False,
-) -> dict[str, Any]:
-    """Compiles the recipe's programs for `target` one at a time and returns the plan (JSON-ready).
+def step_model_flops(cfg: RunConfig, params, shapes: Shapes) -> tuple[float, int, int]:
+    """(6·N·T of one optimizer step, N of the decoder's matmuls, N of the vision tower): the decoder's
+    parameters less the embedding over every token, the tower's over every patch row (2·N when frozen)."""
+    n_text = fl.count_params(params, skip=("visual", "embed_tokens"))
+    n_vision = fl.count_params(params) - fl.count_params(params, skip=("visual",))
+    tokens = shapes.n_micro * shapes.batch * shapes.seq
+    vision_rows = shapes.n_micro * shapes.batch * shapes.patches
+    vision_factor = 2 if cfg.model.freeze_vision else 6
+    return 6 * n_text * tokens + vision_factor * n_vision * vision_rows, n_text, n_vision
 
-    Per program: argument/output/alias/temp/peak bytes per device, `resident_bytes` (buffers of the other
-    phase that stay allocated: the sampler's weights during training, the train state during rollouts),
-    `flops` per device (jaxpr count over the devices: the vision tower runs per sample, split over the batch
-    like the decoder; `vision_flops` is its global share), `xla_flops` (XLA's count, loop bodies once), `model_flops` (6·N·T, 2·N·T forward only)
-    and `fits` (peak + resident within the memory less the headroom). `compiler_options` go to the train
-    programs' jits (tests lower the CPU optimisation level; argument and output sizes do not change).
-    `text_only` plans batches without images or videos (a text-only data set; the vision tower's weights
-    stay in the state, its programs drop out).
-    """
-    n = len(target.devices)
+
+@dataclasses.dataclass
+class TrainSetup:
+    """What a recipe's training programs are built from on a target (`train_setup`): the architecture, the
+    planned shapes, the model's keyword arguments, the train mesh, the abstract train state and its
+    shardings, the optimizer (and which parameters it freezes) and the train functions."""
+
+    mcfg: ModelConfig
+    shapes: Shapes
+    model_kwargs: dict[str, Any]
+    mesh: Any
+    optimizer: Any
+    frozen: Any
+    graphdef: Any
+    abstract: Any
+    shardings: Any
+    fns: Any
+
+
+def train_setup(cfg: RunConfig, target: Target, compiler_options=None, text_only=False) -> TrainSetup:
+    """The training side of `plan_recipe` (one definition: `benchmarks/device_check.py` runs the very
+    programs a plan compiles). Allocates nothing."""
     mcfg = model_config(cfg)
     shapes = recipe_shapes(cfg)
     if text_only:
         shapes = dataclasses.replace(shapes, patches=0)
-    kw = dict(
-        _model_kwargs(cfg),
-        attention=_attention(cfg, target),
-        weight_grad=resolve_weight_grad(cfg.model.weight_grad, target.topo.platform),
-    )
-    mesh = sharding.make_mesh(*mesh_shape(cfg.mesh, n), devices=target.devices)
+    kw = model_kwargs(cfg, target)
+    mesh = sharding.make_mesh(*mesh_shape(cfg.mesh, len(target.devices)), devices=target.devices)
     frozen = st.freeze_prefixes(st.VISION_TOWER) if cfg.model.freeze_vision else None
     ocfg = optim_config(cfg, 1000)
     optimizer = st.make_optimizer(ocfg, frozen)
@@ -267,6 +289,91 @@ def plan_recipe(
         schedule=st.make_schedule(ocfg), frozen=frozen, buffers=abstract.buffers,
         compiler_options=compiler_options, pixel_dtype=cfg.model.dtype,
     )  # fmt: skip
+    return TrainSetup(mcfg, shapes, kw, mesh, optimizer, frozen, graphdef, abstract, shardings, fns)
+
+
+def unused_state_bytes(compiled: jax.stages.Compiled, passed_state, state_bytes: int) -> int:
+    """Train-state bytes per device that stay allocated while `compiled` runs but are not among its
+    arguments, which XLA's sizes hold: the state it is not passed (the log-prob pass takes the parameters
+    and buffers only) and the leaves jit left out of it as unused (the gradient program drops Adam's
+    moments, the step count and the key; a text-only batch the vision tower's weights too).
+    `passed_state`: the state's part in the program's leading arguments, in order.
+
+    Plans made before 2026-12-04 left these bytes out: on an H200 3B SFT's step peaked at 63.8 GiB where
+    its plan said 48.5 (benchmarks/DEVICE.md). Reads jit's kept-argument set (JAX internals, checked by
+    tests/test_plan.py)."""
+    kept = compiled._executable._kept_var_idx
+    leaves = jax.tree.leaves(passed_state)
+    return state_bytes - sum(per_device_bytes(x) for i, x in enumerate(leaves) if i in kept)
+
+
+def step_entry(g: dict, u: dict, sampler_weights: int, fits) -> dict:
+    """The optimizer step's entry from its gradient (`g`) and update (`u`) programs' entries: between the
+    two the state and the gradient accumulator are live, both `update`'s arguments, so each program's
+    total already holds what the other leaves behind. `fits(total_bytes, host_bytes)`: `Target.fits`."""
+    total = max(g["total_bytes"], u["total_bytes"])
+    host = max(g.get("host_bytes", 0), u.get("host_bytes", 0))
+    return {
+        "peak_bytes": total - sampler_weights,
+        "resident_bytes": sampler_weights,
+        "total_bytes": total,
+        "host_bytes": host,
+        "flops": g["flops"] + u["flops"],
+        "model_flops": g["model_flops"],
+        "fits": fits(total, host),
+    }
+
+
+def recount_unused_state(plan: dict, idle: int) -> dict:
+    """A plan JSON compiled before `unused_state_bytes` existed, with `idle` (the optimizer state, step
+    count and key per device: what the gradient and log-prob programs of a batch with media leave out) added
+    to those programs' resident and total bytes, and the step and verdicts recomputed. No recompile: the
+    programs are the same, only the accounting changes."""
+    budget, host_budget = plan["budget_per_device_bytes"], plan.get("host_budget_per_device_bytes")
+
+    def fits(total, host):
+        return total <= budget and (plan.get("platform") == "cpu" or not host or host <= host_budget)
+
+    progs = plan["programs"]
+    for name in ("grads", "logprobs"):
+        p = progs.get(name)
+        if p is not None and "peak_bytes" in p:
+            p["resident_bytes"] += idle
+            p["total_bytes"] += idle
+            p["unused_state_bytes"] = idle
+            p["fits"] = fits(p["total_bytes"], p.get("host_bytes", 0))  # older plans: no host memory
+    if "peak_bytes" in progs["grads"] and "peak_bytes" in progs["update"]:
+        progs["step"] = step_entry(
+            progs["grads"], progs["update"], plan["sampler_weight_bytes_per_device"], fits
+        )
+    plan["fits"] = all(p["fits"] for p in progs.values())
+    plan["unused_state_recounted"] = True
+    return plan
+
+
+def plan_recipe(
+    cfg: RunConfig,
+    target: Target,
+    log=print,
+    compiler_options: dict[str, Any] | None = None,
+    text_only: bool = False,
+) -> dict[str, Any]:
+    """Compiles the recipe's programs for `target` one at a time and returns the plan (JSON-ready).
+
+    Per program: argument/output/alias/temp/peak bytes per device, `resident_bytes` (buffers allocated
+    beside the program's own: the sampler's weights during training, the train state during rollouts, and
+    and during the train programs the train state they do not take, `unused_state_bytes`),
+    `flops` per device (jaxpr count over the devices: the vision tower runs per sample, split over the batch
+    like the decoder; `vision_flops` is its global share), `xla_flops` (XLA's count, loop bodies once), `model_flops` (6·N·T, 2·N·T forward only)
+    and `fits` (peak + resident within the memory less the headroom). `compiler_options` go to the train
+    programs' jits (tests lower the CPU optimisation level; argument and output sizes do not change).
+    `text_only` plans batches without images or videos (a text-only data set; the vision tower's weights
+    stay in the state, its programs drop out).
+    """
+    n = len(target.devices)
+    ts = train_setup(cfg, target, compiler_options=compiler_options, text_only=text_only)
+    mcfg, shapes, kw, mesh = ts.mcfg, ts.shapes, ts.model_kwargs, ts.mesh
+    abstract, fns = ts.abstract, ts.fns
     max_px = largest_image_pixels(cfg)
     micro = micro_structs(mcfg, shapes, max_px)
     text_micro = micro_structs(mcfg, shapes, max_px, media=False)
@@ -276,12 +383,7 @@ def plan_recipe(
         when the batch has no media (the program is its own text-only version)."""
         return trace() if shapes.patches else None
 
-    n_text = fl.count_params(abstract.params, skip=("visual", "embed_tokens"))
-    n_vision = fl.count_params(abstract.params) - fl.count_params(abstract.params, skip=("visual",))
-    tokens = shapes.n_micro * shapes.batch * shapes.seq
-    vision_rows = shapes.n_micro * shapes.batch * shapes.patches
-    vision_factor = 2 if cfg.model.freeze_vision else 6
-    step_model = 6 * n_text * tokens + vision_factor * n_vision * vision_rows
+    step_model, n_text, n_vision = step_model_flops(cfg, abstract.params, shapes)
 
     jobs = []  # (name, traced, text-only traced or None, while trips, model flops, mesh, rules)
     step = fns.trace(cfg.mode, abstract, micro)
@@ -331,6 +433,8 @@ def plan_recipe(
                 ("decode", progs["decode"], None, shapes.new_tokens - 1, decode_model, rmesh, "rollout")
             )
     state_bytes = per_device_bytes(abstract)
+    # The train state's part in each train program's leading arguments (`steps.make_train_fns`).
+    state_args = {"grads": abstract, "update": abstract, "logprobs": (abstract.params, abstract.buffers)}
 
     programs = {}
     for name, traced, text_traced, trips, model_flops, pmesh, rules in jobs:
@@ -352,10 +456,12 @@ def plan_recipe(
         entry = memory(compiled, target.topo.platform)
         total = fl.jaxpr_flops(traced.jaxpr, trips)
         vision = total - fl.jaxpr_flops(text_traced.jaxpr, trips) if text_traced is not None else 0.0
-        resident = sampler_weights if rules == "train" else state_bytes
+        unused = unused_state_bytes(compiled, state_args[name], state_bytes) if rules == "train" else 0
+        resident = sampler_weights + unused if rules == "train" else state_bytes
         # A CPU device's memory is host memory: what it offloads stays in the same budget.
         on_host = entry["host_bytes"] if target.topo.platform == "cpu" else 0
         entry.update(
+            unused_state_bytes=unused,
             resident_bytes=resident,
             total_bytes=entry["peak_bytes"] + resident + on_host,
             flops=total / n,
@@ -371,19 +477,7 @@ def plan_recipe(
         del compiled
     g, u = programs["grads"], programs["update"]
     if "peak_bytes" in g and "peak_bytes" in u:
-        # Between the two programs the state and the gradient accumulator are live: both are `update`'s
-        # arguments, so each program's own peak already holds what the other leaves behind.
-        peak = max(g["peak_bytes"], u["peak_bytes"])
-        host = max(g["host_bytes"], u["host_bytes"])
-        programs["step"] = {
-            "peak_bytes": peak,
-            "resident_bytes": sampler_weights,
-            "total_bytes": peak + sampler_weights,
-            "host_bytes": host,
-            "flops": g["flops"] + u["flops"],
-            "model_flops": g["model_flops"],
-            "fits": target.fits(peak + sampler_weights, host),
-        }
+        programs["step"] = step_entry(g, u, sampler_weights, target.fits)
     return {
         "mode": cfg.mode,
         "variant": cfg.variant,
