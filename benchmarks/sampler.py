@@ -51,8 +51,11 @@ def sampler_config():
     ).validate()
 
 
-def make_requests(cfg, batch: int, new_tokens: int, image_side: int, text_tokens: int, seed: int = 0):
-    """`batch` prompts of one length: random text, one image (ONE pad), more text; greedy, no stop ids."""
+def make_requests(
+    cfg, batch: int, new_tokens: int, image_side: int, text_tokens: int, seed: int = 0, sampling=None
+):
+    """`batch` prompts of one length: random text, one image (ONE pad), more text; greedy (or `sampling`,
+    a SamplingParams), no stop ids."""
     import numpy as np
     from PIL import Image
 
@@ -71,7 +74,8 @@ def make_requests(cfg, batch: int, new_tokens: int, image_side: int, text_tokens
             *text[half:],
         )
         img = Image.fromarray(rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8))
-        out.append(GenerationRequest(ids, (img,), SamplingParams(new_tokens, temperature=0.0)))
+        params = sampling or SamplingParams(new_tokens, temperature=0.0)
+        out.append(GenerationRequest(ids, (img,), params, seed=len(out) if sampling else None))
     return out
 
 

@@ -343,6 +343,19 @@ def abstract_train_state(
     return graphdef, abstract_like(abstract, shardings), shardings
 
 
+def random_train_state(model_fn: Callable[[], nnx.Module], optimizer, shardings, mesh: Mesh, seed: int = 0):
+    """A fresh TrainState of a randomly initialised model, made on the devices by one jit (`model_fn` runs
+    inside it), laid out as `shardings` (`abstract_train_state`'s): benchmarks at real sizes, with no
+    host copy of the weights (7B float32 would not fit a small host)."""
+
+    def build():
+        _, params, buffers = _split_model(model_fn())
+        return _init_fn(optimizer, seed)(params, buffers)
+
+    with sharding.use_mesh(mesh, "train"):
+        return jax.jit(build, out_shardings=shardings)()
+
+
 def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation) -> TrainState:
     """One optimizer update (pure, jit-able); `grads` has the structure of `state.params`."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
