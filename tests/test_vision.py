@@ -9,7 +9,7 @@ from flax import nnx
 from test_model_parity import CFG, build_hf_reference
 from transformers import vision_utils
 
-from pixel_reasoner_jax.models import hf_io
+from pixel_reasoner_jax.models import hf_io, layers, vision
 from pixel_reasoner_jax.models.qwen25vl import splice_vision
 from pixel_reasoner_jax.models.vision import (
     pad_slots,
@@ -189,6 +189,34 @@ def test_xla_attention_kernel_matches_dense(tower):
     pix = np.random.default_rng(2).standard_normal((p, VC.patch_dim)).astype(np.float32)
     vi = prepare_vision(grid, VC)
     np.testing.assert_allclose(xla(jnp.asarray(pix), vi), dense(jnp.asarray(pix), vi), atol=1e-5, rtol=0)
+
+
+def test_gpu_tiles_of_the_full_attention_slots_match_dense(tower, tmp_path, monkeypatch):
+    # On GPU ("cudnn" / "xla") the full-attention slots run the blocked kernel in GPU_FULL_ATTENTION_TILE
+    # tiles: at 8 rows a tile, every slot spans several tiles and the ones between a slot's segments are
+    # skipped; the tower's output is the dense one's.
+    _, dense, _, _ = tower
+    monkeypatch.setattr(vision, "GPU_FULL_ATTENTION_TILE", 8)
+    tiles, kernel = [], layers.blocked_attention
+
+    def blocked(*args, **kw):
+        tiles.append((kw.get("block_q"), kw.get("block_k")))
+        return kernel(*args, **kw)
+
+    monkeypatch.setattr(layers, "blocked_attention", blocked)
+    build_hf_reference(tmp_path, seed=1)  # the fixture's weights
+    with nnx.use_eager_sharding(False):
+        xla = hf_io.load_model(tmp_path, attention="xla")
+    graphdef, params = nnx.split(xla.visual)
+    run = jax.jit(lambda p, x, vi: nnx.merge(graphdef, p)(x, vi))
+    grid = np.array(GRID_SETS["video_and_image"])
+    p = int(grid.prod(-1).sum())
+    pix = np.random.default_rng(3).standard_normal((p, VC.patch_dim)).astype(np.float32)
+    vi = prepare_vision(grid, VC)
+    assert vi.slot_gather.shape[-1] > 8
+    got = np.asarray(run(params, jnp.asarray(pix)[None], stack_vision([vi])))[0]
+    np.testing.assert_allclose(got, dense(jnp.asarray(pix), vi), atol=1e-5, rtol=0)
+    assert tiles and set(tiles) == {(8, 8)}  # the full layers' slots, and only they, ran blocked
 
 
 def test_prepare_vision_errors():

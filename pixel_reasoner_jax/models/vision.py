@@ -32,6 +32,15 @@ from pixel_reasoner_jax.models.layers import (
     remat,
 )
 
+# Tile side of the blocked kernel in the full-attention slots on GPU (the model's attention "cudnn" or
+# "xla"). Its CPU tiles (64 x 64, blocked_attention.BLOCK_Q) make an 8,192-row slot 16,384 loop steps of
+# a few small kernels each (and a `lax.cond`, whose flag XLA's GPU runtime may read on the host), and on
+# an H200 that loop, not the FLOPs, set the time: the 7B tower's forward over two samples of 65,536 patch
+# rows took 5.15 s (4.6 % MFU) and 3B GRPO's step 19 s (3.1 %), benchmarks/DEVICE.md. 512 x 512 tiles take
+# 64x fewer steps, each a (slots x heads) batch of 512 x 512 products. Chosen by that arithmetic; not yet
+# timed on a GPU.
+GPU_FULL_ATTENTION_TILE = 512
+
 __all__ = [
     "Qwen25VisionTower",
     "VisionInputs",
@@ -412,9 +421,15 @@ class VisionBlocks(nnx.Module):
         def full(q, k, v):
             # Each image's rows attend inside their slot (segment ids tell a slot's images apart). cuDNN /
             # XLA take segments only as a dense (slots, 1, L, L) bias, 256 MiB per 8,192-row slot and
-            # layer: the blocked kernel keeps O(L) memory and skips the tiles between a slot's images.
-            full_impl = "blocked" if impl in ("cudnn", "xla") else impl
-            return _slotted(q, k, v, vi.slot_gather, vi.slot_segments, vi.slot_scatter, full_impl, True)
+            # layer: the blocked kernel keeps O(L) memory and skips the tiles between a slot's images, in
+            # GPU-sized tiles there (GPU_FULL_ATTENTION_TILE).
+            if impl in ("cudnn", "xla"):
+                tile = GPU_FULL_ATTENTION_TILE
+                blocks = dict(block_q=tile, block_k=tile)
+                return _slotted(
+                    q, k, v, vi.slot_gather, vi.slot_segments, vi.slot_scatter, "blocked", True, **blocks
+                )
+            return _slotted(q, k, v, vi.slot_gather, vi.slot_segments, vi.slot_scatter, impl, True)
 
         def windowed(q, k, v):
             return _slotted(q, k, v, vi.window_gather, vi.window_segments, vi.window_scatter, impl)
@@ -428,10 +443,10 @@ class VisionBlocks(nnx.Module):
         return constrain(x, VISION_ACT)
 
 
-def _slotted(q, k, v, gather, segments, scatter, impl: str, spare_row: bool = False) -> jax.Array:
+def _slotted(q, k, v, gather, segments, scatter, impl: str, spare_row: bool = False, **blocks) -> jax.Array:
     """Attention inside slots: (B, Pb, N, H) rows gathered into (B * S, L) slot batches by `gather` (B, S, L),
     masked by `segments` (B, S, L), and each row read back from its slot position `scatter` (B, Pb). With
-    `spare_row`, position S * L reads zeros (rows in no slot)."""
+    `spare_row`, position S * L reads zeros (rows in no slot). `blocks`: the kernel's tile sizes."""
     b, ns, ls = gather.shape
     flat = gather.reshape(b, ns * ls)
 
@@ -439,7 +454,9 @@ def _slotted(q, k, v, gather, segments, scatter, impl: str, spare_row: bool = Fa
         return _rows(a, flat).reshape(b * ns, ls, *a.shape[2:])
 
     seg = segments.reshape(b * ns, ls)
-    out = attention(take(q), take(k), take(v), q_segments=seg, kv_segments=seg, causal=False, impl=impl)
+    out = attention(
+        take(q), take(k), take(v), q_segments=seg, kv_segments=seg, causal=False, impl=impl, **blocks
+    )
     out = out.reshape(b, ns * ls, *out.shape[2:])
     if spare_row:
         out = jnp.concatenate([out, jnp.zeros_like(out[:, :1])], axis=1)
