@@ -4,6 +4,7 @@ users rent, each compiled in its own process (one at a time) with the environmen
   python -m benchmarks.plans                      # every missing plan, then PLANS.md
   python -m benchmarks.plans --only=grpo:7b:h100-8 --force
   python -m benchmarks.plans --table              # PLANS.md from the JSON files already written
+  python -m benchmarks.plans --recount            # add the left-out optimizer state to older plans, then PLANS.md
 
 TPU plans run under $PLAN_TPU_PYTHON (default /work/venv-tpu/bin/python: jax[tpu]), GPU plans under
 $PLAN_GPU_PYTHON (default /work/venv-gpu/bin/python: jax[cuda12]), cpu plans under this interpreter.
@@ -47,10 +48,13 @@ OVERRIDES = {
 # these choices.
 GRPO_FIT = ["--config.grpo.micro_batches=32", "--config.rollout.batch_size=64"]
 OVERRIDES["grpo:7b:v5p-16"] = GRPO_FIT
-OVERRIDES["grpo:7b:h100-8"] = GRPO_FIT + ["--config.mesh.rollout_tensor=2"]
-# Whether one setting serves both 7B targets (h100-8 needs the sampler's copy over 2 devices), and whether
-# the 7B levers make 3B GRPO fit one H100 node (at the recipe's settings it does not).
-EXTRA["grpo:7b:v5p-16:rollout_tensor2"] = OVERRIDES["grpo:7b:h100-8"]
+# On h100-8 the sampler's copy over 4 devices: over 2 (7.7 GiB per device) the gradient program's total is
+# 60.0 of 59.3 GiB once the Adam moments it leaves out are counted (2026-12-04).
+OVERRIDES["grpo:7b:h100-8"] = GRPO_FIT + ["--config.mesh.rollout_tensor=4"]
+# Whether one setting serves both 7B targets (h100-8 needed the sampler's copy over 2 devices before the
+# moments were counted), and whether the 7B levers make 3B GRPO fit one H100 node (at the recipe's settings
+# it does not).
+EXTRA["grpo:7b:v5p-16:rollout_tensor2"] = GRPO_FIT + ["--config.mesh.rollout_tensor=2"]
 EXTRA["grpo:3b:h100-8:mb32_rb64"] = GRPO_FIT
 # The 141 GB H200 at the recipe's settings does not fit either (grads 135.5 GiB): the same levers, no
 # `rollout_tensor` (its budget holds the replicated 15.4 GiB copy).
@@ -90,6 +94,10 @@ EXTRA["grpo:7b:v5p-16:dots_attention"] = GRPO_FIT + [
 EXTRA["grpo:7b:v5p-16:dots_attention_fused"] = EXTRA["grpo:7b:v5p-16:dots_attention"] + [
     "--config.model.attention=splash_fused"
 ]
+# With the Adam moments counted the last row is 89.7 of 85.5 GiB: the sampler's copy over 2 chips too.
+EXTRA["grpo:7b:v5p-16:dots_attention_fused_rt2"] = EXTRA["grpo:7b:v5p-16:dots_attention_fused"] + [
+    "--config.mesh.rollout_tensor=2"
+]
 # The H100's 80 GB has no room for the decoder's dots beside one 12,288-token sample (grads 64.8 of 59.3
 # GiB): the same residuals kept in host memory instead ("offload_*", moved over PCIe and back each layer).
 EXTRA["grpo:7b:h100-8:offload_dots_attention"] = OVERRIDES["grpo:7b:h100-8"] + [
@@ -97,7 +105,8 @@ EXTRA["grpo:7b:h100-8:offload_dots_attention"] = OVERRIDES["grpo:7b:h100-8"] + [
     "--config.model.vision_remat=full",
 ]
 # And the tower's matmul outputs too (65,536 patch rows per sample: far past HBM, within the host's share).
-EXTRA["grpo:7b:h100-8:offload_all"] = OVERRIDES["grpo:7b:h100-8"] + [
+EXTRA["grpo:7b:h100-8:offload_all"] = GRPO_FIT + [
+    "--config.mesh.rollout_tensor=2",
     "--config.model.remat=offload_dots_attention",
     "--config.model.vision_remat=offload_dots",
 ]
@@ -206,16 +215,71 @@ def write_table(keys: list[str]) -> None:
     PLANS_MD.write_text(intro.replace("{{TABLE}}", body) if "{{TABLE}}" in intro else body + "\n")
 
 
+def unused_state_of(key: str) -> int:
+    """Per-device bytes of the optimizer state, step count and key of plan `key`'s config on its device count
+    (what its gradient and log-prob programs leave out: `programs.recount_unused_state`); no compile. Runs
+    in a process of its own with that many host devices."""
+    devices = json.loads(key_path(key).read_text())["devices"]
+    code = "import sys; from benchmarks.plans import _print_unused_state; _print_unused_state(sys.argv[1:])"
+    mode, variant, _ = split_key(key)
+    argv = [f"--config=configs/{mode}.py:{variant}", *overrides(key)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(devices), *argv], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    if out.returncode:
+        raise RuntimeError(f"{key}: {out.stderr[-2000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _print_unused_state(args: list[str]) -> None:
+    import jax
+    from absl import flags
+    from ml_collections import config_flags
+
+    from pixel_reasoner_jax.config import from_config_dict
+    from pixel_reasoner_jax.plan import programs
+    from pixel_reasoner_jax.plan import topology as tp
+
+    config_flags.DEFINE_config_file("config", None, "run config")
+    flags.FLAGS(["plans", *args[1:]])
+    n = int(args[0])
+    target = programs.Target(tp.parse_topology(f"cpu:{n}"), jax.devices("cpu")[:n])
+    a = programs.train_setup(from_config_dict(flags.FLAGS.config), target).abstract
+    print(programs.per_device_bytes((a.opt_state, a.step, a.rng)))
+
+
+def recount(keys: list[str]) -> None:
+    """Older plans (compiled before `unused_state_bytes`): the optimizer state added where it was left out."""
+    from pixel_reasoner_jax.plan.programs import recount_unused_state
+
+    for key in keys:
+        path = key_path(key)
+        if not path.exists():
+            continue
+        plan = json.loads(path.read_text())
+        if plan.get("unused_state_recounted") or "unused_state_bytes" in plan["programs"].get("grads", {}):
+            continue
+        idle = unused_state_of(key)
+        path.write_text(json.dumps(recount_unused_state(plan, idle), indent=1) + "\n", encoding="utf-8")
+        print(f"{key}: + {idle / GIB:.2f} GiB per device in grads/logprobs; fits {plan['fits']}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated mode:variant:topology keys")
     ap.add_argument("--force", action="store_true", help="recompile plans that already have a JSON")
     ap.add_argument("--table", action="store_true", help="only rewrite PLANS.md")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per plan")
+    ap.add_argument(
+        "--recount", action="store_true", help="recount older plans' left-out state, then PLANS.md"
+    )
     args = ap.parse_args()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     keys = [f"{r}:{t}" for r in RECIPES for t in TOPOLOGIES] + list(EXTRA)
-    if not args.table:
+    if args.recount:
+        recount(keys)
+    elif not args.table:
         todo = [k for k in keys if not args.only or k in args.only.split(",")]
         for key in todo:
             if args.force or not key_path(key).exists():
