@@ -360,7 +360,10 @@ def test_cpu_plan_arguments_match_hand_count(tiny_plan):
     # tower's weights (the update program takes the whole state).
     left_out = (8 * (total - vision) + 4 * vision) / 8
     grads = tiny_plan["programs"]["grads"]
-    assert left_out <= grads["unused_state_bytes"] <= left_out + 64 * 1024, (grads["unused_state_bytes"], left_out)
+    assert left_out <= grads["unused_state_bytes"] <= left_out + 64 * 1024, (
+        grads["unused_state_bytes"],
+        left_out,
+    )
     assert grads["resident_bytes"] == grads["unused_state_bytes"]  # no sampler in SFT
     assert tiny_plan["programs"]["update"]["unused_state_bytes"] == 0
 
