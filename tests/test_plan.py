@@ -375,3 +375,36 @@ def test_plans_table_keys_keep_the_cpu_device_count():
     assert split_key("sft:3b:cpu:8:dots") == ("sft", "3b", "cpu:8")
     assert split_key("grpo:7b:h100-8:chunk12288") == ("grpo", "7b", "h100-8")
     assert split_key("sft:3b:v5p-8") == ("sft", "3b", "v5p-8")
+
+
+def test_recount_adds_the_left_out_state_to_an_older_plan():
+    # An older plan's JSON (no host columns, no unused state): the optimizer state goes into the gradient
+    # and log-prob programs' totals, the step is rebuilt from them, and the verdicts follow the budget.
+    gib = 2**30
+    plan = {
+        "platform": "gpu",
+        "budget_per_device_bytes": 60 * gib,
+        "sampler_weight_bytes_per_device": 8 * gib,
+        "programs": {
+            "grads": {"peak_bytes": 44 * gib, "resident_bytes": 8 * gib, "total_bytes": 52 * gib,
+                      "flops": 3.0, "model_flops": 2.0, "fits": True},
+            "update": {"peak_bytes": 15 * gib, "resident_bytes": 8 * gib, "total_bytes": 23 * gib,
+                       "flops": 0.0, "model_flops": 0.0, "fits": True},
+            "logprobs": {"peak_bytes": 12 * gib, "resident_bytes": 8 * gib, "total_bytes": 20 * gib,
+                         "fits": True},
+            "prefill": {"peak_bytes": 40 * gib, "resident_bytes": 12 * gib, "total_bytes": 52 * gib,
+                        "fits": True},
+        },
+    }  # fmt: skip
+    out = programs.recount_unused_state(plan, 8 * gib)
+    g, lp, step = out["programs"]["grads"], out["programs"]["logprobs"], out["programs"]["step"]
+    assert (g["total_bytes"], g["resident_bytes"], g["fits"]) == (60 * gib, 16 * gib, True)
+    assert (lp["total_bytes"], lp["unused_state_bytes"]) == (28 * gib, 8 * gib)
+    assert out["programs"]["update"]["total_bytes"] == 23 * gib  # takes the whole state already
+    assert out["programs"]["prefill"]["total_bytes"] == 52 * gib  # the train state was counted there
+    assert (step["total_bytes"], step["peak_bytes"], step["flops"]) == (60 * gib, 52 * gib, 3.0)
+    assert out["fits"] is True and out["unused_state_recounted"] is True
+    out = programs.recount_unused_state(
+        json.loads(json.dumps(plan)) | {"budget_per_device_bytes": 59 * gib}, 0
+    )
+    assert out["fits"] is False and out["programs"]["step"]["fits"] is False
