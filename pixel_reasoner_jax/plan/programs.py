@@ -362,7 +362,7 @@ def plan_recipe(
 
     Per program: argument/output/alias/temp/peak bytes per device, `resident_bytes` (buffers allocated
     beside the program's own: the sampler's weights during training, the train state during rollouts, and
-    and during the train programs the train state they do not take, `unused_state_bytes`),
+    during the train programs the train state they do not take, `unused_state_bytes`),
     `flops` per device (jaxpr count over the devices: the vision tower runs per sample, split over the batch
     like the decoder; `vision_flops` is its global share), `xla_flops` (XLA's count, loop bodies once), `model_flops` (6·N·T, 2·N·T forward only)
     and `fits` (peak + resident within the memory less the headroom). `compiler_options` go to the train
