@@ -423,13 +423,13 @@ class VisionBlocks(nnx.Module):
             # XLA take segments only as a dense (slots, 1, L, L) bias, 256 MiB per 8,192-row slot and
             # layer: the blocked kernel keeps O(L) memory and skips the tiles between a slot's images, in
             # GPU-sized tiles there (GPU_FULL_ATTENTION_TILE).
+            full_impl, blocks = impl, {}
             if impl in ("cudnn", "xla"):
                 tile = GPU_FULL_ATTENTION_TILE
-                blocks = dict(block_q=tile, block_k=tile)
-                return _slotted(
-                    q, k, v, vi.slot_gather, vi.slot_segments, vi.slot_scatter, "blocked", True, **blocks
-                )
-            return _slotted(q, k, v, vi.slot_gather, vi.slot_segments, vi.slot_scatter, impl, True)
+                full_impl, blocks = "blocked", dict(block_q=tile, block_k=tile)
+            return _slotted(
+                q, k, v, vi.slot_gather, vi.slot_segments, vi.slot_scatter, full_impl, True, **blocks
+            )
 
         def windowed(q, k, v):
             return _slotted(q, k, v, vi.window_gather, vi.window_segments, vi.window_scatter, impl)
