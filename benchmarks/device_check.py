@@ -89,7 +89,7 @@ def micro_arrays(mcfg, shapes, max_px: int, seed: int = 0) -> dict:
     structs = programs.micro_structs(mcfg, shapes, max_px, media=False)
     rng = np.random.default_rng(seed)
     n, b, t = structs["input_ids"].shape
-    ids = rng.integers(100, 150_000, (n, b, t)).astype(np.int32)
+    ids = rng.integers(100, mcfg.text.vocab_size, (n, b, t)).astype(np.int32)
     out = {}
     if shapes.patches:
         vi = programs.vision_layout(mcfg, shapes.patches, max_px, prompt=False)
@@ -252,6 +252,7 @@ def measure_decode(cfg, target, repeats: int) -> dict:
     timed = runs[1:]
     n_text = fl.count_params(nnx.state(model, nnx.Param), skip=("visual", "embed_tokens"))
     decode_s = statistics.median(x["decode"] for x in timed)
+    generate_s = statistics.median(x["wall_s"] for x in timed)
     return {
         "init_s": round(init_s, 1),
         "first_s": round(runs[0]["wall_s"], 2),
@@ -259,12 +260,12 @@ def measure_decode(cfg, target, repeats: int) -> dict:
         "prompt_tokens": len(requests[0].input_ids) - 1 + image_tokens,
         "image_side": side,
         "new_tokens": new,
-        "generate_s": statistics.median(x["wall_s"] for x in timed),
+        "generate_s": generate_s,
         "prefill_s": statistics.median(x["prefill"] for x in timed),
         "decode_s": decode_s,
         "tokens": timed[0]["tokens"],
         "decode_tokens_per_s": timed[0]["tokens"] / decode_s,
-        "generate_tokens_per_s": timed[0]["tokens"] / statistics.median(x["wall_s"] for x in timed),
+        "generate_tokens_per_s": timed[0]["tokens"] / generate_s,
         # Bytes the decode must read per step at least: the weights once (the KV cache comes on top).
         "weight_bytes": programs.per_device_bytes(nnx.state(model, nnx.Param)),
         "text_matmul_params": n_text,
