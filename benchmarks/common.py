@@ -47,12 +47,14 @@ def pin_threads(threads: int | None = None, host_malloc: str = "auto") -> int:
     """
     from pixel_reasoner_jax import hostmem
 
+    # The benchmarks compare CPU against CPU: set before `configure`, whose "auto" asks which backend jax
+    # will pick (with a CUDA plugin installed it would otherwise guess a GPU and keep glibc's defaults).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     kept = hostmem.configure(host_malloc)
     print(
         f"malloc ({host_malloc}): {'freed memory kept for reuse' if kept else 'glibc defaults'}", flush=True
     )
     n = int(threads or os.environ.get("BENCH_THREADS") or os.cpu_count() or 1)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flags = os.environ.get("XLA_FLAGS", "")
     if "intra_op_parallelism_threads" not in flags and os.environ["JAX_PLATFORMS"] == "cpu":
         flags += f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}"

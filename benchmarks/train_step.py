@@ -73,6 +73,12 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
+    parser.add_argument(
+        "--logprob-chunk",
+        type=int,
+        default=1024,
+        help="tokens per chunk of our log-prob pass (model.logprob_chunk; 1024 is configs/base.py's)",
+    )
     add_model_args(parser)
     add_host_malloc_arg(parser)
     args = parser.parse_args(argv)
@@ -110,7 +116,7 @@ def main(argv=None) -> str:
     graphdef, state, shardings = st.create_train_state(model, optimizer, mesh)
     n = num_params(state.params)
     del model
-    fns = make_train_fns(graphdef, optimizer, shardings, mesh)
+    fns = make_train_fns(graphdef, optimizer, shardings, mesh, logprob_chunk=args.logprob_chunk)
     micro = stack(
         micro_batches(
             examples_from(ours, cfg),
