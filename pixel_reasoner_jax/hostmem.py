@@ -13,6 +13,7 @@ Accelerator runs do not need this (their big buffers live in device memory), so 
 """
 
 import ctypes
+import glob
 import importlib.util
 import os
 import pkgutil
@@ -55,14 +56,31 @@ def keep_freed_memory() -> bool:
     return all(r == 1 for r in ok)
 
 
-def accelerator_expected() -> bool:
+# Device nodes an accelerator shows on a Linux host: NVIDIA GPUs, AMD GPUs (ROCm), TPU chips (v4 and later
+# as accel*, older ones through vfio).
+ACCELERATOR_NODES = ("nvidia[0-9]*", "kfd", "accel[0-9]*", "vfio/[0-9]*")
+
+
+def accelerator_expected(dev_root: str = "/dev") -> bool:
     """Whether jax will pick an accelerator, judged without starting a backend: `JAX_PLATFORMS` (or
-    jax.config.jax_platforms) when set, else whether a TPU or GPU plugin is installed."""
+    jax.config.jax_platforms) when set, else whether a TPU or GPU plugin is installed and the host has an
+    accelerator's device node (a CUDA plugin on a machine without a GPU leaves jax on the CPU)."""
+    platforms = _configured_platforms()
+    if platforms:
+        return platforms.split(",")[0].strip() not in ("cpu", "")
+    if not _plugin_installed():
+        return False
+    return any(glob.glob(os.path.join(dev_root, pattern)) for pattern in ACCELERATOR_NODES)
+
+
+def _configured_platforms() -> str:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if not platforms and "jax" in sys.modules:
         platforms = sys.modules["jax"].config.jax_platforms or ""
-    if platforms:
-        return platforms.split(",")[0].strip() not in ("cpu", "")
+    return platforms
+
+
+def _plugin_installed() -> bool:
     if importlib.util.find_spec("libtpu") is not None:
         return True
     try:

@@ -53,3 +53,19 @@ def test_auto_follows_the_platform(monkeypatch):
     assert hostmem.configure("system") is False
     with pytest.raises(ValueError, match="host_malloc"):
         hostmem.configure("tcmalloc")
+
+
+def test_auto_without_platforms_needs_a_plugin_and_a_device_node(monkeypatch, tmp_path):
+    """With JAX_PLATFORMS unset, an installed accelerator plugin counts only where the host has the device."""
+    monkeypatch.setattr(hostmem, "_configured_platforms", lambda: "")
+    monkeypatch.setattr(hostmem, "_plugin_installed", lambda: True)
+    assert not hostmem.accelerator_expected(str(tmp_path))  # a CUDA plugin on a CPU-only machine
+    for node in ("nvidia0", "kfd", "accel0"):
+        (tmp_path / node).touch()
+        assert hostmem.accelerator_expected(str(tmp_path)), node
+        (tmp_path / node).unlink()
+    (tmp_path / "nvidiactl").touch()  # the driver's control node alone is no GPU
+    assert not hostmem.accelerator_expected(str(tmp_path))
+    monkeypatch.setattr(hostmem, "_plugin_installed", lambda: False)
+    (tmp_path / "nvidia0").touch()
+    assert not hostmem.accelerator_expected(str(tmp_path))
