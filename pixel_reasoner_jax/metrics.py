@@ -269,28 +269,36 @@ def timing_panels(keys) -> list[tuple[str, list[str]]]:
     return [("", sorted(keys - {STEP_TIME}))]
 
 
+def timing_steps(series: dict[str, tuple[np.ndarray, np.ndarray]], panels) -> np.ndarray:
+    """The steps at which every key the panels stack was logged (a GRPO run after its SFT warm start: the
+    GRPO steps, not the SFT-only `time/data_s` intersected away to nothing)."""
+    common = None
+    for _, keys in panels:
+        for key in keys:
+            steps = set(series[key][0].tolist())
+            common = steps if common is None else common & steps
+    return np.asarray(sorted(common or ()), np.int64)
+
+
 def _timing_split(path: pathlib.Path, series: dict[str, tuple[np.ndarray, np.ndarray]]) -> bool:
     """Stacked areas of the timing components (`timing_panels`) over the steps where all were logged."""
     from matplotlib.figure import Figure
 
-    common = None
-    for steps, _ in series.values():
-        common = set(steps.tolist()) if common is None else common & set(steps.tolist())
     panels = timing_panels(series)
-    if not common or sum(len(keys) for _, keys in panels) < 2:
+    x = timing_steps(series, panels)
+    if not len(x) or sum(len(keys) for _, keys in panels) < 2:
         return False
-    x = np.asarray(sorted(common))
 
-    def values(key: str) -> np.ndarray:
+    def values(key: str, missing: float = 0.0) -> np.ndarray:
         steps, vals = series[key]
         last = {int(s): v for s, v in zip(steps, vals)}  # the latest value of a repeated step wins
-        return np.nan_to_num(np.asarray([last[int(s)] for s in x]))
+        return np.asarray([last.get(int(s), missing) for s in x], np.float64)
 
     fig = Figure(figsize=(8, 4 * len(panels)), layout="constrained")
     for ax, (title, keys) in zip(np.atleast_1d(fig.subplots(len(panels), 1, sharex=True)), panels):
-        ax.stackplot(x, np.stack([values(k) for k in keys]), labels=keys)
-        if STEP_TIME in series:
-            ax.plot(x, values(STEP_TIME), color="black", linewidth=1, label=f"{STEP_TIME} (wall)")
+        ax.stackplot(x, np.nan_to_num(np.stack([values(k) for k in keys])), labels=keys)
+        if STEP_TIME in series:  # a gap where the step time was not logged
+            ax.plot(x, values(STEP_TIME, np.nan), color="black", linewidth=1, label=f"{STEP_TIME} (wall)")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("seconds")

@@ -210,6 +210,25 @@ def test_plots_are_valid_pngs(tmp_path):
     assert not list((tmp_path / "plots").glob("*.tmp.png"))
 
 
+def test_timing_split_of_a_grpo_run_after_its_sft_warm_start(tmp_path):
+    """SFT steps log data/train times, GRPO steps the trainer/rollout split: the plot covers the GRPO steps
+    (the SFT-only key must not empty the common steps and leave the SFT phase's figure standing)."""
+    grpo = {k: 1.0 for k in (*M.TRAINER_TIMES, *M.ROLLOUT_TIMES, M.STEP_TIME)}
+    with M.MetricsWriter(tmp_path, tensorboard=False) as w:
+        for step in range(1, 4):
+            w.write(step, {"time/data_s": 0.1, "time/train_s": 1.0, "sft/loss": 2.0})
+        w.plot()
+        before = (tmp_path / "plots" / "timing_split.png").read_bytes()
+        for step in range(4, 7):
+            w.write(step, grpo)
+        w.plot()
+    series = M._series(M.read_metrics(tmp_path / M.METRICS_FILE))
+    panels = M.timing_panels(series)
+    assert [title for title, _ in panels] == ["trainer", "rollout"]
+    assert M.timing_steps(series, panels).tolist() == [4, 5, 6]
+    assert (tmp_path / "plots" / "timing_split.png").read_bytes() != before
+
+
 def test_many_metrics_split_into_several_figures(tmp_path):
     with M.MetricsWriter(tmp_path, tensorboard=False) as w:
         w.write(0, {f"misc/m{i}": float(i) for i in range(14)})
