@@ -321,11 +321,6 @@ def apply_cpu_quarters(c: ml_collections.ConfigDict, *, family: str) -> None:
     d.max_seq_len = 256
     d.seq_buckets = (256,)
     d.patch_buckets = (64,)
-    # One log-prob chunk spans the sequence: the backward's rebuilt logits are then the forward's, which XLA
-    # reuses (three vocabulary-sized products per step instead of four). Measured 2026-12-04 (25 SFT steps
-    # of configs/grpo.py:tiny, 2 cores): 1.35 s/step with 128-token chunks, 1.0 s/step with 256, the same
-    # losses, peak RSS 6.4 -> 5.6 GB.
-    c.model.logprob_chunk = d.max_seq_len
 
     c.optim.lr = 1e-2  # high: the narrow model must learn the call format in a few dozen SFT steps
     c.optim.warmup_ratio = 0.0
