@@ -22,8 +22,18 @@ def add_host_malloc_arg(parser) -> None:
 
 
 def add_model_args(parser) -> None:
-    """`--layer-loop` and `--weight-grad`, the run config's `model.layer_loop` and `model.weight_grad`
-    (models/layers.LAYER_LOOPS, WEIGHT_GRADS) for a benchmark."""
+    """`--layer-loop`, `--weight-grad` and `--logprob-chunk`, the run config's `model.layer_loop`,
+    `model.weight_grad` (models/layers.LAYER_LOOPS, WEIGHT_GRADS) and `model.logprob_chunk` for a benchmark;
+    the chunk defaults to the configs' (configs/base.py), so a benchmark runs the program a run would."""
+    from configs.base import base_config
+
+    parser.add_argument(
+        "--logprob-chunk",
+        "--chunk",
+        type=int,
+        default=base_config().model.logprob_chunk,
+        help="tokens per chunk of our log-prob pass (model.logprob_chunk; default: configs/base.py's)",
+    )
     parser.add_argument(
         "--layer-loop",
         default="scan",

@@ -200,7 +200,6 @@ def main(argv=None) -> str:
     parser.add_argument("--layers", type=int, default=12, help="decoder layers")
     parser.add_argument("--vision-depth", type=int, default=4, help="vision blocks")
     parser.add_argument("--text-tokens", type=int, default=512, help="text tokens around the image")
-    parser.add_argument("--chunk", type=int, default=1024, help="token_logprobs chunk (tokens)")
     parser.add_argument(
         "--attention",
         default="auto",
@@ -239,7 +238,7 @@ def main(argv=None) -> str:
         flush=True,
     )
 
-    loss = jax_loss_fn(graphdef, args.chunk)
+    loss = jax_loss_fn(graphdef, args.logprob_chunk)
 
     @jax.jit
     def step(p, x):

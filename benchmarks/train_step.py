@@ -73,12 +73,6 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention"
     )
-    parser.add_argument(
-        "--logprob-chunk",
-        type=int,
-        default=1024,
-        help="tokens per chunk of our log-prob pass (model.logprob_chunk; 1024 is configs/base.py's)",
-    )
     add_model_args(parser)
     add_host_malloc_arg(parser)
     args = parser.parse_args(argv)
