@@ -64,8 +64,39 @@ def _logprobs(h, w, y, temperature, chunk, transposed):
     return _forward(h, w, y, temperature, chunk, transposed)[0]
 
 
+def _stats(logits):
+    """Per token: (logsumexp, entropy) of float32 logits (..., V), reading them twice.
+
+    With m the row maximum, e = exp(z - m) and s = sum(e): logsumexp = m + log s and the entropy is
+    log s - sum(e (z - m)) / s. Both sums are one two-operand reduction, so neither log p nor p over the
+    vocabulary is written out: on CPU these (tokens x V) float32 passes, not the products, were what the
+    head cost beyond torch's (770 x 151,936 logits: 448 ms for logsumexp + entropy as separate passes,
+    283 ms like this; torch's log_softmax alone 215 ms). The reduction runs over blocks of up to 128
+    columns first and then over the blocks: one sequential float32 sum over 151,936 terms is off by ~2e-5
+    relative (XLA's CPU loop for a two-operand reduction), the two levels by ~1e-6 (float64 reference: lse
+    within 1.3e-6, entropy 2.4e-6, against 1.0e-6 and 5.3e-5 for the separate passes).
+    """
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    shifted = logits - m
+    e = jnp.exp(shifted)
+    v = logits.shape[-1]
+    block = max(b for b in range(1, min(v, 128) + 1) if v % b == 0)
+    zero = jnp.zeros((), jnp.float32)
+
+    def add(x):  # (e, e (z - m)) summed over the last axis of each
+        return jax.lax.reduce(x, (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), (x[0].ndim - 1,))
+
+    # Within the blocks, then over them.
+    sums = add(tuple(x.reshape(*x.shape[:-1], v // block, block) for x in (e, e * shifted)))
+    sums = add(sums)
+    s, es = sums
+    log_s = jnp.log(s)
+    return m[..., 0] + log_s, log_s - es / s
+
+
 def _forward(h, w, y, temperature, chunk, transposed):
     """Token chunks under `lax.scan`: each sees the whole vocabulary, so its logsumexp is exact."""
+    h, w, y = (_value(x) for x in (h, w, y))
     b, t, d = h.shape
     n = -(-t // chunk)
     pad = n * chunk - t
@@ -75,10 +106,8 @@ def _forward(h, w, y, temperature, chunk, transposed):
     def body(_, xs):
         h_btd, y_bt = xs
         logits = _tempered_logits(h_btd, w, temperature)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        logp = logits - lse[..., None]
-        lp = jnp.take_along_axis(logp, y_bt[..., None], axis=-1)[..., 0]
-        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        lse, ent = _stats(logits)
+        lp = jnp.take_along_axis(logits, y_bt[..., None], axis=-1)[..., 0] - lse
         return None, (lp, ent, lse)
 
     _, out = jax.lax.scan(body, None, (h_c, y_c))
@@ -86,6 +115,15 @@ def _forward(h, w, y, temperature, chunk, transposed):
     # Besides the inputs only per-token scalars are kept: the logsumexp turns rebuilt logits into
     # probabilities, the entropy enters its own derivative.
     return (lp, ent), (h, w, y, lse, ent)
+
+
+def _value(x):
+    """The array behind a `CustomVJPPrimal` (what the forward rule is handed under symbolic zeros)."""
+    return getattr(x, "value", x)
+
+
+def _zero(g) -> bool:
+    return isinstance(g, jax.custom_derivatives.SymbolicZero)
 
 
 def _vocab_tile(vocab: int, tokens: int, chunk: int) -> int:
@@ -103,7 +141,9 @@ def _backward(temperature, chunk, transposed, res, cotangents):
     (D, V) accumulator), while d_h (B, T, D) accumulates in float32 over the tiles.
     """
     h, w, y, lse, ent = res
-    g_lp, g_ent = (g[..., None] for g in cotangents)
+    # A cotangent nobody sends (the entropy only logged, or only the entropy trained) is a symbolic zero:
+    # its term is left out of the tile's pass instead of multiplied by zeros.
+    g_lp, g_ent = (None if _zero(g) else g[..., None] for g in cotangents)
     lse, ent, y = lse[..., None], ent[..., None], y[..., None]
     d, vocab = w.shape
     tile = _vocab_tile(vocab, h.shape[1], chunk)
@@ -119,8 +159,12 @@ def _backward(temperature, chunk, transposed, res, cotangents):
         logp = _tempered_logits(h, w_v, temperature) - lse
         p = jnp.exp(logp)
         col = start + jax.lax.broadcasted_iota(jnp.int32, logp.shape, 2)
-        dz = jnp.where(col == y, g_lp, 0.0) - p * (g_lp + g_ent * (logp + ent))
-        dz = (dz / temperature).astype(w.dtype)
+        dz = jnp.zeros((), jnp.float32)
+        if g_lp is not None:
+            dz = jnp.where(col == y, g_lp, 0.0) - p * g_lp
+        if g_ent is not None:
+            dz = dz - p * (g_ent * (logp + ent))
+        dz = (jnp.broadcast_to(dz, logp.shape) / temperature).astype(w.dtype)
         if transposed:
             dw_v = jnp.dot(h_t, dz.reshape(-1, tile), preferred_element_type=jnp.float32)
         else:
@@ -135,4 +179,4 @@ def _backward(temperature, chunk, transposed, res, cotangents):
     return dh.astype(h.dtype), dw, None
 
 
-_logprobs.defvjp(_forward, _backward)
+_logprobs.defvjp(_forward, _backward, symbolic_zeros=True)
