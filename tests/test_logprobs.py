@@ -144,8 +144,7 @@ def test_kernel_equals_autodiff(chunk, temperature, trained):
         )(h, w)
         for a, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
             _close(a, r)
-    (_, (lp, ent)), grads = ours
-    assert all(np.abs(np.asarray(g)).max() > 0 for g in grads)
+    assert all(np.abs(np.asarray(g)).max() > 0 for g in ours[1])  # the trained outputs reach h and W
 
 
 def test_entropy_of_peaked_logits_stays_accurate():
