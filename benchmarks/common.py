@@ -88,17 +88,45 @@ def time_calls(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -
     return out
 
 
+def add_timing_args(parser) -> None:
+    """`--steps` (timed calls per framework) and `--warmup` (untimed pairs first), for `time_interleaved`."""
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per framework, alternating")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps per framework first, alternating as the timed ones (the steady state is timed)",
+    )
+
+
 def time_interleaved(
-    ours: Callable[[], object], peer: Callable[[], object], *, repeats: int = 5, settle_s: float = 2.0
+    ours: Callable[[], object],
+    peer: Callable[[], object],
+    *,
+    repeats: int = 5,
+    settle_s: float = 2.0,
+    warmup: int = 0,
 ) -> tuple[list[float], list[float]]:
-    """Wall seconds of `repeats` calls of each, alternating ours, peer, ours, peer (no warmup; both must block).
+    """Wall seconds of `repeats` calls of each, alternating ours, peer, ours, peer, after `warmup` untimed
+    pairs in the same order (both must block).
 
     On a shared machine the load drifts over minutes: timing all of one framework and then all of the
     other lets that drift decide the ratio, alternating puts each pair under about the same load. Each
     call starts `settle_s` after the previous one ended (untimed): the thread pools of the side that just
     ran keep spinning for a while (measured on 2 cores, 2026-12-03: our step took 13.4-15.0 s right after
     a torch step and 9.8 s alone; 10.8 s after a 2 s pause), and would otherwise be billed to the other.
+
+    The warmup pairs are for the process heap: both frameworks allocate from one malloc heap, which keeps
+    freed memory (`pixel_reasoner_jax/hostmem.py`) but grows while the two allocation patterns interleave,
+    and every page it grows by is zero-filled at its first touch. Measured 2026-12-05 (train_step.py, one
+    warmup before): our first two timed steps took 824k and 456k page faults, 6.1 s and 3.6 s of system
+    time (10.3 and 8.6 s against 6.7-7.0 s afterwards, the heap 15 -> 17 GB); torch's steps none. A run
+    pays that once, in its first steps; a step time is the steady state.
     """
+    for _ in range(warmup):
+        for fn in (ours, peer):
+            time.sleep(settle_s)
+            fn()
     a, b = [], []
     for _ in range(repeats):
         time.sleep(settle_s)

@@ -18,6 +18,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 from common import (  # noqa: E402
     add_host_malloc_arg,
     add_model_args,
+    add_timing_args,
     median,
     pin_threads,
     ratio_line,
@@ -193,9 +194,7 @@ def torch_loss(hf, kw, loss_mask):
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--steps", type=int, default=2, help="timed steps per framework, alternating (after one warmup)"
-    )
+    add_timing_args(parser)
     parser.add_argument("--threads", type=int, default=None, help="threads for both (default: all cores)")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers")
     parser.add_argument("--vision-depth", type=int, default=4, help="vision blocks")
@@ -266,9 +265,9 @@ def main(argv=None) -> str:
     print(f"loss: jax {jl:.5f} | torch {tl:.5f}", flush=True)
     if abs(jl - tl) > 1e-3 * max(1.0, abs(tl)):
         raise RuntimeError(f"the two frameworks disagree on the loss: jax {jl} vs torch {tl}")
-    # The loss check above ran the compiled step once (our warmup); torch warms up with one step here.
-    torch_step()
-    t_jax, t_torch = time_interleaved(jax_step, torch_step, repeats=args.steps)
+    # The loss check above ran the compiled step once and torch's forward; both then warm up with
+    # `--warmup` alternated steps (common.time_interleaved: the shared heap settles) before the timed ones.
+    t_jax, t_torch = time_interleaved(jax_step, torch_step, repeats=args.steps, warmup=args.warmup)
     ms_jax, ms_torch = 1e3 * median(t_jax), 1e3 * median(t_torch)
     print(f"jax   forward+backward: {ms_jax:.1f} ms/step (range {spread(t_jax, 1e3)})", flush=True)
     print(f"torch forward+backward: {ms_torch:.1f} ms/step (range {spread(t_torch, 1e3)})", flush=True)

@@ -16,6 +16,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 from common import (  # noqa: E402
     add_host_malloc_arg,
     add_model_args,
+    add_timing_args,
     median,
     pin_threads,
     ratio_line,
@@ -58,9 +59,7 @@ def examples_from(ours, cfg):
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--steps", type=int, default=2, help="timed steps per framework, alternating (after one warmup)"
-    )
+    add_timing_args(parser)
     parser.add_argument("--threads", type=int, default=None, help="threads for both (default: all cores)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers")
     parser.add_argument("--vision-depth", type=int, default=4, help="vision blocks")
@@ -154,7 +153,7 @@ def main(argv=None) -> str:
         state, m = fns.sft_step(state, micro)
         jax.block_until_ready((state, m))
 
-    t_jax, t_torch = time_interleaved(jax_step, torch_step, repeats=args.steps)
+    t_jax, t_torch = time_interleaved(jax_step, torch_step, repeats=args.steps, warmup=args.warmup)
     jax_s, torch_s = median(t_jax), median(t_torch)
     print(
         f"jax   SFT step: {1e3 * jax_s:.0f} ms (range {spread(t_jax, 1e3)}), {tokens / jax_s:.1f} tokens/s",
