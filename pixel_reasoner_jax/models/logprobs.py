@@ -69,12 +69,13 @@ def _stats(logits):
 
     With m the row maximum, e = exp(z - m) and s = sum(e): logsumexp = m + log s and the entropy is
     log s - sum(e (z - m)) / s. On CPU these (tokens x V) float32 passes, not the products, were what the
-    head cost beyond torch (1,024 x 151,936 logits, 2 cores: log p and p written out, then summed: ~450 ms;
-    torch's log_softmax 107 ms). Written as single-operand sums, XLA hands each to YNNPACK, which runs it
-    on all threads with a vectorised (hence pairwise-like) accumulation: 252 ms, against 313 ms for the two
-    sums as one two-operand `lax.reduce` (XLA's own loop, scalar and sequential; 2026-12-05), and more
-    accurate: lse within 7e-8 and the entropy within 1.8e-7 of a float64 reference (1.9e-7 / 1.5e-6 for
-    the two-operand loop over blocks of 128 columns, ~2e-5 for it in one flat pass).
+    head cost beyond torch (770 x 151,936 logits on 2 cores: 448 ms with log p and p written out and
+    summed). Written as single-operand sums, XLA hands each to YNNPACK, which runs it on all threads with a
+    vectorised (hence pairwise-like) accumulation: at 1,024 x 151,936, 252 ms against 313 ms for the two
+    sums as one two-operand `lax.reduce` (XLA's own loop, scalar and sequential; torch's log_softmax
+    forward 107-112 ms; 2026-12-05), and more accurate: lse within 7e-8 and the entropy within 1.8e-7 of a
+    float64 reference (1.9e-7 / 1.5e-6 for the two-operand loop over blocks of 128 columns, ~2e-5 for it
+    in one flat pass).
     """
     m = jnp.max(logits, axis=-1, keepdims=True)
     shifted = logits - m
