@@ -14,6 +14,7 @@ from flax import nnx
 
 from pixel_reasoner_jax.models import row_attention
 from pixel_reasoner_jax.models.blocked_attention import blocked_attention, segment_mask
+from pixel_reasoner_jax.models.layout import swap_last
 from pixel_reasoner_jax.models.splash import splash_attention
 from pixel_reasoner_jax.sharding import constrain, constrain_lookup
 
@@ -35,7 +36,6 @@ __all__ = [
     "rotate_half",
     "run_layers",
     "set_weight_grad",
-    "transposed_rows",
 ]
 
 Names = tuple[str | None, ...]
@@ -138,15 +138,9 @@ def set_weight_grad(module: nnx.Module, mode: str) -> None:
             m.weight_grad = mode
 
 
-def transposed_rows(x: jax.Array) -> jax.Array:
-    """(N, D) -> (D, N) in a buffer of its own: the optimization barrier keeps XLA from folding the transpose
-    back into the product that reads it (which would turn that product into the non-row-major form)."""
-    return jax.lax.optimization_barrier(x.T)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _dense_transposed_grad(x, kernel, n_in):
-    """`jnp.tensordot(x, kernel, n_in)` whose kernel gradient is `transposed_rows(x) . g` (WEIGHT_GRADS)."""
+    """`jnp.tensordot(x, kernel, n_in)` whose kernel gradient is `layout.swap_last(x) . g` (WEIGHT_GRADS)."""
     return jnp.tensordot(x, kernel, axes=n_in)
 
 
@@ -159,7 +153,7 @@ def _dense_bwd(n_in, res, g):
     lead = g.ndim - (kernel.ndim - n_in)
     dx = jnp.tensordot(g, kernel, axes=(tuple(range(lead, g.ndim)), tuple(range(n_in, kernel.ndim))))
     k_in = math.prod(kernel.shape[:n_in])
-    dk = transposed_rows(x.reshape(-1, k_in)) @ g.reshape(-1, kernel.size // k_in)
+    dk = swap_last(x.reshape(-1, k_in)) @ g.reshape(-1, kernel.size // k_in)
     return dx, dk.reshape(kernel.shape)
 
 

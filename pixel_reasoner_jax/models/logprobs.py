@@ -12,7 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pixel_reasoner_jax.models.layers import resolve_weight_grad, transposed_rows
+from pixel_reasoner_jax.models.layers import resolve_weight_grad
+from pixel_reasoner_jax.models.layout import swap_last
 from pixel_reasoner_jax.sharding import constrain
 
 __all__ = ["chunked_logprobs"]
@@ -139,7 +140,7 @@ def _backward(temperature, chunk, transposed, res, cotangents):
     d, vocab = w.shape
     tile = _vocab_tile(vocab, h.shape[1], chunk)
     n = -(-vocab // tile)
-    h_t = transposed_rows(h.reshape(-1, d)) if transposed else None
+    h_t = swap_last(h.reshape(-1, d)) if transposed else None
 
     def body(carry, j):
         dw, dh = carry

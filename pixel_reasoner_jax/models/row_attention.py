@@ -31,6 +31,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pixel_reasoner_jax.models.layout import own, swap_last
+
 __all__ = ["MAX_SCORES", "ROW_BLOCK", "row_block_attention"]
 
 # Positions per query block. Read at call time; the block grows past it when a sequence would need more than
@@ -57,21 +59,10 @@ def row_block_attention(
     block = max(ROW_BLOCK, -(-t // MAX_BLOCKS))
     qs = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
     q_rows = qs.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
-    k_t = _own(k.transpose(0, 2, 3, 1))  # (B, K, H, T)
-    v_k = _own(v.transpose(0, 2, 1, 3))  # (B, K, T, H)
+    k_t = own(k.transpose(0, 2, 3, 1))  # (B, K, H, T)
+    v_k = own(v.transpose(0, 2, 1, 3))  # (B, K, T, H)
     out = _rows(q_rows, k_t, v_k, q_segments, kv_segments, g, block)
     return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
-
-
-def _own(x: jax.Array) -> jax.Array:
-    """`x` in a buffer of its own layout: keeps XLA from folding a transpose back into the product that reads
-    it, which would turn that product into a non-row-major one."""
-    return jax.lax.optimization_barrier(x)
-
-
-def _swap(x: jax.Array) -> jax.Array:
-    """The last two axes exchanged, materialised (`_own`)."""
-    return _own(jnp.swapaxes(x, -1, -2))
 
 
 def _blocks(t: int, block: int):
@@ -123,9 +114,9 @@ def _rows_bwd(g, block, res, d_out):
     t = k_t.shape[-1]
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # (B, K, R, 1)
-    v_t = _swap(v_k)  # (B, K, H, T)
-    k_k = _swap(k_t)  # (B, K, T, H)
-    q_t = _swap(q_rows)  # (B, K, H, R)
+    v_t = swap_last(v_k)  # (B, K, H, T)
+    k_k = swap_last(k_t)  # (B, K, T, H)
+    q_t = swap_last(q_rows)  # (B, K, H, R)
     dq, dk_t, dv_t = [], jnp.zeros(k_t.shape, jnp.float32), jnp.zeros(k_t.shape, jnp.float32)
     for (start, end), p, total in zip(_blocks(t, block), probs, sums):
         r0, r1 = start * g, end * g
@@ -135,9 +126,9 @@ def _rows_bwd(g, block, res, d_out):
         dq.append(_mm("BKRS,BKSH->BKRH", ds, k_k[:, :, :end]))
         pad = ((0, 0), (0, 0), (0, 0), (0, t - end))
         dk_t = dk_t + jnp.pad(_mm("BKHR,BKRS->BKHS", q_t[..., r0:r1], ds), pad)
-        dv_t = dv_t + jnp.pad(_mm("BKHR,BKRS->BKHS", _swap(do_l), p), pad)
+        dv_t = dv_t + jnp.pad(_mm("BKHR,BKRS->BKHS", swap_last(do_l), p), pad)
     dq = jnp.concatenate(dq, axis=2).astype(q_rows.dtype)
-    return dq, dk_t.astype(k_t.dtype), _swap(dv_t).astype(v_k.dtype), None, None
+    return dq, dk_t.astype(k_t.dtype), swap_last(dv_t).astype(v_k.dtype), None, None
 
 
 _rows.defvjp(_rows_fwd, _rows_bwd)
