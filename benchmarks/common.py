@@ -22,11 +22,19 @@ def add_host_malloc_arg(parser) -> None:
 
 
 def add_model_args(parser) -> None:
-    """`--layer-loop`, `--weight-grad` and `--logprob-chunk`, the run config's `model.layer_loop`,
-    `model.weight_grad` (models/layers.LAYER_LOOPS, WEIGHT_GRADS) and `model.logprob_chunk` for a benchmark;
-    the chunk defaults to the configs' (configs/base.py), so a benchmark runs the program a run would."""
+    """`--layer-loop`, `--weight-grad`, `--logprob-chunk` and `--logprob-bucket-steps`, the run config's
+    `model.layer_loop`, `model.weight_grad` (models/layers.LAYER_LOOPS, WEIGHT_GRADS), `model.logprob_chunk`
+    and `model.logprob_bucket_steps` for a benchmark; the last two default to the configs'
+    (configs/base.py), so a benchmark runs the program a run would."""
     from configs.base import base_config
 
+    parser.add_argument(
+        "--logprob-bucket-steps",
+        type=int,
+        default=base_config().model.logprob_bucket_steps,
+        help="trained-position buckets per octave (model.logprob_bucket_steps, train/steps.loss_bucket; "
+        "1 = powers of two; default: configs/base.py's)",
+    )
     parser.add_argument(
         "--logprob-chunk",
         "--chunk",

@@ -95,8 +95,18 @@ def build_models(
     return model, hf.train()
 
 
-def make_inputs(cfg, *, batch: int = 1, text_tokens: int = 512, image_side: int = 448, seed: int = 0):
-    """One `image_side`^2 image per row between `text_tokens` random text tokens; all positions trained.
+def make_inputs(
+    cfg,
+    *,
+    batch: int = 1,
+    text_tokens: int = 512,
+    image_side: int = 448,
+    seed: int = 0,
+    logprob_chunk: int = 1024,
+    bucket_steps: int = 4,
+):
+    """One `image_side`^2 image per row between `text_tokens` random text tokens; the text trained, with
+    `loss_index` at the trainer's buckets (`logprob_chunk`, `bucket_steps`: train/steps.loss_bucket).
 
     Returns (ours: dict of NumPy arrays for `Qwen25VL`, hf: dict of torch tensors, loss mask (B, T)).
     """
@@ -151,7 +161,7 @@ def make_inputs(cfg, *, batch: int = 1, text_tokens: int = 512, image_side: int 
         targets=targets.astype(np.int32),
         loss_mask=loss_mask,
     )
-    ours["loss_index"], ours["loss_valid"] = loss_index(loss_mask)
+    ours["loss_index"], ours["loss_valid"] = loss_index(loss_mask, logprob_chunk, bucket_steps)
     tt = np.where(ids == cfg.image_token_id, 1, 0)
     hf = dict(
         input_ids=torch.tensor(ids),
@@ -228,11 +238,18 @@ def main(argv=None) -> str:
     )
     graphdef, params = nnx.split(model)
     n = num_params(params)
-    ours, hf_kw, loss_mask = make_inputs(cfg, text_tokens=args.text_tokens)
+    ours, hf_kw, loss_mask = make_inputs(
+        cfg,
+        text_tokens=args.text_tokens,
+        logprob_chunk=args.logprob_chunk,
+        bucket_steps=args.logprob_bucket_steps,
+    )
     t_len = ours["ids"].shape[1]
     print(
         f"model: {n / 1e6:.1f}M parameters ({args.layers} layers x 768, vision {args.vision_depth} x 384, "
-        f"vocab {VOCAB}); 1 image 448x448 + {args.text_tokens} text tokens = {t_len} tokens; "
+        f"vocab {VOCAB}); 1 image 448x448 + {args.text_tokens} text tokens = {t_len} tokens, "
+        f"{int(loss_mask.sum())} trained, {ours['loss_index'].shape[1]} projected onto the vocabulary "
+        "(ours; torch projects all); "
         f"{threads} threads; built in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )

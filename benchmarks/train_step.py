@@ -118,7 +118,9 @@ def main(argv=None) -> str:
             vision_cfg=cfg.vision,
             seq_buckets=(args.seq_len,),
             patch_buckets=None,
-        )
+        ),
+        logprob_chunk=args.logprob_chunk,
+        bucket_steps=args.logprob_bucket_steps,
     )
     print(
         f"model: {n / 1e6:.1f}M parameters ({args.layers} layers x 768, vision {args.vision_depth} x 384); "

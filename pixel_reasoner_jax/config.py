@@ -53,6 +53,7 @@ class ModelConfig:
     layer_loop: str
     weight_grad: str
     logprob_chunk: int
+    logprob_bucket_steps: int
     tiny_size: str
     tiny_init: str
 

@@ -114,6 +114,7 @@ def _unset_or(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], 
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": _nonneg,
     "model.logprob_chunk": _pos,
+    "model.logprob_bucket_steps": _at_least_one,
     "mesh.rollout_tensor": _at_least_one,
     "data.seed": _nonneg,
     "data.num_sft": _pos,

@@ -120,6 +120,7 @@ RULES = [
     ("grpo", "tiny", {"model__layer_loop": "while"}, "model.layer_loop"),
     ("grpo", "tiny", {"model__weight_grad": "fast"}, "model.weight_grad"),
     ("grpo", "tiny", {"model__logprob_chunk": 0}, "model.logprob_chunk"),
+    ("grpo", "tiny", {"model__logprob_bucket_steps": 0}, "model.logprob_bucket_steps"),
     ("grpo", "tiny", {"model__tiny_size": "huge"}, "model.tiny_size"),
     ("grpo", "tiny", {"mesh__data": 2, "mesh__fsdp": 2}, "mesh"),
     ("grpo", "tiny", {"mesh__data": 8, "mesh__fsdp": 2}, "mesh"),

@@ -369,6 +369,37 @@ def test_trained_positions_only_projection_is_exact(one, big, lp0):
         assert rel_err(a.grads, b.grads) < 1e-6
 
 
+def test_loss_buckets_bound_the_padding():
+    """`loss_bucket`: quarter-octave widths up to one log-prob chunk (at most 25 % padding, 100 % with
+    powers of two), whole chunks past it (the log-prob pass pads to them), never below the minimum."""
+    b = steps.loss_bucket
+    assert [b(n, 1024) for n in (1, 16, 17, 21, 100, 129, 161, 513, 641, 1024)] == [
+        16, 16, 20, 24, 112, 160, 192, 640, 768, 1024
+    ]  # fmt: skip
+    assert [b(n, 1024, steps=1) for n in (17, 100, 513, 1024)] == [32, 128, 1024, 1024]
+    assert [b(n, 128) for n in (129, 300, 513)] == [256, 384, 640]
+    assert b(90, 96) == 96  # a chunk that is not a power of two caps the buckets below it
+    for chunk in (96, 128, 1024):
+        for n in range(1, 3000):
+            k = b(n, chunk)
+            assert k >= max(n, 16), (n, chunk, k)
+            if n > chunk:
+                assert k % chunk == 0 and k - n < chunk, (n, chunk, k)
+            elif n > 16:
+                assert k <= 1.25 * n + 1 or k == chunk, (n, chunk, k)
+    with pytest.raises(ValueError, match="steps"):
+        b(10, 1024, steps=0)
+    # The width of loss_index: the model_step benchmark's 513 trained of 770 project 640 (770 with powers
+    # of two, capped at T).
+    mask = np.zeros((2, 770), np.float32)
+    mask[0, :513] = 1
+    mask[1, 100:400] = 1
+    idx, valid = steps.loss_index(mask, 1024)
+    assert idx.shape == (2, 640) and valid.sum() == 813
+    np.testing.assert_array_equal(idx[1, :300], np.arange(100, 400))
+    assert steps.loss_index(mask, 1024, bucket_steps=1)[0].shape == (2, 770)
+
+
 def test_exact_accumulation(one, big, lp0, examples):
     """4 micro-batches of 2 (uneven real lengths and trained-token counts) = one batch of 8."""
     small = stacked(examples, 4)

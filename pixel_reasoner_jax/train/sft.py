@@ -76,7 +76,8 @@ def make_micro(ctx: RunContext, examples: list[Example], n_micro: int) -> dict:
         seq_buckets=ctx.cfg.data.seq_buckets,
         patch_buckets=ctx.cfg.data.patch_buckets,
     )
-    return steps.stack(batches)
+    m = ctx.cfg.model
+    return steps.stack(batches, logprob_chunk=m.logprob_chunk, bucket_steps=m.logprob_bucket_steps)
 
 
 def train_sft(

@@ -123,10 +123,11 @@ def micro_batches(
     return out
 
 
-def stack(batches: Sequence[Batch]) -> dict[str, Any]:
+def stack(batches: Sequence[Batch], *, logprob_chunk: int = 1024, bucket_steps: int = 4) -> dict[str, Any]:
     """NumPy pytree with a leading micro axis: the token arrays (n, B, T), positions (n, 3, B, T),
     advantages (n, B), ref_logprobs (n, B, T) zeros, and pixel_values (n, B, Pb, C) + vision_inputs (each
-    (n, B, ...)) when the batches hold vision items (the keys are absent otherwise).
+    (n, B, ...)) when the batches hold vision items (the keys are absent otherwise); `loss_index` /
+    `loss_valid` list the trained positions at `loss_bucket(count, logprob_chunk, bucket_steps)`.
 
     Raises:
       ValueError: no batches; shapes that differ between batches (naming the field); vision items in some
@@ -155,12 +156,33 @@ def stack(batches: Sequence[Batch]) -> dict[str, Any]:
     out["ref_logprobs"] = np.zeros_like(out["old_logprobs"])
     # 1 where a row's old log-probs are the step's own forward (on-policy: `old_logprobs` then unused).
     out["old_current"] = np.zeros_like(out["advantages"], dtype=np.float32)
-    out["loss_index"], out["loss_valid"] = loss_index(out["loss_mask"])
+    out["loss_index"], out["loss_valid"] = loss_index(out["loss_mask"], logprob_chunk, bucket_steps)
     return out
 
 
-def loss_index(loss_mask: np.ndarray, min_bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the positions of the trained targets, padded to a common power-of-two bucket K.
+def loss_bucket(n: int, chunk: int, steps: int = 4, min_bucket: int = 16) -> int:
+    """Width K for `n` trained positions per row: the smallest of the buckets below that is >= n.
+
+    Up to `chunk` (the log-prob pass's tokens per chunk) `steps` buckets per octave: with steps = 4,
+    ..., 256, 320, 384, 448, 512, 640, ... (at most 25 % of the head's work on padding; steps = 1 is powers
+    of two, up to 100 %). Past one chunk, multiples of `chunk`: the log-prob pass pads K to whole chunks, so
+    any other width would buy nothing. More steps mean more distinct K, so more compiled step programs.
+    """
+    if chunk < 1 or steps < 1:
+        raise ValueError(f"loss_bucket: chunk and steps must be >= 1, got {chunk}, {steps}")
+    n = max(int(n), min_bucket)
+    if n > chunk:
+        return -(-n // chunk) * chunk
+    top = pick_bucket(n, None)  # the power of two at or above n
+    base = top // 2
+    fits = [base + -(-base * i // steps) for i in range(1, steps + 1)]
+    return min(chunk, min(b for b in fits if b >= n))
+
+
+def loss_index(
+    loss_mask: np.ndarray, chunk: int = 1024, bucket_steps: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the positions of the trained targets, padded to a common width K (`loss_bucket`).
 
     Only these positions go through the (D x V) output projection: in vision-language data most tokens
     are image pads, prompt and tool observations, so projecting every position would spend most of the
@@ -168,6 +190,7 @@ def loss_index(loss_mask: np.ndarray, min_bucket: int = 16) -> tuple[np.ndarray,
 
     Args:
       loss_mask: (..., T) non-zero where the target is trained.
+      chunk, bucket_steps: see `loss_bucket` (model.logprob_chunk, model.logprob_bucket_steps).
 
     Returns:
       index (..., K) int32 positions in T (0 in unused slots), valid (..., K) bool.
@@ -175,7 +198,7 @@ def loss_index(loss_mask: np.ndarray, min_bucket: int = 16) -> tuple[np.ndarray,
     mask = np.asarray(loss_mask) != 0
     t = mask.shape[-1]
     counts = mask.sum(-1)
-    k = min(t, pick_bucket(max(int(counts.max(initial=0)), min_bucket), None))
+    k = min(t, loss_bucket(int(counts.max(initial=0)), chunk, bucket_steps))
     # A stable argsort of "not trained" puts the trained positions first, in order.
     order = np.argsort(~mask, axis=-1, kind="stable")[..., :k]
     valid = np.take_along_axis(mask, order, axis=-1)
