@@ -532,42 +532,11 @@ class Qwen25VisionTower(nnx.Module):
             layer_state, is_full = xs
             return nnx.merge(graphdef, layer_state).layer(x, cos, sin, vi, is_full, impl), None
 
-        period = full_period(self.full_flags)
         if self.layer_loop == "unroll":
             # Each layer's kind is known here: no cond, a window layer's program holds no full attention.
             for i, is_full in enumerate(self.full_flags):
                 x, _ = remat(lambda x, s, f=is_full: body(x, (s, f)), self.remat)(x, layer_slice(state, i))
-        elif period is None:
-            x, _ = jax.lax.scan(remat(body, self.remat), x, (state, jnp.asarray(self.full_flags)))
         else:
-            x = self._periodic(body, x, state, period)
+            x, _ = jax.lax.scan(remat(body, self.remat), x, (state, jnp.asarray(self.full_flags)))
         merged = self.merger(x)
         return constrain(_rows(merged, vi.merge_unpermute), VISION_ACT)
-
-    def _periodic(self, body, x, state, period: int):
-        """The scanned stack when every `period`-th block is the full-attention one (Qwen2.5-VL: blocks 7,
-        15, 23, 31 of 32): a scan over the groups, each an inner scan over its window blocks and then its
-        full block, every block's kind static. A `lax.cond` per block would hold both branches in one
-        program, and autodiff would stack the full branch's residuals (dense per-slot probabilities with
-        the dense kernels) for every block, window ones included."""
-        depth = len(self.full_flags)
-        groups = jax.tree.map(lambda a: a.reshape(depth // period, period, *a.shape[1:]), state)
-        window = remat(lambda x, s: body(x, (s, False)), self.remat)
-        full = remat(lambda x, s: body(x, (s, True)), self.remat)
-
-        def group(x, g):
-            if period > 1:
-                x, _ = jax.lax.scan(window, x, jax.tree.map(lambda a: a[: period - 1], g))
-            return full(x, jax.tree.map(lambda a: a[period - 1], g))
-
-        return jax.lax.scan(group, x, groups)[0]
-
-
-def full_period(flags: Sequence[bool]) -> int | None:
-    """p when the full-attention blocks are exactly every p-th (indexes p - 1, 2p - 1, ..., the last block);
-    None for any other layout (no full block, or an irregular one)."""
-    depth = len(flags)
-    for p in range(1, depth + 1):
-        if depth % p == 0 and all(f == (i % p == p - 1) for i, f in enumerate(flags)):
-            return p
-    return None
