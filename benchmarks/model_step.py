@@ -102,8 +102,8 @@ def make_inputs(
     text_tokens: int = 512,
     image_side: int = 448,
     seed: int = 0,
-    logprob_chunk: int = 1024,
-    bucket_steps: int = 4,
+    logprob_chunk: int,
+    bucket_steps: int,
 ):
     """One `image_side`^2 image per row between `text_tokens` random text tokens; the text trained, with
     `loss_index` at the trainer's buckets (`logprob_chunk`, `bucket_steps`: train/steps.loss_bucket).

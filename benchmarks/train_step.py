@@ -100,7 +100,12 @@ def main(argv=None) -> str:
         weight_grad=args.weight_grad,
     )
     ours, hf_kw, loss_mask = make_inputs(
-        cfg, batch=args.batch, text_tokens=text_tokens, image_side=args.image_side
+        cfg,
+        batch=args.batch,
+        text_tokens=text_tokens,
+        image_side=args.image_side,
+        logprob_chunk=args.logprob_chunk,
+        bucket_steps=args.logprob_bucket_steps,
     )
     tokens = int(ours["mask"].sum())
     ocfg = st.OptimConfig(lr=1e-5, total_steps=1000, schedule="constant", weight_decay=0.0, grad_clip=1.0)

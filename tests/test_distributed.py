@@ -91,7 +91,7 @@ def steps_worker(out: str, ckpt: str):
         batches = steps.micro_batches(
             _examples(), n_micro, pad_id=151643, vision_cfg=cfg.vision, seq_buckets=None, patch_buckets=None
         )
-        return steps.stack(batches)
+        return steps.stack(batches, logprob_chunk=32, bucket_steps=4)
 
     state, sft_m = fns.sft_step(state, micro(2))
     mb = micro(2)

@@ -36,6 +36,9 @@ CFG = dataclasses.replace(
 PATCH_DIM = CFG.vision.patch_dim
 SEQ_BUCKETS = (64, 96)
 PATCH_BUCKETS = (64, 128, 256)
+# The train functions' log-prob chunk and the trained-position buckets `stack` pads to (model.logprob_chunk,
+# model.logprob_bucket_steps).
+STACK = dict(logprob_chunk=32, bucket_steps=4)
 GRPO = steps.GRPOLossSettings(
     eps_low=0.2, eps_high=0.28, loss_agg="token-mean", kl_coef=0.05, entropy_coef=0.0, tis_cap=2.0, max_len=96
 )
@@ -112,7 +115,7 @@ def split(examples, n_micro, **kw):
 
 
 def stacked(examples, n_micro) -> dict:
-    return steps.stack(split(examples, n_micro))
+    return steps.stack(split(examples, n_micro), **STACK)
 
 
 def host_params(seed: int = 0):
@@ -153,7 +156,7 @@ class Setup:
             self.optimizer,
             self.shardings,
             mesh,
-            logprob_chunk=32,
+            logprob_chunk=STACK["logprob_chunk"],
             grpo=grpo,
             schedule=st.make_schedule(OPTIM),
             frozen=frozen,
@@ -234,7 +237,7 @@ def test_micro_batches_share_buckets_and_stack(examples):
     assert {b.pixel_values.shape for b in batches} == {(2, 64, PATCH_DIM)}  # per sample: 24 rows -> 64
     assert len({b.vision_inputs.window_gather.shape for b in batches}) == 1
     assert len({b.vision_inputs.slot_gather.shape for b in batches}) == 1
-    micro = steps.stack(batches)
+    micro = steps.stack(batches, **STACK)
     assert micro["positions"].shape == (4, 3, 2, 64) and micro["advantages"].shape == (4, 2)
     assert micro["vision_inputs"].perm.shape == (4, 2, 64)
     np.testing.assert_array_equal(micro["ref_logprobs"], 0.0)
@@ -249,7 +252,7 @@ def test_micro_batches_share_buckets_and_stack(examples):
         split(examples, 3)
     no_media = dataclasses.replace(batches[1], pixel_values=None, vision_inputs=None)
     with pytest.raises(ValueError, match="all have vision items or none"):
-        steps.stack([batches[0], no_media])
+        steps.stack([batches[0], no_media], **STACK)
     with pytest.raises(ValueError, match="does not divide over the 8 data-parallel devices"):
         steps.shard_batch(micro, sharding.make_mesh(2, 4, 1))
 
@@ -264,7 +267,7 @@ def test_micro_batches_share_the_slot_layout(examples):
     assert [v.slot_gather.shape[1:] for v in alone] == [(3, 8), (2, 16)]  # apart they would not stack
     batches = split(exs, 4)
     assert {b.vision_inputs.slot_gather.shape for b in batches} == {(2, 2, 16)}
-    micro = steps.stack(batches)
+    micro = steps.stack(batches, **STACK)
     assert micro["vision_inputs"].slot_gather.shape == (4, 2, 2, 16)
 
 
@@ -373,31 +376,31 @@ def test_loss_buckets_bound_the_padding():
     """`loss_bucket`: quarter-octave widths up to one log-prob chunk (at most 25 % padding, 100 % with
     powers of two), whole chunks past it (the log-prob pass pads to them), never below the minimum."""
     b = steps.loss_bucket
-    assert [b(n, 1024) for n in (1, 16, 17, 21, 100, 129, 161, 513, 641, 1024)] == [
+    assert [b(n, 1024, 4) for n in (1, 16, 17, 21, 100, 129, 161, 513, 641, 1024)] == [
         16, 16, 20, 24, 112, 160, 192, 640, 768, 1024
     ]  # fmt: skip
-    assert [b(n, 1024, steps=1) for n in (17, 100, 513, 1024)] == [32, 128, 1024, 1024]
-    assert [b(n, 128) for n in (129, 300, 513)] == [256, 384, 640]
-    assert b(90, 96) == 96  # a chunk that is not a power of two caps the buckets below it
+    assert [b(n, 1024, 1) for n in (17, 100, 513, 1024)] == [32, 128, 1024, 1024]
+    assert [b(n, 128, 4) for n in (129, 300, 513)] == [256, 384, 640]
+    assert b(90, 96, 4) == 96  # a chunk that is not a power of two caps the buckets below it
     for chunk in (96, 128, 1024):
         for n in range(1, 3000):
-            k = b(n, chunk)
+            k = b(n, chunk, 4)
             assert k >= max(n, 16), (n, chunk, k)
             if n > chunk:
                 assert k % chunk == 0 and k - n < chunk, (n, chunk, k)
             elif n > 16:
                 assert k <= 1.25 * n + 1 or k == chunk, (n, chunk, k)
     with pytest.raises(ValueError, match="steps"):
-        b(10, 1024, steps=0)
+        b(10, 1024, 0)
     # The width of loss_index: the model_step benchmark's 513 trained of 770 project 640 (770 with powers
     # of two, capped at T).
     mask = np.zeros((2, 770), np.float32)
     mask[0, :513] = 1
     mask[1, 100:400] = 1
-    idx, valid = steps.loss_index(mask, 1024)
+    idx, valid = steps.loss_index(mask, 1024, 4)
     assert idx.shape == (2, 640) and valid.sum() == 813
     np.testing.assert_array_equal(idx[1, :300], np.arange(100, 400))
-    assert steps.loss_index(mask, 1024, bucket_steps=1)[0].shape == (2, 770)
+    assert steps.loss_index(mask, 1024, 1)[0].shape == (2, 770)
 
 
 def test_exact_accumulation(one, big, lp0, examples):

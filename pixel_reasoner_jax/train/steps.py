@@ -123,7 +123,7 @@ def micro_batches(
     return out
 
 
-def stack(batches: Sequence[Batch], *, logprob_chunk: int = 1024, bucket_steps: int = 4) -> dict[str, Any]:
+def stack(batches: Sequence[Batch], *, logprob_chunk: int, bucket_steps: int) -> dict[str, Any]:
     """NumPy pytree with a leading micro axis: the token arrays (n, B, T), positions (n, 3, B, T),
     advantages (n, B), ref_logprobs (n, B, T) zeros, and pixel_values (n, B, Pb, C) + vision_inputs (each
     (n, B, ...)) when the batches hold vision items (the keys are absent otherwise); `loss_index` /
@@ -160,7 +160,7 @@ def stack(batches: Sequence[Batch], *, logprob_chunk: int = 1024, bucket_steps: 
     return out
 
 
-def loss_bucket(n: int, chunk: int, steps: int = 4, min_bucket: int = 16) -> int:
+def loss_bucket(n: int, chunk: int, steps: int, min_bucket: int = 16) -> int:
     """Width K for `n` trained positions per row: the smallest of the buckets below that is >= n.
 
     Up to `chunk` (the log-prob pass's tokens per chunk) `steps` buckets per octave: with steps = 4,
@@ -179,9 +179,7 @@ def loss_bucket(n: int, chunk: int, steps: int = 4, min_bucket: int = 16) -> int
     return min(chunk, min(b for b in fits if b >= n))
 
 
-def loss_index(
-    loss_mask: np.ndarray, chunk: int = 1024, bucket_steps: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
+def loss_index(loss_mask: np.ndarray, chunk: int, bucket_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the positions of the trained targets, padded to a common width K (`loss_bucket`).
 
     Only these positions go through the (D x V) output projection: in vision-language data most tokens
