@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from compile_options import FAST_COMPILE
 from flax import nnx
 
 from pixel_reasoner_jax.models import blocked_attention, hf_io
@@ -310,7 +311,7 @@ def test_remat_policies_and_attention_kernels_agree(ref, monkeypatch):
             logits = nnx.merge(g, p)(ours["ids"], ours["pos"], ours["mask"], ours["pix"], ours["vi"])
             return jnp.sum(jnp.tanh(logits[:, -4:])), logits
 
-        grad, logits = jax.jit(jax.grad(loss, has_aux=True))(p)
+        grad, logits = jax.jit(jax.grad(loss, has_aux=True), compiler_options=FAST_COMPILE)(p)
         return np.asarray(logits), hf_io._flat(grad)
 
     def assert_close_grads(other, base, what):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_options import FAST_COMPILE
 from flax import nnx
 
 from pixel_reasoner_jax import sharding
@@ -42,8 +43,6 @@ STACK = dict(logprob_chunk=32, bucket_steps=4)
 GRPO = steps.GRPOLossSettings(
     eps_low=0.2, eps_high=0.28, loss_agg="token-mean", kl_coef=0.05, entropy_coef=0.0, tis_cap=2.0, max_len=96
 )
-# Unoptimised XLA code compiles 2-3x faster on CPU; every comparison below is between programs built alike.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # eps 1e-6, not 1e-8: the k_proj bias gradient is zero in exact arithmetic (softmax is shift invariant), so
 # Adam with a tiny eps turns its float32 rounding noise into full-size updates that differ between two
 # equally valid summation orders (1 vs 8 devices); a larger eps keeps that noise below 1e-6.
