@@ -81,8 +81,9 @@ def steps_worker(out: str, ckpt: str):
         advantage="mean", filter="none", uniform_tol=0.01, replay_capacity=8, epochs_per_rollout=1,
         max_staleness=0, logprob_temperature="raw",
     )  # fmt: skip
+    chunk = 32  # the train functions' log-prob chunk, which `stack` also pads the trained positions to
     fns = steps.make_train_fns(
-        graphdef, optimizer, shardings, mesh, logprob_chunk=32,
+        graphdef, optimizer, shardings, mesh, logprob_chunk=chunk,
         grpo=steps.GRPOLossSettings.from_config(grpo_cfg, LENGTH), schedule=st.make_schedule(ocfg),
     )  # fmt: skip
     cfg = ModelConfig.from_pretrained(ckpt)
@@ -91,7 +92,7 @@ def steps_worker(out: str, ckpt: str):
         batches = steps.micro_batches(
             _examples(), n_micro, pad_id=151643, vision_cfg=cfg.vision, seq_buckets=None, patch_buckets=None
         )
-        return steps.stack(batches, logprob_chunk=32, bucket_steps=4)
+        return steps.stack(batches, logprob_chunk=chunk, bucket_steps=4)
 
     state, sft_m = fns.sft_step(state, micro(2))
     mb = micro(2)
